@@ -1,0 +1,134 @@
+"""Model configuration: one dataclass and the named presets.
+
+Every field has the meaning of the authors' code (MODEL.md section 6.1); the presets are the runs of
+MODEL.md section 6.2 plus ``small`` for CPU training. ``ModelConfig`` is frozen and hashable, so it can be a
+static argument of ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+GATES = ("QK_alpha", "QKdot_alpha", "QKdotS_alpha")
+ATTENTION_IMPLS = ("auto", "pallas", "jnp_node", "jnp_edge")
+MATMUL_PRECISIONS = ("highest", "tensorfloat32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of E2Former-V2.
+
+  Attributes:
+    cutoff: neighbour cutoff radius r_c in Angstrom.
+    max_neighbors: K, the number of neighbour slots per atom (the K nearest within the cutoff).
+    lmax: maximum degree L of the spherical features (rows (L+1)^2).
+    channels: C, channels per degree.
+    num_layers: number of transformer blocks.
+    num_heads: H, attention heads; head h owns channels {c : c mod H == h}.
+    head_dim: d, size of the invariant query/key per head.
+    qk_hidden: width of the bilinear-invariant query/key projections (512 in the paper).
+    type_embed_dim: width of the per-layer target/source atom-type embeddings (128 in the paper).
+    num_basis: number of Gaussian radial basis functions.
+    basis_width: Gaussian width in units of the basis spacing.
+    radial_hidden: hidden width of every radial MLP (RadialProfile).
+    avg_degree: normaliser of the edge-degree embedding sum.
+    gate: query/key logit gate, one of ``GATES``.
+    softmax_max: "valid" (max over in-cutoff slots, the authors' ``main`` branch) or "all_slots"
+      (max over every slot, the ``e2formerv2`` branch).
+    forces: "direct" (linear head on the l=1 features) or "conservative" (-dE/dx by ``jax.grad``).
+    use_charge_spin: add the charge/multiplicity embedding to the l=0 row after each block's first norm.
+    spin_input: "multiplicity" feeds the multiplicity 2S+1 to the spin embedding; "zero" always feeds 0
+      (what the authors' SPICE runs do, since SPICE has no spin field).
+    num_species: rows of the atom-type embeddings (atomic numbers must be below it).
+    edge_degree_species: rows of the edge-degree embedding tables (300 in the authors' code).
+    dtype: "float32" or "float64" (float64 needs ``jax_enable_x64``).
+    attention_impl: "auto" (= "pallas" on GPU, "jnp_node" elsewhere), "pallas", "jnp_node", "jnp_edge".
+    matmul_precision: precision of the dense matrix products: "highest" (true float32), "tensorfloat32"
+      or "bfloat16".
+  """
+
+  cutoff: float = 5.0
+  max_neighbors: int = 32
+  lmax: int = 2
+  channels: int = 256
+  num_layers: int = 4
+  num_heads: int = 128
+  head_dim: int = 8
+  qk_hidden: int = 512
+  type_embed_dim: int = 128
+  num_basis: int = 256
+  basis_width: float = 2.0
+  radial_hidden: int = 128
+  avg_degree: float = 23.01
+  gate: Literal["QK_alpha", "QKdot_alpha", "QKdotS_alpha"] = "QK_alpha"
+  softmax_max: Literal["valid", "all_slots"] = "valid"
+  forces: Literal["direct", "conservative"] = "conservative"
+  use_charge_spin: bool = True
+  spin_input: Literal["multiplicity", "zero"] = "multiplicity"
+  num_species: int = 256
+  edge_degree_species: int = 300
+  dtype: Literal["float32", "float64"] = "float32"
+  attention_impl: Literal["auto", "pallas", "jnp_node", "jnp_edge"] = "auto"
+  matmul_precision: Literal["highest", "tensorfloat32", "bfloat16"] = "highest"
+
+  def __post_init__(self):
+    if self.gate not in GATES:
+      raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
+    if self.softmax_max not in ("valid", "all_slots"):
+      raise ValueError(f"softmax_max must be 'valid' or 'all_slots', got {self.softmax_max!r}")
+    if self.forces not in ("direct", "conservative"):
+      raise ValueError(f"forces must be 'direct' or 'conservative', got {self.forces!r}")
+    if self.spin_input not in ("multiplicity", "zero"):
+      raise ValueError(f"spin_input must be 'multiplicity' or 'zero', got {self.spin_input!r}")
+    if self.dtype not in ("float32", "float64"):
+      raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+    if self.channels % self.num_heads:
+      raise ValueError(f"channels ({self.channels}) must be a multiple of num_heads ({self.num_heads})")
+    if self.cutoff <= 0 or self.max_neighbors < 1 or self.lmax < 1:
+      raise ValueError("cutoff must be positive, max_neighbors >= 1 and lmax >= 1")
+
+  def replace(self, **overrides) -> "ModelConfig":
+    """Returns a copy with ``overrides`` applied; unknown field names raise ``TypeError``."""
+    names = {f.name for f in dataclasses.fields(self)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+      raise TypeError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(names)}")
+    return dataclasses.replace(self, **overrides)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "ModelConfig":
+    return cls().replace(**values)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The authors' `main` SPICE run (main:scripts/spice/spice.sh): QKdot_alpha, 5 A, direct forces,
+    # charge path on, multiplicity fed as 0. Their PaiNN force head is not implemented (linear head instead).
+    "paper_spice": ModelConfig(cutoff=5.0, gate="QKdot_alpha", forces="direct", spin_input="zero"),
+    # main:scripts/pretrain_omol25_stage1.sh: 6 A, QKdot_alpha, direct forces.
+    "paper_omol25_stage1": ModelConfig(cutoff=6.0, gate="QKdot_alpha", forces="direct"),
+    # main:scripts/pretrain_omol25_stage2.sh: 4.5 A, QK_alpha, conservative forces.
+    "paper_omol25_stage2": ModelConfig(cutoff=4.5, gate="QK_alpha", forces="conservative"),
+    # Trains on a 2-core CPU in minutes; conservative forces (finite differences and NVE need them).
+    "small": ModelConfig(
+        cutoff=5.0, max_neighbors=24, channels=64, num_layers=2, num_heads=32, head_dim=4, qk_hidden=64,
+        type_embed_dim=32, num_basis=32, radial_hidden=64, gate="QKdot_alpha", forces="conservative"),
+}
+
+
+def get_config(config: str | ModelConfig = "small", **overrides) -> ModelConfig:
+  """Resolves a preset name or a ``ModelConfig`` and applies field overrides."""
+  if isinstance(config, str):
+    if config not in PRESETS:
+      raise ValueError(f"unknown preset {config!r}; presets: {sorted(PRESETS)}")
+    config = PRESETS[config]
+  elif not isinstance(config, ModelConfig):
+    raise TypeError(f"config must be a preset name or a ModelConfig, got {type(config).__name__}")
+  return config.replace(**overrides) if overrides else config

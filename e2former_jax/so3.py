@@ -1,0 +1,133 @@
+"""SO(3) machinery in the authors' (e3nn) real basis: spherical harmonics, Wigner-D matrices, CG coefficients.
+
+Convention (MODEL.md section 2): rows are indexed l^2 + (m + l); the real basis is e3nn's, with y as the
+polar axis and the l=1 block ordered (x, y, z). It equals e3x's real basis (z polar, m = -l..l, no
+Condon-Shortley phase) evaluated at the cyclically permuted vector (z, x, y). That permutation is a proper
+rotation, so Clebsch-Gordan coefficients are the same numbers in both bases; ``tests/test_so3.py`` checks
+the basis change against the values of MODEL.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import e3x
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (x, y, z) -> (z, x, y): maps the e3nn convention onto e3x's.
+_TO_E3X = np.array([2, 0, 1])
+
+
+def num_rows(lmax: int) -> int:
+  return (lmax + 1) ** 2
+
+
+def degree_of_rows(lmax: int) -> np.ndarray:
+  """[(lmax+1)^2] degree l of every row."""
+  return np.concatenate([np.full(2 * l + 1, l) for l in range(lmax + 1)])
+
+
+def spherical_harmonics(vectors: jax.Array, lmax: int, normalization: str = "component",
+                        normalize: bool = True) -> jax.Array:
+  """Real spherical harmonics Y_lm in the e3nn basis, [..., (lmax+1)^2].
+
+  Args:
+    vectors: [..., 3] Cartesian vectors.
+    lmax: maximum degree.
+    normalization: "component" (Y_0 = 1, Y_1 = sqrt(3) u, sum_m Y_lm^2 = 2l+1) or "integral"
+      (orthonormal on the sphere, Y_0 = 1/sqrt(4 pi)).
+    normalize: evaluate on the unit vector u = v/|v| (True) or on the raw vector, so that degree l scales
+      as |v|^l (False; the ``QKdotS`` gate uses this). A zero vector gives Y_0 and zeros.
+  """
+  if normalization not in ("component", "integral"):
+    raise ValueError(f"normalization must be 'component' or 'integral', got {normalization!r}")
+  permuted = vectors[..., _TO_E3X]
+  norm = jnp.sqrt(jnp.sum(permuted**2, axis=-1, keepdims=True))
+  safe = jnp.where(norm > 0, norm, 1.0)
+  unit = jnp.where(norm > 0, permuted / safe, 0.0)
+  racah = e3x.so3.spherical_harmonics(unit, lmax, r_is_normalized=True, cartesian_order=False,
+                                      normalization="racah")
+  degrees = degree_of_rows(lmax)
+  if normalization == "component":
+    scale = np.sqrt(2 * degrees + 1.0)
+  else:
+    scale = np.sqrt((2 * degrees + 1.0) / (4 * np.pi))
+  out = racah * scale.astype(racah.dtype)
+  if not normalize:
+    out = out * norm ** jnp.asarray(degrees, out.dtype)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def clebsch_gordan(l1: int, l2: int, l3: int) -> np.ndarray:
+  """Real-basis Clebsch-Gordan coefficients C[m1, m2, m3] (float64, unitary normalisation).
+
+  (a (x) b)^{l3}_{m3} = sum_{m1, m2} C[m1, m2, m3] a^{l1}_{m1} b^{l2}_{m2}, with the l=1 block in (x, y, z)
+  order, the authors' ``wigner_3j_wonorm``.
+  """
+  with jax.ensure_compile_time_eval(), jax.enable_x64(True):
+    cg = e3x.so3.clebsch_gordan_for_degrees(l1, l2, l3, cartesian_order=False)
+    return np.asarray(cg, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_inverse(l: int) -> tuple[np.ndarray, np.ndarray]:
+  """Fixed sample directions X [P, 3] and pinv(Y_l(X)) [2l+1, P] for fitting Wigner-D matrices."""
+  rng = np.random.default_rng(1234 + l)
+  points = rng.normal(size=(4 * l + 4, 3))
+  points /= np.linalg.norm(points, axis=1, keepdims=True)
+  with jax.ensure_compile_time_eval(), jax.enable_x64(True):
+    ys = np.asarray(spherical_harmonics(jnp.asarray(points), l), np.float64)[:, l * l:]
+  return points, np.linalg.pinv(ys)
+
+
+def wigner_d(rotation: jax.Array, l: int) -> jax.Array:
+  """Wigner-D matrix D^l(R), [..., 2l+1, 2l+1], with Y_l(R u) = D^l(R) Y_l(u).
+
+  Polynomial in the entries of R (no Euler angles), so it is smooth everywhere.
+  """
+  if l == 0:
+    return jnp.ones(rotation.shape[:-2] + (1, 1), rotation.dtype)
+  points, pinv = _sample_inverse(l)
+  rotated = jnp.einsum("...ij,pj->...pi", rotation, jnp.asarray(points, rotation.dtype))
+  ys = spherical_harmonics(rotated, l, normalize=False)[..., l * l:]
+  return jnp.einsum("...pm,np->...mn", ys, jnp.asarray(pinv, rotation.dtype))
+
+
+def rotation_to_y(vectors: jax.Array) -> jax.Array:
+  """A rotation R [..., 3, 3] with R v/|v| = +y (the EAAS frame of MODEL.md section 4.2).
+
+  Rotates about v x y; where v points into the lower half-space it first aligns v with -y and then turns
+  by pi about z, so the formula never divides by a small 1 + cos. A zero vector gives the identity.
+  The roll about y is arbitrary: EAAS results do not depend on it.
+  """
+  norm = jnp.sqrt(jnp.sum(vectors**2, axis=-1, keepdims=True))
+  u = jnp.where(norm > 0, vectors / jnp.where(norm > 0, norm, 1.0), jnp.array([0.0, 1.0, 0.0], vectors.dtype))
+  flip = u[..., 1:2] < 0
+  target_y = jnp.where(flip, -1.0, 1.0)
+  # k = u x (target_y * y); R = I + [k]x + [k]x^2 / (1 + u . target)
+  ux, uy, uz = u[..., 0], u[..., 1], u[..., 2]
+  t = target_y[..., 0]
+  kx, ky, kz = -uz * t, jnp.zeros_like(ux), ux * t
+  zero = jnp.zeros_like(ux)
+  k_cross = jnp.stack([jnp.stack([zero, -kz, ky], -1), jnp.stack([kz, zero, -kx], -1),
+                       jnp.stack([-ky, kx, zero], -1)], -2)
+  c = uy * t
+  eye = jnp.eye(3, dtype=vectors.dtype)
+  rot = eye + k_cross + k_cross @ k_cross / (1.0 + c)[..., None, None]
+  turn = jnp.diag(jnp.array([-1.0, -1.0, 1.0], vectors.dtype))
+  return jnp.where(flip[..., None], turn @ rot, rot)
+
+
+def block_diagonal_wigner(rotation: jax.Array, degrees) -> jax.Array:
+  """Block-diagonal Wigner-D [..., R, R] with one block per entry of ``degrees`` (in that order)."""
+  blocks = {l: wigner_d(rotation, l) for l in set(degrees)}
+  size = sum(2 * l + 1 for l in degrees)
+  out = jnp.zeros(rotation.shape[:-2] + (size, size), rotation.dtype)
+  start = 0
+  for l in degrees:
+    out = out.at[..., start:start + 2 * l + 1, start:start + 2 * l + 1].set(blocks[l])
+    start += 2 * l + 1
+  return out

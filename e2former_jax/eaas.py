@@ -91,14 +91,22 @@ def dense_vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Arr
 
   Args:
     h: [..., (lmax+1)^2, C] spherical features.
-    vectors: [..., 3] vectors (Angstrom), or [..., 3, C] one vector per channel.
+    vectors: [..., 3] vectors (Angstrom).
   Returns:
     [..., R, C] in the EAAS output layout.
   """
   t = jnp.asarray(dense_vector_coupling(lmax), h.dtype)
-  if vectors.ndim == h.ndim - 1:
-    return jnp.einsum("rao,...rc,...a->...oc", t, h, vectors, precision=jax.lax.Precision.HIGHEST)
-  return jnp.einsum("rao,...rc,...ac->...oc", t, h, vectors, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("rao,...rc,...a->...oc", t, h, vectors, precision=jax.lax.Precision.HIGHEST)
+
+
+def axis_weighted_product(h_per_axis: jax.Array, lmax: int) -> jax.Array:
+  """sum_a h^a (x) e_a for features weighted by the Cartesian components of a vector, [..., 3, rows, C].
+
+  With h^a = sum_j w_j s_ja h_j this equals sum_j w_j (h_j (x) s_j): the periodic-image term of the
+  node-centric message, where s_j are image offsets.
+  """
+  t = jnp.asarray(dense_vector_coupling(lmax), h_per_axis.dtype)
+  return jnp.einsum("rao,...arc->...oc", t, h_per_axis, precision=jax.lax.Precision.HIGHEST)
 
 
 def aligned_sparse_product(h_aligned: jax.Array, table: EAASTable) -> jax.Array:

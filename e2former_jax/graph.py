@@ -36,6 +36,7 @@ class AtomGraph:
     cell: [G, 3, 3] Angstrom, lattice vectors as rows (zero for molecules).
     pbc: [G, 3] bool.
     graph_mask: [G] bool, real structure.
+    periodic: static flag, some structure is periodic (slots may cross cell boundaries).
   """
 
   positions: jax.Array
@@ -50,6 +51,7 @@ class AtomGraph:
   cell: jax.Array
   pbc: jax.Array
   graph_mask: jax.Array
+  periodic: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def num_atoms(self) -> int:
@@ -158,5 +160,6 @@ def graph_from_atoms(structures: Sequence[ase.Atoms] | ase.Atoms, cutoff: float,
   graph = AtomGraph(
       positions=positions.astype(dtype), numbers=numbers, atom_mask=atom_mask, neighbors=neighbors,
       neighbor_mask=neighbor_mask, neighbor_shift=neighbor_shift.astype(dtype), graph_index=graph_index,
-      charge=charge, spin=spin, cell=cell.astype(dtype), pbc=pbc, graph_mask=graph_mask)
+      charge=charge, spin=spin, cell=cell.astype(dtype), pbc=pbc, graph_mask=graph_mask,
+      periodic=bool(pbc.any()))
   return graph, beyond

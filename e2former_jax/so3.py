@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# (x, y, z) -> (z, x, y): maps the e3nn convention onto e3x's.
-_TO_E3X = np.array([2, 0, 1])
 
 
 def num_rows(lmax: int) -> int:
@@ -43,7 +41,7 @@ def spherical_harmonics(vectors: jax.Array, lmax: int, normalization: str = "com
   """
   if normalization not in ("component", "integral"):
     raise ValueError(f"normalization must be 'component' or 'integral', got {normalization!r}")
-  permuted = vectors[..., _TO_E3X]
+  permuted = jnp.stack([vectors[..., 2], vectors[..., 0], vectors[..., 1]], axis=-1)  # e3nn -> e3x axes
   norm = jnp.sqrt(jnp.sum(permuted**2, axis=-1, keepdims=True))
   safe = jnp.where(norm > 0, norm, 1.0)
   unit = jnp.where(norm > 0, permuted / safe, 0.0)

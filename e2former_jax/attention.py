@@ -1,0 +1,190 @@
+"""E2Former-V2 attention with the first-order equivariant message (MODEL.md sections 3.9 and 4).
+
+Three implementations of the same message with the same parameters (``ModelConfig.attention_impl``):
+  * "jnp_node": node-centric split M_i = (sum_j beta_ij v_j) (x) p_i - sum_j beta_ij (v_j (x) p_j), both
+    products per node with EAAS, the aggregation in plain jnp (``pallas_kernels.node_attention_ref``);
+  * "pallas": the same split with the aggregation in the fused Pallas kernel;
+  * "jnp_edge": per-edge SO(2) alignment, sum_j beta_ij (v_j (x) r_ij) with EAAS in each edge's frame
+    (the "standard implementation").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from e2former_jax import eaas, so3
+from e2former_jax.config import ModelConfig
+from e2former_jax.layers import Dense, Embedding, LayerNorm, RadialProfile, SO3Linear, matmul
+from pallas_kernels.node_attention_ref import node_attention_ref, per_channel
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeGeometry:
+  """Per-slot geometry shared by all layers.
+
+  Attributes:
+    vectors: [N, K, 3] r_ij = p_i - (p_j + shift), target minus source (Angstrom).
+    distance: [N, K] |r_ij| (1 where not valid, so divisions stay finite).
+    valid: [N, K] slot holds a neighbour within the cutoff.
+    envelope: [N, K] phi(|r_ij|), 0 where not valid.
+    rbf: [N, K, num_basis] Gaussian basis of |r_ij|.
+  """
+
+  vectors: jax.Array
+  distance: jax.Array
+  valid: jax.Array
+  envelope: jax.Array
+  rbf: jax.Array
+
+
+def resolve_attention_impl(impl: str) -> str:
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "jnp_node"
+  return impl
+
+
+class QueryKey(nnx.Module):
+  """Rotation-invariant queries or keys from bilinear invariants (``SO3_Linear2Scalar_e2former``).
+
+  s_l = sum_m A_(l,m) * B_(l,m) for A, B two SO3 linear maps of y; q = MLP([s_0; ...; s_L]) -> [H, d].
+  """
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    kw = dict(precision=cfg.matmul_precision, dtype=dtype, rngs=rngs)
+    self.left = SO3Linear(cfg.lmax, cfg.channels, cfg.qk_hidden, **kw)
+    self.right = SO3Linear(cfg.lmax, cfg.channels, cfg.qk_hidden, use_bias=False, **kw)
+    self.mix = Dense((cfg.lmax + 1) * cfg.qk_hidden, cfg.qk_hidden, **kw)
+    self.norm = LayerNorm(cfg.qk_hidden, dtype=dtype)
+    self.out = Dense(cfg.qk_hidden, cfg.num_heads * cfg.head_dim, **kw)
+    self.lmax, self.num_heads, self.head_dim = cfg.lmax, cfg.num_heads, cfg.head_dim
+
+  def __call__(self, y: jax.Array) -> jax.Array:
+    prod = self.left(y) * self.right(y)
+    invariants = [jnp.sum(prod[..., l * l:(l + 1) ** 2, :], axis=-2) for l in range(self.lmax + 1)]
+    h = jax.nn.silu(self.norm(self.mix(jnp.concatenate(invariants, axis=-1))))
+    return self.out(h).reshape(y.shape[:-2] + (self.num_heads, self.head_dim))
+
+
+class PathLinear(nnx.Module):
+  """Mixes the EAAS paths ending in the same degree l3: Linear(cnt*C -> C_out) / sqrt(cnt), path-major."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    self.table = eaas.eaas_table(cfg.lmax)
+    self.kernels = nnx.List([
+        nnx.Param(Dense(len(self.table.rows_of_degree(l3)) * cfg.channels, cfg.channels, use_bias=False,
+                        precision=cfg.matmul_precision, dtype=dtype, rngs=rngs).kernel[...])
+        for l3 in range(cfg.lmax + 1)])
+    self.lmax, self.precision = cfg.lmax, cfg.matmul_precision
+
+  def __call__(self, message: jax.Array) -> jax.Array:
+    out = []
+    for l3 in range(self.lmax + 1):
+      paths = self.table.rows_of_degree(l3)
+      stacked = jnp.concatenate([message[..., rows, :] for rows in paths], axis=-1)  # [..., 2l3+1, cnt*C]
+      out.append(matmul(stacked, self.kernels[l3][...], self.precision) / jnp.sqrt(len(paths)))
+    return jnp.concatenate(out, axis=-2)
+
+
+class E2Attention(nnx.Module):
+  """One attention layer: gated invariant logits, softmax over neighbour slots, first-order message."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    kw = dict(precision=cfg.matmul_precision, dtype=dtype, rngs=rngs)
+    c, h, hidden = cfg.channels, cfg.num_heads, cfg.radial_hidden
+    edge_in = cfg.num_basis + 2 * cfg.type_embed_dim
+    self.target_type = Embedding(cfg.num_species, cfg.type_embed_dim, dtype=dtype, rngs=rngs)
+    self.source_type = Embedding(cfg.num_species, cfg.type_embed_dim, dtype=dtype, rngs=rngs)
+    self.query = QueryKey(cfg, dtype=dtype, rngs=rngs)
+    self.key = QueryKey(cfg, dtype=dtype, rngs=rngs)
+    if cfg.gate == "QK_alpha":
+      self.edge_mlp = RadialProfile((edge_in, hidden, hidden, 2 * h), **kw)
+    elif cfg.gate == "QKdotS_alpha":
+      self.edge_mlp = RadialProfile((edge_in, hidden, hidden, 2 * h), **kw)
+      self.direction_proj = SO3Linear(cfg.lmax, c, h // (cfg.lmax + 1) + 1, **kw)
+      self.direction_mlp = RadialProfile((h, h, h), **kw)
+    else:  # QKdot_alpha
+      self.direction_proj = SO3Linear(cfg.lmax, c, c, **kw)
+      self.edge_mlp = RadialProfile((edge_in, hidden, hidden, (cfg.lmax + 1) * c), **kw)
+      self.direction_gate = Dense((cfg.lmax + 1) * c, h, **kw)
+      self.rho_mlp = RadialProfile((edge_in, hidden, hidden, h), **kw)
+    self.value = SO3Linear(cfg.lmax, c, c, **kw)
+    self.path_linear = PathLinear(cfg, dtype=dtype, rngs=rngs)
+    self.output = SO3Linear(cfg.lmax, c, c, **kw)
+    self.cfg = cfg
+
+  def gate_and_rho(self, y: jax.Array, numbers: jax.Array, neighbors: jax.Array,
+                   geometry: EdgeGeometry) -> tuple[jax.Array, jax.Array]:
+    """Per-edge logit gate g and post-softmax factor rho, both [N, K, H]."""
+    cfg = self.cfg
+    target = jnp.broadcast_to(self.target_type(numbers)[:, None], (*neighbors.shape, cfg.type_embed_dim))
+    edge_features = jnp.concatenate([geometry.rbf, target, self.source_type(numbers[neighbors])], axis=-1)
+    h = cfg.num_heads
+    if cfg.gate == "QK_alpha":
+      out = self.edge_mlp(edge_features)
+      return out[..., :h], out[..., h:]
+    if cfg.gate == "QKdotS_alpha":
+      out = self.edge_mlp(edge_features)
+      rho, e = out[..., :h], out[..., h:]
+      sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component", normalize=False)  # [N, K, rows]
+      p = self.direction_proj(y)  # [N, rows, h/(L+1)+1]
+      t = jnp.concatenate([jnp.einsum("nkm,nmc->nkc", sh[..., l * l:(l + 1) ** 2], p[:, l * l:(l + 1) ** 2])
+                           for l in range(cfg.lmax + 1)], axis=-1)[..., :h]
+      return self.direction_mlp(t * e), rho
+    sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "integral")
+    p = self.direction_proj(y)  # [N, rows, C]
+    t = jnp.concatenate([jnp.einsum("nkm,nmc->nkc", sh[..., l * l:(l + 1) ** 2], p[:, l * l:(l + 1) ** 2])
+                         for l in range(cfg.lmax + 1)], axis=-1)
+    return self.direction_gate(t * self.edge_mlp(edge_features)), self.rho_mlp(edge_features)
+
+  def __call__(self, y: jax.Array, positions: jax.Array, numbers: jax.Array, neighbors: jax.Array,
+               shifts: jax.Array, geometry: EdgeGeometry, periodic: bool, return_attention: bool = False):
+    """Attention output [N, rows, C] (and alpha [N, K, H] with ``return_attention``).
+
+    Args:
+      y: [N, rows, C] normalised node features.
+      positions: [N, 3] centred positions (Angstrom).
+      numbers: [N] atomic numbers.
+      neighbors: [N, K] source atoms.
+      shifts: [N, K, 3] Cartesian image offsets.
+      geometry: per-slot geometry.
+      periodic: whether any slot crosses a periodic boundary (static).
+    """
+    cfg = self.cfg
+    impl = resolve_attention_impl(cfg.attention_impl)
+    if return_attention and impl != "jnp_node":
+      raise ValueError("return_attention needs attention_impl='jnp_node'")
+    gate, rho = self.gate_and_rho(y, numbers, neighbors, geometry)
+    edge_scale = rho / geometry.distance[..., None]
+    q, k, v = self.query(y), self.key(y), self.value(y)
+    table = eaas.eaas_table(cfg.lmax)
+    nrows = table.num_output_rows
+    if impl == "jnp_edge":
+      from pallas_kernels.node_attention_ref import attention_logits, attention_weights
+      alpha = attention_weights(attention_logits(q, k, gate, neighbors), geometry.envelope, geometry.valid,
+                                cfg.softmax_max)
+      beta = per_channel(alpha * edge_scale, v.shape[-1])
+      per_edge = eaas.vector_product(v[neighbors], geometry.vectors, cfg.lmax)  # [N, K, R, C]
+      message = jnp.einsum("nkc,nkrc->nrc", beta, per_edge, precision=jax.lax.Precision.HIGHEST)
+    else:
+      source_products = eaas.vector_product(v, positions, cfg.lmax)  # v_j (x) p_j, [N, R, C]
+      rows = jnp.concatenate([source_products, v], axis=-2)
+      args = (q, k, gate, edge_scale, geometry.envelope, geometry.valid, neighbors, rows)
+      kwargs = dict(shifts=shifts if periodic else None, num_shift_rows=v.shape[-2],
+                    softmax_max=cfg.softmax_max)
+      if impl == "pallas":
+        from pallas_kernels.node_attention import node_attention
+        outputs = node_attention(*args, **kwargs)
+      else:
+        outputs = node_attention_ref(*args, **kwargs, return_weights=return_attention)
+      outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+      agg = outputs[0]
+      message = eaas.vector_product(agg[:, nrows:], positions, cfg.lmax) - agg[:, :nrows]
+      if periodic:
+        message = message - eaas.axis_weighted_product(outputs[1], cfg.lmax)
+      alpha = outputs[-1] if return_attention else None
+    out = self.output(self.path_linear(message))
+    return (out, alpha) if return_attention else out

@@ -1,0 +1,206 @@
+"""The E2Former-V2 network (MODEL.md section 3) and its energy, force and stress predictions."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from e2former_jax import so3
+from e2former_jax.attention import E2Attention, EdgeGeometry
+from e2former_jax.config import ModelConfig
+from e2former_jax.graph import AtomGraph
+from e2former_jax.layers import (Dense, Embedding, GatedFeedForward, RadialProfile, RMSNormSH, gaussian_basis,
+                                 polynomial_envelope)
+
+MAX_ABS_CHARGE = 10
+MAX_SPIN_INDEX = 20
+
+
+def model_dtype(cfg: ModelConfig):
+  if cfg.dtype == "float64":
+    if not jax.config.jax_enable_x64:
+      raise ValueError('dtype="float64" needs 64-bit JAX: call jax.config.update("jax_enable_x64", True) '
+                       "before building the model")
+    return jnp.float64
+  return jnp.float32
+
+
+def edge_geometry(graph: AtomGraph, cfg: ModelConfig) -> EdgeGeometry:
+  """Per-slot vectors, distances, validity, envelope and radial basis."""
+  vectors = graph.positions[:, None, :] - graph.positions[graph.neighbors] - graph.neighbor_shift
+  squared = jnp.sum(vectors**2, axis=-1)
+  valid = graph.neighbor_mask & (squared <= cfg.cutoff**2) & (squared > 0)
+  distance = jnp.sqrt(jnp.where(valid, squared, 1.0))
+  envelope = jnp.where(valid, polynomial_envelope(distance, cfg.cutoff), 0.0)
+  rbf = gaussian_basis(distance, cfg.cutoff, cfg.num_basis, cfg.basis_width)
+  return EdgeGeometry(vectors=vectors, distance=distance, valid=valid, envelope=envelope, rbf=rbf)
+
+
+class EdgeDegreeEmbedding(nnx.Module):
+  """Initial features x_i = (1/avg_degree) sum_j phi(d_ij) Y_l(u_ij) f^l([rbf; T(Z_i); S(Z_j)]) per degree."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    c = cfg.channels
+    self.target_type = Embedding(cfg.edge_degree_species, c, dtype=dtype, rngs=rngs)
+    self.source_type = Embedding(cfg.edge_degree_species, c, dtype=dtype, rngs=rngs)
+    self.radial = nnx.List([
+        RadialProfile((cfg.num_basis + 2 * c, cfg.radial_hidden, cfg.radial_hidden, c),
+                      precision=cfg.matmul_precision, dtype=dtype, rngs=rngs) for _ in range(cfg.lmax + 1)])
+    self.cfg = cfg
+
+  def __call__(self, graph: AtomGraph, geometry: EdgeGeometry) -> jax.Array:
+    cfg = self.cfg
+    target = jnp.broadcast_to(self.target_type(graph.numbers)[:, None], (*graph.neighbors.shape, cfg.channels))
+    features = jnp.concatenate([geometry.rbf, target, self.source_type(graph.numbers[graph.neighbors])], -1)
+    sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
+    out = [jnp.einsum("nkm,nkc->nmc", sh[..., l * l:(l + 1) ** 2], radial(features),
+                      precision=jax.lax.Precision.HIGHEST) for l, radial in enumerate(self.radial)]
+    return jnp.concatenate(out, axis=-2) / cfg.avg_degree
+
+
+class TransformerBlock(nnx.Module):
+  """x + Attention(RMSNorm(x) + s_b on l=0); then x + FFN(RMSNorm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    self.norm_attention = RMSNormSH(cfg.lmax, cfg.channels, dtype=dtype)
+    self.attention = E2Attention(cfg, dtype=dtype, rngs=rngs)
+    self.norm_ffn = RMSNormSH(cfg.lmax, cfg.channels, dtype=dtype)
+    self.ffn = GatedFeedForward(cfg.lmax, cfg.channels, precision=cfg.matmul_precision, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, system_embedding, graph: AtomGraph, geometry: EdgeGeometry, periodic: bool,
+               return_attention: bool = False):
+    y = self.norm_attention(x)
+    if system_embedding is not None:
+      y = y.at[:, 0, :].add(system_embedding)
+    attention = self.attention(y, graph.positions, graph.numbers, graph.neighbors, graph.neighbor_shift,
+                               geometry, periodic, return_attention)
+    attention, alpha = attention if return_attention else (attention, None)
+    x = x + attention
+    x = x + self.ffn(self.norm_ffn(x))
+    return x, alpha
+
+
+class E2Former(nnx.Module):
+  """E2Former-V2: edge-degree embedding, transformer blocks, final norm, energy MLP and force head.
+
+  Call ``model(graph)`` for per-atom energies [N] and node features [N, (L+1)^2, C]; ``predict`` gives
+  energies, forces and stress.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dtype = model_dtype(cfg)
+    c = cfg.channels
+    kw = dict(precision=cfg.matmul_precision, dtype=dtype, rngs=rngs)
+    if cfg.use_charge_spin:
+      self.charge_embedding = Embedding(2 * MAX_ABS_CHARGE + 10, c, dtype=dtype, rngs=rngs)
+      self.spin_embedding = Embedding(MAX_SPIN_INDEX + 10, c, dtype=dtype, rngs=rngs)
+      self.system_mix = Dense(2 * c, c, **kw)
+    self.edge_degree = EdgeDegreeEmbedding(cfg, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([TransformerBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNormSH(cfg.lmax, c, dtype=dtype)
+    self.energy_head = nnx.List([Dense(c, c, **kw), Dense(c, c, **kw), Dense(c, 1, **kw)])
+    if cfg.forces == "direct":
+      self.force_head = Dense(c, 1, use_bias=False, **kw)
+    self.config = cfg
+
+  def system_embedding(self, graph: AtomGraph) -> jax.Array | None:
+    """s_b = SiLU(W [E_q(clip(q) + 10); E_S(clip(S))]) per structure, [G, C]."""
+    if not self.config.use_charge_spin:
+      return None
+    spin = graph.spin if self.config.spin_input == "multiplicity" else jnp.zeros_like(graph.spin)
+    charge = self.charge_embedding(jnp.clip(graph.charge, -MAX_ABS_CHARGE, MAX_ABS_CHARGE) + MAX_ABS_CHARGE)
+    spin = self.spin_embedding(jnp.clip(spin, 0, MAX_SPIN_INDEX))
+    return jax.nn.silu(self.system_mix(jnp.concatenate([charge, spin], axis=-1)))
+
+  def __call__(self, graph: AtomGraph, return_attention: bool = False) -> dict:
+    """Per-atom outputs.
+
+    Returns a dict with "atom_energy" [N] (eV, 0 for padding), "features" [N, (L+1)^2, C] (after the final
+    norm), "direct_forces" [N, 3] (eV/A, direct head only) and "attention" (list of [N, K, H] per layer,
+    with ``return_attention``).
+    """
+    cfg = self.config
+    geometry = edge_geometry(graph, cfg)
+    system = self.system_embedding(graph)
+    system = None if system is None else system[graph.graph_index]
+    x = self.edge_degree(graph, geometry)
+    attention = []
+    for block in self.blocks:
+      x, alpha = block(x, system, graph, geometry, graph.periodic, return_attention)
+      attention.append(alpha)
+    x = self.final_norm(x)
+    h = x[:, 0, :]
+    for layer in self.energy_head[:-1]:
+      h = jax.nn.silu(layer(h))
+    out = {"atom_energy": jnp.where(graph.atom_mask, self.energy_head[-1](h)[:, 0], 0.0), "features": x}
+    if cfg.forces == "direct":
+      out["direct_forces"] = jnp.where(graph.atom_mask[:, None], self.force_head(x[:, 1:4, :].swapaxes(1, 2)
+                                                                                 )[..., 0], 0.0)
+    if return_attention:
+      out["attention"] = attention
+    return out
+
+
+def total_energy(model: E2Former, graph: AtomGraph, return_attention: bool = False) -> tuple[jax.Array, dict]:
+  """Energies [G] (eV, 0 for padding structures) and the per-atom outputs."""
+  out = model(graph, return_attention)
+  energy = jax.ops.segment_sum(out["atom_energy"], graph.graph_index, graph.num_graphs)
+  return jnp.where(graph.graph_mask, energy, 0.0), out
+
+
+def strained(graph: AtomGraph, strain: jax.Array) -> AtomGraph:
+  """The graph deformed by (I + strain[g]) per structure: positions, image offsets and cells."""
+  per_atom = strain[graph.graph_index]
+  return graph.replace(
+      positions=graph.positions + jnp.einsum("ni,nij->nj", graph.positions, per_atom),
+      neighbor_shift=graph.neighbor_shift + jnp.einsum("nki,nij->nkj", graph.neighbor_shift, per_atom),
+      cell=graph.cell + jnp.einsum("gai,gij->gaj", graph.cell, strain))
+
+
+def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> dict:
+  """Energies, forces and (optionally) stress of a padded batch.
+
+  Returns:
+    "energy": [G] eV; "forces": [N, 3] eV/A (conservative -dE/dx, or the direct head);
+    with ``compute_stress`` also "stress": [G, 3, 3] eV/A^3 (1/V dE/d strain, zero for non-periodic
+    structures) and "virial": [G, 3, 3] eV (-dE/d strain).
+  """
+  strain = jnp.zeros((graph.num_graphs, 3, 3), graph.positions.dtype)
+
+  def energy_of(positions, strain):
+    energy, out = total_energy(model, strained(graph.replace(positions=positions), strain))
+    return jnp.sum(energy), (energy, out)
+
+  if model.config.forces == "conservative" or compute_stress:
+    argnums = (0, 1) if compute_stress else (0,)
+    grads, (energy, out) = jax.grad(energy_of, argnums=argnums, has_aux=True)(graph.positions, strain)
+  else:
+    _, (energy, out) = energy_of(graph.positions, strain)
+    grads = None
+  result = {"energy": energy}
+  if model.config.forces == "conservative":
+    result["forces"] = jnp.where(graph.atom_mask[:, None], -grads[0], 0.0)
+  else:
+    result["forces"] = out["direct_forces"]
+  if compute_stress:
+    d_strain = 0.5 * (grads[1] + grads[1].swapaxes(1, 2))
+    volume = jnp.abs(jnp.linalg.det(graph.cell))
+    periodic = jnp.all(graph.pbc, axis=-1) & graph.graph_mask
+    result["virial"] = -d_strain
+    result["stress"] = jnp.where(periodic[:, None, None], d_strain / jnp.where(periodic, volume, 1.0)[:, None, None],
+                                 0.0)
+  return result
+
+
+def make_predict_fn(model: E2Former, compute_stress: bool = False):
+  """A jitted ``AtomGraph -> dict`` with the model's current parameters closed over (see ``predict``)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, graph):
+    return predict(nnx.merge(graphdef, state), graph, compute_stress)
+
+  return functools.partial(run, state)

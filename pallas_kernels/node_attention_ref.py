@@ -1,0 +1,85 @@
+"""Pure-jnp twin of the fused node-centric attention kernel (what ``attention_impl="jnp_node"`` runs).
+
+For every target atom i, head h and slot k (source j = neighbors[i, k]):
+
+  logit_ikh = gate_ikh * (q_ih . k_jh) / sqrt(d)
+  w_ikh     = exp(logit_ikh - m_ih) * envelope_ik      (0 where the slot is not valid)
+  alpha_ikh = w_ikh / (sum_k w_ikh + 1e-3)             (m = max over valid slots, or over all slots)
+  beta_ikh  = alpha_ikh * edge_scale_ikh               (edge_scale = rho / |r_ij|)
+  agg_irc   = sum_k beta_ik,(c mod H) * rows_jrc
+
+and, for periodic structures, the shift-weighted aggregate of the last ``num_shift_rows`` rows
+  agg_shift_iarc = sum_k beta_ik,(c mod H) * shift_ika * rows_j,(R - num_shift_rows + r),c.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+EPSILON = 1e-3  # added to the softmax denominator after the max shift (authors' code)
+
+
+def attention_logits(q: jax.Array, k: jax.Array, gate: jax.Array, neighbors: jax.Array) -> jax.Array:
+  """Gated logits [N, K, H] from q [N, H, d], k [N, H, d], gate [N, K, H], neighbors [N, K]."""
+  dot = jnp.einsum("nhd,nkhd->nkh", q, k[neighbors], precision=jax.lax.Precision.HIGHEST)
+  return gate * dot * (q.shape[-1] ** -0.5)
+
+
+def attention_weights(logits: jax.Array, envelope: jax.Array, valid: jax.Array,
+                      softmax_max: str = "valid") -> jax.Array:
+  """alpha [N, K, H]: softmax over the K slots with the envelope inside and +1e-3 in the denominator.
+
+  The exponent is masked before ``exp``, so slots that are not valid contribute exactly zero and an atom
+  without valid slots gets zero weights with finite derivatives of every order.
+  """
+  valid = valid[..., None]
+  if softmax_max == "valid":
+    shift = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=1, keepdims=True)
+    shift = jnp.where(jnp.any(valid, axis=1, keepdims=True), shift, 0.0)
+  elif softmax_max == "all_slots":
+    shift = jnp.max(logits, axis=1, keepdims=True)
+  else:
+    raise ValueError(f"softmax_max must be 'valid' or 'all_slots', got {softmax_max!r}")
+  w = jnp.where(valid, jnp.exp(jnp.where(valid, logits - shift, 0.0)) * envelope[..., None], 0.0)
+  return w / (jnp.sum(w, axis=1, keepdims=True) + EPSILON)
+
+
+def per_channel(weights: jax.Array, channels: int) -> jax.Array:
+  """Broadcasts per-head weights [..., H] to channels [..., C]: channel c belongs to head c mod H."""
+  return jnp.tile(weights, (1,) * (weights.ndim - 1) + (channels // weights.shape[-1],))
+
+
+def node_attention_ref(q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts=None, *,
+                       num_shift_rows: int = 0, softmax_max: str = "valid", return_weights: bool = False):
+  """Node-centric attention aggregate.
+
+  Args:
+    q: [N, H, d] queries of target atoms.
+    k: [N, H, d] keys of source atoms.
+    gate: [N, K, H] per-edge logit gate.
+    edge_scale: [N, K, H] per-edge factor applied after the softmax (rho / |r_ij|).
+    envelope: [N, K] polynomial envelope phi(|r_ij|).
+    valid: [N, K] bool, slot holds a neighbour within the cutoff.
+    neighbors: [N, K] int32 source atom of each slot.
+    rows: [N, R, C] per-node rows to aggregate (C a multiple of H).
+    shifts: optional [N, K, 3] Cartesian image offsets (periodic structures).
+    num_shift_rows: how many trailing rows enter the shift-weighted aggregate.
+    softmax_max: "valid" or "all_slots".
+    return_weights: also return alpha [N, K, H].
+
+  Returns:
+    agg [N, R, C]; with ``shifts`` also agg_shift [N, 3, num_shift_rows, C]; with ``return_weights``
+    also alpha, all in a tuple in that order (a bare array when only agg is returned).
+  """
+  alpha = attention_weights(attention_logits(q, k, gate, neighbors), envelope, valid, softmax_max)
+  beta = per_channel(alpha * edge_scale, rows.shape[-1])
+  gathered = rows[neighbors]  # [N, K, R, C]
+  hp = jax.lax.Precision.HIGHEST
+  outputs = [jnp.einsum("nkc,nkrc->nrc", beta, gathered, precision=hp)]
+  if shifts is not None:
+    tail = gathered[:, :, rows.shape[1] - num_shift_rows:]
+    outputs.append(jnp.einsum("nkc,nka,nkrc->narc", beta, shifts, tail, precision=hp))
+  if return_weights:
+    outputs.append(alpha)
+  return outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -23,6 +23,16 @@ from e2former_jax.data.references import (
     reference_energy,
 )
 from e2former_jax.data.demo import demo_data_path, load_demo
+from e2former_jax.data.batching import (
+    Batch,
+    Bucket,
+    GraphLoader,
+    PaddingStats,
+    batch_from_atoms,
+    choose_bucket,
+    make_buckets,
+    pack,
+)
 
 __all__ = [
     "BOHR_TO_ANGSTROM",
@@ -45,4 +55,12 @@ __all__ = [
     "reference_energy",
     "demo_data_path",
     "load_demo",
+    "Batch",
+    "Bucket",
+    "GraphLoader",
+    "PaddingStats",
+    "batch_from_atoms",
+    "choose_bucket",
+    "make_buckets",
+    "pack",
 ]

@@ -223,6 +223,10 @@ class Dataset(Sequence):
   def _read(self, handle) -> ase.Atoms:  # pragma: no cover - abstract
     raise NotImplementedError
 
+  def num_atoms(self, i: int) -> int:
+    """Atom count of record ``i`` (from the index where the format allows, without reading labels)."""
+    return len(self[i])
+
   def _skip_or_raise(self, err: DataFormatError) -> None:
     if self.on_error == "raise":
       raise err
@@ -348,6 +352,9 @@ class SpiceDataset(Dataset):
     subset = _as_str(g["subset"][()]) if "subset" in g else None
     return {"numbers": numbers, "n_conf": m, "smiles": smiles, "charge": charge, "subset": subset}
 
+  def num_atoms(self, i: int) -> int:
+    return int(self._groups[self._index[i][0]]["numbers"].shape[0])
+
   def _read(self, handle) -> ase.Atoms:
     name, k = handle
     meta = self._groups[name]
@@ -427,8 +434,11 @@ class ExtxyzDataset(Dataset):
         self._skip_or_raise(DataFormatError(
             self.path, frame, f"truncated: {n} atoms announced, file ends after {max(lines - 1, 0)} atom lines"))
         break
-      self._index.append((frame, start, fh.tell()))
+      self._index.append((frame, start, fh.tell(), n))
       frame += 1
+
+  def num_atoms(self, i: int) -> int:
+    return int(self._index[i][3])
 
   def close(self) -> None:
     fh = getattr(self, "_fh", None)
@@ -453,7 +463,7 @@ class ExtxyzDataset(Dataset):
   def _read(self, handle) -> ase.Atoms:
     from ase.io.extxyz import read_xyz
 
-    frame, start, stop = handle
+    frame, start, stop, _ = handle
     with self._lock:
       self._fh.seek(start)
       text = self._fh.read(stop - start).decode("utf-8", errors="replace")

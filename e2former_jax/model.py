@@ -83,11 +83,16 @@ class TransformerBlock(nnx.Module):
     return x, alpha
 
 
+class ElementEnergy(nnx.Variable):
+  """Per-element reference energies (eV) added to the atomic energies; fitted or given, never trained."""
+
+
 class E2Former(nnx.Module):
   """E2Former-V2: edge-degree embedding, transformer blocks, final norm, energy MLP and force head.
 
   Call ``model(graph)`` for per-atom energies [N] and node features [N, (L+1)^2, C]; ``predict`` gives
-  energies, forces and stress.
+  energies, forces and stress. ``element_energy`` [num_species] holds per-element reference energies (eV,
+  zero until set with ``set_element_energies``), so predictions are total energies.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -104,7 +109,17 @@ class E2Former(nnx.Module):
     self.energy_head = nnx.List([Dense(c, c, **kw), Dense(c, c, **kw), Dense(c, 1, **kw)])
     if cfg.forces == "direct":
       self.force_head = Dense(c, 1, use_bias=False, **kw)
+    self.element_energy = ElementEnergy(jnp.zeros((cfg.num_species,), dtype))
     self.config = cfg
+
+  def set_element_energies(self, energies: dict[int, float]) -> None:
+    """Sets the reference energy (eV) of each atomic number in ``energies``; others stay unchanged."""
+    table = self.element_energy[...]
+    for z, e in energies.items():
+      if not 0 < int(z) < self.config.num_species:
+        raise ValueError(f"atomic number {z} outside 1..{self.config.num_species - 1}")
+      table = table.at[int(z)].set(e)
+    self.element_energy[...] = table
 
   def system_embedding(self, graph: AtomGraph) -> jax.Array | None:
     """s_b = SiLU(W [E_q(clip(q) + 10); E_S(clip(S))]) per structure, [G, C]."""
@@ -135,7 +150,8 @@ class E2Former(nnx.Module):
     h = x[:, 0, :]
     for layer in self.energy_head[:-1]:
       h = jax.nn.silu(layer(h))
-    out = {"atom_energy": jnp.where(graph.atom_mask, self.energy_head[-1](h)[:, 0], 0.0), "features": x}
+    atom_energy = self.energy_head[-1](h)[:, 0] + self.element_energy[...][graph.numbers]
+    out = {"atom_energy": jnp.where(graph.atom_mask, atom_energy, 0.0), "features": x}
     if cfg.forces == "direct":
       out["direct_forces"] = jnp.where(graph.atom_mask[:, None], self.force_head(x[:, 1:4, :].swapaxes(1, 2)
                                                                                  )[..., 0], 0.0)

@@ -193,3 +193,31 @@ def test_loader_rejects_oversized_structures_and_reports_truncation():
   with pytest.warns(UserWarning, match="beyond K=2"):
     list(loader.epoch(0))
   assert loader.neighbors_beyond_k > 0
+
+
+def test_batch_predictions_match_each_structure_alone(demo_train):
+  from flax import nnx
+
+  from e2former_jax.config import get_config
+  from e2former_jax.model import E2Former, make_predict_fn
+
+  cfg = get_config("small", channels=16, num_layers=1, num_heads=4, head_dim=4, qk_hidden=16, type_embed_dim=8,
+                   num_basis=8, radial_hidden=16, max_neighbors=K, attention_impl="jnp_node")
+  predict = make_predict_fn(E2Former(cfg, rngs=nnx.Rngs(0)))
+  loader = D.GraphLoader(demo_train, cfg.cutoff, cfg.max_neighbors, atom_budget=48, seed=0, prefetch=1)
+  batch = next(b for b in loader.epoch(0) if int(b.graph.graph_mask.sum()) >= 3)
+  real = np.asarray(batch.graph.graph_mask)
+  assert real.sum() >= 3 and not real.all()
+  out = jax.device_get(predict(batch.graph))
+  atom_graph = np.asarray(batch.graph.graph_index)
+  atom_mask = np.asarray(batch.graph.atom_mask)
+  alone_bucket = D.Bucket(24, 2)  # one shape for every single structure: one compilation
+  for g in np.flatnonzero(real):
+    idx = int(batch.structure_index[g])
+    single, _ = D.batch_from_atoms([demo_train[idx]], alone_bucket, cfg.cutoff, cfg.max_neighbors, [idx])
+    ref = jax.device_get(predict(single.graph))
+    e_ref = float(ref["energy"][0])
+    assert float(out["energy"][g]) == pytest.approx(e_ref, abs=2e-4 * max(1.0, abs(e_ref)))
+    n = len(demo_train[idx])
+    np.testing.assert_allclose(out["forces"][(atom_graph == g) & atom_mask], ref["forces"][:n], rtol=1e-4, atol=1e-5)
+  assert np.all(out["forces"][~atom_mask] == 0.0) and np.all(out["energy"][~real] == 0.0)

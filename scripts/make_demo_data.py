@@ -274,7 +274,7 @@ def cmd_dft(args):
     cpu_start = time.process_time()
     dm = None
     settings = None
-    for count, j in enumerate(order):
+    for j in order:
         src = chosen[j].info["source"]
         if src in done:
             continue

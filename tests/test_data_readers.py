@@ -1,7 +1,5 @@
 """Readers: tiny files in the real SPICE / MACE-OFF extxyz / OMol25 aselmdb layouts, units, signs, errors."""
 
-import warnings
-
 import ase
 import h5py
 import numpy as np
@@ -112,7 +110,8 @@ def _mutate_spice(path, fn):
 def test_spice_missing_key(tmp_path):
   path = tmp_path / "s.h5"
   _mutate_spice(path, lambda g: g.__delitem__("dft_total_gradient"))
-  with pytest.raises(D.DataFormatError, match=r"s\.h5, record \[O:1\]\(\[H:2\]\)\[H:3\]: missing key 'dft_total_gradient'"):
+  record = r"\[O:1\]\(\[H:2\]\)\[H:3\]"
+  with pytest.raises(D.DataFormatError, match=rf"s\.h5, record {record}: missing key 'dft_total_gradient'"):
     D.open_dataset(path)
 
 
@@ -376,7 +375,8 @@ def test_fit_element_references_recovers_known_values():
   assert set(fit) == {1, 6, 8}
   for z in true:
     assert fit[z] == pytest.approx(true[z], abs=1e-8)
-  fit2 = D.fit_element_references(structs, energies=[s.get_potential_energy() + 0 for s in structs], elements=[1, 6, 8, 9])
+  energies = [s.get_potential_energy() for s in structs]
+  fit2 = D.fit_element_references(structs, energies=energies, elements=[1, 6, 8, 9])
   assert fit2[9] == 0.0 and fit2[6] == pytest.approx(-1030.0, abs=1e-8)
   # one composition only: underdetermined, warned, still reproduces the energy
   with pytest.warns(UserWarning, match="underdetermined"):

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import vesin
 
-MIN_DISTANCE = 1e-4  # Angstrom; two atoms closer than this are reported as overlapping.
+MIN_DISTANCE = 0.1  # Angstrom; two atoms closer than this are reported as overlapping.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ def k_nearest_neighbors(positions: np.ndarray, cutoff: float, max_neighbors: int
   close = d < MIN_DISTANCE
   if close.any():
     a, b = int(i[close][0]), int(j[close][0])
-    raise ValueError(f"atoms {a} and {b} overlap (distance {d[close][0]:.2e} A < {MIN_DISTANCE} A)")
+    raise ValueError(f"atoms {a} and {b} overlap (distance {d[close][0]:.3g} A < {MIN_DISTANCE} A)")
   order = np.lexsort((d, i))
   i, j, s, d = i[order], j[order], np.asarray(s, dtype=np.float64)[order], d[order]
   starts = np.searchsorted(i, np.arange(n))

@@ -211,7 +211,7 @@ def test_batch_predictions_match_each_structure_alone(demo_train):
   out = jax.device_get(predict(batch.graph))
   atom_graph = np.asarray(batch.graph.graph_index)
   atom_mask = np.asarray(batch.graph.atom_mask)
-  alone_bucket = D.Bucket(24, 2)  # one shape for every single structure: one compilation
+  alone_bucket = batch.bucket  # each structure alone, padded to the same shape: a single compilation
   for g in np.flatnonzero(real):
     idx = int(batch.structure_index[g])
     single, _ = D.batch_from_atoms([demo_train[idx]], alone_bucket, cfg.cutoff, cfg.max_neighbors, [idx])

@@ -182,6 +182,9 @@ def test_prefetch_thread_errors_and_early_exit():
   it.close()  # consumer stops early: the producer thread ends
   assert threading.active_count() <= before
   assert len(list(ok.epoch(0))) == ok.num_batches(0)
+  on_device = D.GraphLoader(ok.dataset, CUTOFF, K, atom_budget=16, prefetch=2, device_put=True)
+  first = next(iter(on_device))
+  assert isinstance(first.graph.positions, jax.Array) and isinstance(first.forces, jax.Array)
 
 
 def test_loader_rejects_oversized_structures_and_reports_truncation():

@@ -1,0 +1,195 @@
+"""The fused Pallas attention kernel against its jnp twin (interpret mode on the CPU), and its CUDA lowering.
+
+Each configuration is traced and compiled once (``_results`` is cached): one jitted function returns the
+forward output, the VJP and the VJP of the VJP, for both the kernel and ``node_attention_ref``, on inputs drawn
+fresh for every session (the seed is in the failure message).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+from pallas_kernels.node_attention import node_attention
+from pallas_kernels.node_attention_ref import node_attention_ref
+
+SEED = int(np.random.SeedSequence().entropy % 2**31)
+
+# float32 tolerances on max|kernel - ref| / max|ref| per output array. The kernel and the twin sum the same
+# terms in a different order (online softmax with rescaling against a two-pass softmax, a division at the
+# end instead of per weight, slot loops against einsums), each result a sum of at most K = 8 products of a
+# few factors of order 1: a few ulps (6e-8) per term, so about 1e-6 at worst; measured below 1e-6 forward and
+# for the first and second derivatives. The limits leave 10-50x for unlucky draws. The second derivative
+# multiplies more terms and sums over two slot loops, hence the larger bound. A near tie between the two
+# largest logits of an (atom, head) could move the max's (small, +1e-3-weighted) gradient between slots in
+# one implementation and not the other; with continuous random inputs that has probability ~1e-4 per run.
+TOLERANCE = {"forward": 1e-5, "vjp": 2e-5, "vjp_of_vjp": 5e-5}
+
+# name: (N, K, H, d, C, R, num_shift_rows or 0 for no shifts, softmax_max, forward block_n)
+CONFIGS = {
+    "valid": (21, 6, 4, 4, 8, 5, 0, "valid", 4),
+    "all_slots_shifts": (21, 6, 4, 4, 8, 5, 3, "all_slots", 4),
+    "paper_rows_shifts": (19, 8, 8, 8, 16, 29, 9, "valid", 2),  # R=29 -> 58 flat rows padded to 64
+}
+
+
+def _inputs(rng, n, k, h, d, c, r, s):
+  """Ragged counts, masked slots in the middle, duplicate sources, atoms with no neighbour, and empty slots
+  pointing at the last atom (the model's padding atom)."""
+  count = rng.integers(0, k + 1, size=n)
+  count[[0, n // 2]] = 0
+  valid = (np.arange(k)[None] < count[:, None]) & (rng.uniform(size=(n, k)) > 0.15)
+  neighbors = rng.integers(0, n, size=(n, k))
+  neighbors[::3, 1] = neighbors[::3, 0]
+  neighbors = np.where(valid, neighbors, n - 1)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  arrays = dict(q=f32(n, h, d), k=f32(n, h, d), gate=f32(n, k, h), edge_scale=f32(n, k, h),
+                envelope=rng.uniform(0.05, 1.0, size=(n, k)).astype(np.float32), rows=f32(n, r, c),
+                shifts=f32(n, k, 3) if s else None)
+  return {key: None if v is None else jnp.asarray(v) for key, v in arrays.items()}, (
+      jnp.asarray(valid), jnp.asarray(neighbors, jnp.int32))
+
+
+def _derivatives(fn, diff, cotangent_rng):
+  """(output, VJP, VJP of the VJP) of fn at diff, cotangents from cotangent_rng."""
+  draw = lambda tree: jax.tree.map(lambda x: jnp.asarray(cotangent_rng.normal(size=x.shape), x.dtype), tree)
+  out = jax.eval_shape(fn, *diff)
+  ct = draw(out)
+  first = lambda *x: jax.vjp(fn, *x)[1](ct)
+  ct2 = draw(jax.eval_shape(first, *diff))
+  primal, pullback = jax.vjp(fn, *diff)
+  grads, pullback2 = jax.vjp(first, *diff)
+  return primal, grads, pullback2(ct2)
+
+
+@functools.cache
+def _results(name):
+  n, k, h, d, c, r, s, softmax_max, block_n = CONFIGS[name]
+  rng = np.random.default_rng([SEED, len(name)])
+  arrays, (valid, neighbors) = _inputs(rng, n, k, h, d, c, r, s)
+  diff = tuple(arrays[key] for key in ("q", "k", "gate", "edge_scale", "envelope", "rows", "shifts"))
+  kw = dict(num_shift_rows=s, softmax_max=softmax_max)
+
+  def bind(impl, **extra):
+    return lambda q, kk, g, e, env, rows, sh: impl(q, kk, g, e, env, valid, neighbors, rows, sh, **kw, **extra)
+
+  @jax.jit
+  def both(*diff):
+    kernel = _derivatives(bind(node_attention, interpret=True, block_n=block_n), diff, np.random.default_rng(1))
+    ref = _derivatives(bind(node_attention_ref), diff, np.random.default_rng(1))
+    return kernel, ref
+
+  kernel, ref = both(*diff)
+  return dict(zip(("forward", "vjp", "vjp_of_vjp"), zip(kernel, ref)))
+
+
+@pytest.mark.parametrize("order", ["forward", "vjp", "vjp_of_vjp"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_jnp_twin(name, order):
+  got, want = _results(name)[order]
+  names = ("q", "k", "gate", "edge_scale", "envelope", "rows", "shifts") if order != "forward" else None
+  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
+    assert np.all(np.isfinite(g)), (name, order, i)
+    err = float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+    label = names[i] if names else i
+    assert err < TOLERANCE[order], f"{name} {order} output {label}: rel error {err:.2e} (seed {SEED})"
+
+
+def test_forward_mode_fails_with_clear_message():
+  n, k, h, d, c, r, s, softmax_max, _ = CONFIGS["valid"]
+  arrays, (valid, neighbors) = _inputs(np.random.default_rng(SEED), n, k, h, d, c, r, s)
+
+  def energy(q):
+    out = node_attention(q, arrays["k"], arrays["gate"], arrays["edge_scale"], arrays["envelope"], valid,
+                         neighbors, arrays["rows"], interpret=True)
+    return jnp.sum(out ** 2)
+
+  with pytest.raises(TypeError, match="attention_impl='jnp_node'"):
+    jax.jvp(energy, (arrays["q"],), (arrays["q"],))
+  with pytest.raises(TypeError, match="attention_impl='jnp_node'"):
+    jax.hessian(energy)(arrays["q"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA lowering on the CPU host (an abstract H100): Pallas-to-Triton errors fail here, not on the GPU.
+# ---------------------------------------------------------------------------------------------------------
+
+H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
+TRITON_CALL = "__gpu$xla.gpu.triton"
+PAPER = dict(h=128, d=8, c=256, r=29, k=32)
+
+
+def _lower_for_cuda(fn, *args) -> str:
+  with warnings.catch_warnings(), use_abstract_mesh(H100):
+    warnings.simplefilter("ignore", DeprecationWarning)  # every Triton lowering warns about the backend
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _abstract_inputs(n, k, h, d, c, r, s):
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  return (f32(n, h, d), f32(n, h, d), f32(n, k, h), f32(n, k, h), f32(n, k),
+          jax.ShapeDtypeStruct((n, k), jnp.bool_), jax.ShapeDtypeStruct((n, k), jnp.int32), f32(n, r, c),
+          f32(n, k, 3) if s else None)
+
+
+def _kernel_names(text: str) -> set[str]:
+  """Names of the Triton kernels in a lowered module (the custom calls carry their kernel's name)."""
+  return set(re.findall(r'name = "([^"]+)"', "\n".join(l for l in text.splitlines() if TRITON_CALL in l)))
+
+
+@pytest.mark.parametrize("softmax_max,s", [("valid", 0), ("all_slots", 9)])
+def test_every_kernel_lowers_for_cuda(softmax_max, s):
+  """The forward kernel inside first and second derivatives, at the paper's sizes."""
+  args = _abstract_inputs(64, **PAPER, s=s)
+
+  def loss(q, k, gate, scale, env, rows, shifts, valid, neighbors):
+    out = node_attention(q, k, gate, scale, env, valid, neighbors, rows, shifts, num_shift_rows=s,
+                         softmax_max=softmax_max, interpret=False)
+    return sum(jnp.sum(o ** 2) for o in jax.tree.leaves(out))
+
+  def everything(q, k, gate, scale, env, valid, neighbors, rows, shifts):
+    diff = (q, k, gate, scale, env, rows, shifts)
+    grad = lambda *x: jax.grad(loss, argnums=tuple(range(7)))(*x, valid, neighbors)
+    second = jax.grad(lambda *x: sum(jnp.sum(g) for g in jax.tree.leaves(grad(*x))), argnums=(0, 1, 5))(*diff)
+    return loss(*diff, valid, neighbors), grad(*diff), second
+
+  names = _kernel_names(_lower_for_cuda(everything, *args))
+  assert names == {"_forward_kernel"}, names
+
+
+def _large_buffers(text: str, threshold: int, skip_ops=("custom_call", "reshape")) -> list[str]:
+  """Lines of a StableHLO module defining a tensor of at least ``threshold`` elements, except the kernel's
+  custom call and reshapes (bitcasts of inputs and outputs)."""
+  found = []
+  for line in text.splitlines():
+    match = re.search(r"= (?:stablehlo|mhlo|chlo)\.(\w+)", line)
+    if not match or match.group(1) in skip_ops:
+      continue
+    result_type = line.rsplit("->", 1)[-1] if "->" in line else line.rsplit(":", 1)[-1]
+    for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", result_type):
+      if np.prod([int(x) for x in dims.rstrip("x").split("x")]) >= threshold:
+        found.append(line.strip()[:200])
+  return found
+
+
+def test_forward_holds_no_per_edge_buffer():
+  """At N=4096 and the paper's sizes nothing of N*K*H/2 elements or more exists outside the kernel."""
+  n = 4096
+  args = _abstract_inputs(n, **PAPER, s=0)
+  threshold = n * PAPER["k"] * PAPER["h"] // 2
+  kernel = lambda *a: node_attention(*a, interpret=False)
+  kernel_text = _lower_for_cuda(kernel, *args)
+  assert _kernel_names(kernel_text) == {"_forward_kernel"}
+  assert _large_buffers(kernel_text, threshold) == []
+  # The check bites: the jnp twin gathers [N, K, R, C] rows and builds [N, K, C] weights.
+  assert _large_buffers(_lower_for_cuda(node_attention_ref, *args), threshold)

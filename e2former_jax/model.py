@@ -21,7 +21,7 @@ MAX_SPIN_INDEX = 20
 
 def model_dtype(cfg: ModelConfig):
   if cfg.dtype == "float64":
-    if not jax.config.jax_enable_x64:
+    if jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
       raise ValueError('dtype="float64" needs 64-bit JAX: call jax.config.update("jax_enable_x64", True) '
                        "before building the model")
     return jnp.float64

@@ -1,0 +1,75 @@
+"""Shared fixtures for model tests: a tiny configuration, fixed padded shapes, one compilation each."""
+
+import functools
+
+import ase
+import ase.build
+import numpy as np
+from flax import nnx
+
+from e2former_jax.config import get_config
+from e2former_jax.graph import graph_from_atoms
+from e2former_jax.model import E2Former, make_predict_fn
+
+TINY = dict(channels=16, num_heads=8, head_dim=4, qk_hidden=16, type_embed_dim=8, num_basis=16,
+            radial_hidden=16, num_layers=2, max_neighbors=12)
+NUM_ATOMS, NUM_GRAPHS = 48, 4
+
+
+@functools.cache
+def predictor(dtype="float32", gate="QKdot_alpha", impl="jnp_node", stress=False, forces="conservative",
+              cutoff=5.0, max_neighbors=12):
+  """(config, model, jitted predict) for a tiny randomly initialised model."""
+  cfg = get_config("small", **{**TINY, "max_neighbors": max_neighbors}, gate=gate, attention_impl=impl,
+                   dtype=dtype, forces=forces, cutoff=cutoff)
+  model = E2Former(cfg, rngs=nnx.Rngs(0))
+  return cfg, model, make_predict_fn(model, compute_stress=stress)
+
+
+def evaluate(structures, num_atoms=NUM_ATOMS, num_graphs=NUM_GRAPHS, offset=None, **kw):
+  """Energies [S] and per-structure force arrays (numpy, float64) of ``structures``."""
+  cfg, _, fn = predictor(**kw)
+  dtype = np.float64 if cfg.dtype == "float64" else np.float32
+  graph, _ = graph_from_atoms(structures, cfg.cutoff, cfg.max_neighbors, num_atoms, num_graphs, dtype)
+  if offset is not None:
+    graph = graph.replace(positions=graph.positions + np.asarray(offset, dtype))
+  out = fn(graph)
+  energy = np.asarray(out["energy"], np.float64)[:len(structures)]
+  forces = np.asarray(out["forces"], np.float64)
+  split = np.cumsum([len(a) for a in structures])[:-1]
+  result = {"energy": energy, "forces": np.split(forces[:sum(len(a) for a in structures)], split)}
+  if "stress" in out:
+    result["stress"] = np.asarray(out["stress"], np.float64)[:len(structures)]
+  return result
+
+
+def molecules():
+  """Small test molecules: ethanol, an asymmetric C/N/O molecule, water."""
+  ethanol = ase.build.molecule("CH3CH2OH")
+  glycine = ase.build.molecule("CH3CONH2")
+  water = ase.build.molecule("H2O")
+  for atoms, seed in ((ethanol, 0), (glycine, 1), (water, 2)):
+    atoms.rattle(0.05, seed=seed)
+  return [ethanol, glycine, water]
+
+
+def relative(a, b):
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+def random_rotation(seed):
+  from scipy.spatial.transform import Rotation
+  return Rotation.random(random_state=seed).as_matrix()
+
+
+def transformed(atoms, rotation=None, translation=None, permutation=None):
+  atoms = atoms.copy()
+  pos = atoms.get_positions()
+  if rotation is not None:
+    pos = pos @ rotation.T
+  if translation is not None:
+    pos = pos + translation
+  atoms.set_positions(pos)
+  if permutation is not None:
+    atoms = atoms[permutation]
+  return atoms

@@ -12,9 +12,21 @@ kernel loads or computes has power-of-two sizes: the flat row axis F = R*G is pa
 power-of-two block and d to a power of two (8 already is). The padding exists only in registers: loads and
 stores are masked, so no padding byte crosses device memory and no input is copied into a padded layout.
 
-Gradients (``jax.custom_vjp``). The backward is the reverse-mode derivative of ``node_attention_ref`` (plain
-differentiable jnp, so forces and reverse-over-reverse force training work through the kernel); it builds the
-twin's gathered [N, K, R, C] rows, so the backward's memory is jnp_node's.
+Gradients (``jax.custom_vjp``). The backward is the reverse-mode derivative of a composition of three gather
+kernels, each a bilinear form over the set of active slots E, with the softmax in XLA in between:
+
+  gather_dot(A, B)[n,k,h] = sum_{f} A[n,f,h] B[j,f,h]            (n,k) in E, j = neighbors[n,k]
+  gather_sum(w, B)[n,f,h] = sum_{k: (n,k) in E} w[n,k,h] B[j,f,h]
+  source_sum(w, A)[j,f,h] = sum_{(n,k) in E, neighbors[n,k]=j} w[n,k,h] A[n,f,h]
+
+Each one's derivative in either argument is one of the other two, so each carries a ``custom_vjp`` written with
+the others and reverse mode works to any order (forces, and force matching by reverse over reverse) with these
+three kernels and no others. ``source_sum`` gathers over a by-source list (CSR of capacity N*K, built from the
+neighbour list with a stable sort, on device): deterministic, no atomics. The per-edge softmax derivatives are
+[N, K, H] XLA arrays, the same size as the gate and edge-scale gradients that the backward must return anyway.
+The edge set of the values is the valid slots; that of the logits too, except with softmax_max="all_slots",
+where every slot's logit enters the max: then the source that fills the empty slots (the model's padding atom)
+owns a by-source list as long as the number of empty slots, and its program's loop is that long.
 
 Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not supported: use ``attention_impl="jnp_node"``.
 """
@@ -31,12 +43,13 @@ from jax._src.interpreters import ad as _ad  # JVPTracer, to name forward mode i
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.node_attention_ref import EPSILON, node_attention_ref
+from pallas_kernels.node_attention_ref import EPSILON, attention_weights
 
 FORWARD_MODE_MESSAGE = (
     "node_attention (attention_impl='pallas') supports reverse mode only (jax.grad, jax.vjp, and reverse over "
     "reverse for force training); forward-mode transforms (jax.jvp, jax.jacfwd, jax.hessian) need "
     "attention_impl='jnp_node'.")
+_REGISTER_BUDGET = 4096  # elements of the largest [block, F, heads] tile of the backward kernels
 
 
 def _pow2(n: int) -> int:
@@ -172,27 +185,239 @@ def _fused_forward(launch: _Launch, block_n: int, block_h: int, softmax_max: str
   return agg, outs[1].reshape(num_n, 3, num_shift_rows, num_c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _node_attention(launch, block_n, block_h, softmax_max, num_shift_rows,
+# ----------------------------------------------------------------------------------------------------------
+# The three bilinear gather kernels of the backward (layout [*, F, H], heads last)
+# ----------------------------------------------------------------------------------------------------------
+
+def _tiles(num_f: int, num_h: int) -> tuple[int, int, int]:
+  """(block_n, block_h, padded F) keeping a [block_n, F, block_h] float32 tile within the register budget."""
+  f_pad = _pow2(num_f)
+  block_h = min(_pow2(num_h), 128)
+  while f_pad * block_h > _REGISTER_BUDGET and block_h > 16:
+    block_h //= 2
+  block_n = max(1, min(8, _REGISTER_BUDGET // (f_pad * block_h)))
+  return block_n, block_h, f_pad
+
+
+def _gather_dot_kernel(a_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int, block_h: int):
+  """out[n, k, h] = sum_f a[n, f, h] * b[nbr[n, k], f, h] on active slots, 0 elsewhere."""
+  num_n, num_f, num_h = a_ref.shape
+  n, n_ok = _arange(pl.program_id(0) * block_n, block_n, num_n)
+  h, h_ok = _arange(pl.program_id(1) * block_h, block_h, num_h)
+  f, f_ok = _arange(0, _pow2(num_f), num_f)
+  tile_ok = (n_ok[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None]
+  a = pltriton.load(a_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], mask=tile_ok, other=0.0)
+
+  def body(slot, carry):
+    j = pltriton.load(nbr_ref.at[n, slot], mask=n_ok, other=0)
+    ok = (pltriton.load(mask_ref.at[n, slot], mask=n_ok, other=0) != 0) & n_ok
+    b = pltriton.load(b_ref.at[j[:, None, None], f[None, :, None], h[None, None, :]],
+                      mask=tile_ok & ok[:, None, None], other=0.0)
+    pltriton.store(out_ref.at[n[:, None], slot, h[None, :]], jnp.sum(a * b, axis=1).astype(out_ref.dtype),
+                   mask=n_ok[:, None] & h_ok[None, :])
+    return carry
+
+  lax.fori_loop(0, nbr_ref.shape[1], body, 0)
+
+
+def _gather_sum_kernel(w_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int, block_h: int):
+  """out[n, f, h] = sum_k w[n, k, h] * b[nbr[n, k], f, h] over active slots."""
+  num_n, num_slots, num_h = w_ref.shape
+  num_f = b_ref.shape[1]
+  n, n_ok = _arange(pl.program_id(0) * block_n, block_n, num_n)
+  h, h_ok = _arange(pl.program_id(1) * block_h, block_h, num_h)
+  f, f_ok = _arange(0, _pow2(num_f), num_f)
+  nh_ok = n_ok[:, None] & h_ok[None, :]
+  tile_ok = nh_ok[:, None, :] & f_ok[None, :, None]
+
+  def body(slot, acc):
+    j = pltriton.load(nbr_ref.at[n, slot], mask=n_ok, other=0)
+    ok = (pltriton.load(mask_ref.at[n, slot], mask=n_ok, other=0) != 0) & n_ok
+    w = pltriton.load(w_ref.at[n[:, None], slot, h[None, :]], mask=nh_ok & ok[:, None], other=0.0)
+    b = pltriton.load(b_ref.at[j[:, None, None], f[None, :, None], h[None, None, :]],
+                      mask=tile_ok & ok[:, None, None], other=0.0)
+    return acc + w.astype(jnp.float32)[:, None, :] * b.astype(jnp.float32)
+
+  acc = lax.fori_loop(0, num_slots, body, jnp.zeros((block_n, _pow2(num_f), block_h), jnp.float32))
+  pltriton.store(out_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], acc.astype(out_ref.dtype),
+                 mask=tile_ok)
+
+
+def _source_sum_kernel(w_ref, a_ref, order_ref, ptr_ref, out_ref, *, block_n: int, block_h: int,
+                       num_slots: int):
+  """out[j, f, h] = sum over the by-source list of j of w[e, h] * a[e // K, f, h] (e = flat slot n*K + k).
+
+  Refs: w [N*K, H], a [N, F, H], order [N*K] int32 (active flat slots sorted by source, stable),
+  ptr [M+1] int32 (source j owns order[ptr[j]:ptr[j+1]]), out [M, F, H]. Each source sums its own list in
+  list order: deterministic, no atomics.
+  """
+  num_m, num_f, num_h = out_ref.shape
+  src, src_ok = _arange(pl.program_id(0) * block_n, block_n, num_m)
+  h, h_ok = _arange(pl.program_id(1) * block_h, block_h, num_h)
+  f, f_ok = _arange(0, _pow2(num_f), num_f)
+  start = pltriton.load(ptr_ref.at[src], mask=src_ok, other=0)
+  count = pltriton.load(ptr_ref.at[src + 1], mask=src_ok, other=0) - start
+
+  def body(i, acc):
+    live = i < count
+    e = pltriton.load(order_ref.at[start + i], mask=live, other=0)
+    w = pltriton.load(w_ref.at[e[:, None], h[None, :]], mask=live[:, None] & h_ok[None, :], other=0.0)
+    a = pltriton.load(a_ref.at[(e // num_slots)[:, None, None], f[None, :, None], h[None, None, :]],
+                      mask=(live[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None], other=0.0)
+    return acc + w.astype(jnp.float32)[:, None, :] * a.astype(jnp.float32)
+
+  acc = lax.fori_loop(0, jnp.max(count), body, jnp.zeros((block_n, _pow2(num_f), block_h), jnp.float32))
+  pltriton.store(out_ref.at[src[:, None, None], f[None, :, None], h[None, None, :]], acc.astype(out_ref.dtype),
+                 mask=(src_ok[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None])
+
+
+def source_csr(neighbors: jax.Array, active: jax.Array, num_sources: int) -> tuple[jax.Array, jax.Array]:
+  """By-source list of the active slots (jnp; runs on device, for on-device neighbour lists too).
+
+  Args:
+    neighbors: [N, K] int source of each slot.
+    active: [N, K] bool, slot belongs to the edge set.
+    num_sources: M.
+  Returns:
+    order [N*K] int32, the flat slots n*K + k sorted by source (stable, so by target within a source; inactive
+    slots last) and ptr [M+1] int32 with source j owning order[ptr[j]:ptr[j+1]].
+  """
+  key = jnp.where(active, neighbors, num_sources).reshape(-1).astype(jnp.int32)
+  sorted_key, order = lax.sort((key, jnp.arange(key.shape[0], dtype=jnp.int32)), num_keys=1, is_stable=True)
+  ptr = jnp.searchsorted(sorted_key, jnp.arange(num_sources + 1, dtype=jnp.int32), side="left")
+  return order, ptr.astype(jnp.int32)
+
+
+def _gather_dot_call(launch, graph, a, b):
+  neighbors, mask, _, _ = graph
+  block_n, block_h, _ = _tiles(a.shape[1], a.shape[2])
+  kernel = functools.partial(_gather_dot_kernel, block_n=block_n, block_h=block_h)
+  grid = (pl.cdiv(a.shape[0], block_n), pl.cdiv(a.shape[2], block_h))
+  out_shape = jax.ShapeDtypeStruct((*neighbors.shape, a.shape[2]), jnp.result_type(a, b))
+  return launch.call(kernel, out_shape, grid)(a, b, neighbors, mask)
+
+
+def _gather_sum_call(launch, graph, w, b):
+  neighbors, mask, _, _ = graph
+  block_n, block_h, _ = _tiles(b.shape[1], b.shape[2])
+  kernel = functools.partial(_gather_sum_kernel, block_n=block_n, block_h=block_h)
+  grid = (pl.cdiv(w.shape[0], block_n), pl.cdiv(w.shape[2], block_h))
+  out_shape = jax.ShapeDtypeStruct((w.shape[0], *b.shape[1:]), jnp.result_type(w, b))
+  return launch.call(kernel, out_shape, grid)(w, b, neighbors, mask)
+
+
+def _source_sum_call(launch, graph, w, a):
+  _, _, order, ptr = graph
+  num_n, num_slots, num_h = w.shape
+  num_m = ptr.shape[0] - 1
+  block_n, block_h, _ = _tiles(a.shape[1], num_h)
+  kernel = functools.partial(_source_sum_kernel, block_n=block_n, block_h=block_h, num_slots=num_slots)
+  grid = (pl.cdiv(num_m, block_n), pl.cdiv(num_h, block_h))
+  out_shape = jax.ShapeDtypeStruct((num_m, *a.shape[1:]), jnp.result_type(w, a))
+  return launch.call(kernel, out_shape, grid)(w.reshape(num_n * num_slots, num_h), a, order, ptr)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gather_dot(launch: _Launch, graph, a: jax.Array, b: jax.Array) -> jax.Array:
+  """[N, K, H] per-head dot of target rows a [N, F, H] with gathered source rows b [M, F, H]."""
+  return _gather_dot_call(launch, graph, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gather_sum(launch: _Launch, graph, w: jax.Array, b: jax.Array) -> jax.Array:
+  """[N, F, H] sum over active slots of weights w [N, K, H] times gathered source rows b [M, F, H]."""
+  return _gather_sum_call(launch, graph, w, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def source_sum(launch: _Launch, graph, w: jax.Array, a: jax.Array) -> jax.Array:
+  """[M, F, H] sum over each source's active slots of weights w [N, K, H] times target rows a [N, F, H]."""
+  return _source_sum_call(launch, graph, w, a)
+
+
+def _gather_dot_fwd(launch, graph, a, b):
+  _reject_forward_mode(a, b)
+  return gather_dot(launch, graph, a, b), (graph, a, b)
+
+
+def _gather_dot_bwd(launch, res, ct):
+  graph, a, b = res
+  return None, gather_sum(launch, graph, ct, b), source_sum(launch, graph, ct, a)
+
+
+def _gather_sum_fwd(launch, graph, w, b):
+  _reject_forward_mode(w, b)
+  return gather_sum(launch, graph, w, b), (graph, w, b)
+
+
+def _gather_sum_bwd(launch, res, ct):
+  graph, w, b = res
+  return None, gather_dot(launch, graph, ct, b), source_sum(launch, graph, w, ct)
+
+
+def _source_sum_fwd(launch, graph, w, a):
+  _reject_forward_mode(w, a)
+  return source_sum(launch, graph, w, a), (graph, w, a)
+
+
+def _source_sum_bwd(launch, res, ct):
+  graph, w, a = res
+  return None, gather_dot(launch, graph, a, ct), gather_sum(launch, graph, w, ct)
+
+
+gather_dot.defvjp(_gather_dot_fwd, _gather_dot_bwd)
+gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
+source_sum.defvjp(_source_sum_fwd, _source_sum_bwd)
+
+
+def _graph(neighbors, active, num_sources):
+  """(neighbors, active as int32, order, ptr): everything the three kernels need about one edge set."""
+  order, ptr = source_csr(neighbors, active, num_sources)
+  return neighbors.astype(jnp.int32), active.astype(jnp.int32), order, ptr
+
+
+def _composed(launch: _Launch, softmax_max: str, num_shift_rows: int, graphs, valid,
+              q, k, gate, edge_scale, envelope, rows, shifts):
+  """The attention as kernels + XLA softmax: differentiable to any order in reverse mode."""
+  logit_graph, value_graph = graphs
+  num_n, num_h, dim = q.shape
+  num_m, num_r, num_c = rows.shape
+  dot = gather_dot(launch, logit_graph, jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2))
+  alpha = attention_weights(gate * dot * dim ** -0.5, envelope, valid, softmax_max)
+  beta = alpha * edge_scale
+  flat_rows = rows.reshape(num_m, -1, num_h)
+  agg = gather_sum(launch, value_graph, beta, flat_rows).reshape(num_n, num_r, num_c)
+  if shifts is None:
+    return agg
+  tail = flat_rows[:, (num_r - num_shift_rows) * (num_c // num_h):]
+  agg_shift = jnp.stack([gather_sum(launch, value_graph, beta * shifts[..., axis, None], tail)
+                         for axis in range(3)], axis=1)
+  return agg, agg_shift.reshape(num_n, 3, num_shift_rows, num_c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _node_attention(launch, backward_launch, block_n, block_h, softmax_max, num_shift_rows,
                     q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts):
   return _fused_forward(launch, block_n, block_h, softmax_max, num_shift_rows,
                         q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
 
 
-def _node_attention_fwd(launch, block_n, block_h, softmax_max, num_shift_rows,
+def _node_attention_fwd(launch, backward_launch, block_n, block_h, softmax_max, num_shift_rows,
                         q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts):
   _reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts)  # jax.hessian reaches this point
   # Calling the custom_vjp function (not the kernel) keeps an outer reverse pass on these rules.
-  out = _node_attention(launch, block_n, block_h, softmax_max, num_shift_rows,
+  out = _node_attention(launch, backward_launch, block_n, block_h, softmax_max, num_shift_rows,
                         q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
   return out, (q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
 
 
-def _node_attention_bwd(launch, block_n, block_h, softmax_max, num_shift_rows, res, ct):
+def _node_attention_bwd(launch, backward_launch, block_n, block_h, softmax_max, num_shift_rows, res, ct):
   q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts = res
-  fn = lambda q, k, gate, edge_scale, envelope, rows, shifts: node_attention_ref(
-      q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts, num_shift_rows=num_shift_rows,
-      softmax_max=softmax_max)
+  num_m = rows.shape[0]
+  value_graph = _graph(neighbors, valid, num_m)
+  logit_graph = value_graph if softmax_max == "valid" else _graph(neighbors, jnp.ones_like(valid), num_m)
+  fn = functools.partial(_composed, backward_launch, softmax_max, num_shift_rows, (logit_graph, value_graph),
+                         valid)
   _, pullback = jax.vjp(fn, q, k, gate, edge_scale, envelope, rows, shifts)
   dq, dk, dgate, dscale, denv, drows, dshifts = pullback(ct)
   return dq, dk, dgate, dscale, denv, None, None, drows, dshifts
@@ -247,5 +472,5 @@ def node_attention(q, k, gate, edge_scale, envelope, valid, neighbors, rows, shi
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   launch = _Launch(bool(interpret), num_warps, num_stages)
-  return _node_attention(launch, block_n, block_h, softmax_max, num_shift_rows,
+  return _node_attention(launch, _Launch(bool(interpret)), block_n, block_h, softmax_max, num_shift_rows,
                          q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)

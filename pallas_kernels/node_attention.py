@@ -428,7 +428,7 @@ _node_attention.defvjp(_node_attention_fwd, _node_attention_bwd)
 
 def node_attention(q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts=None, *,
                    num_shift_rows: int = 0, softmax_max: str = "valid", interpret: bool | None = None,
-                   block_n: int = 2, block_h: int = 64, num_warps: int = 4, num_stages: int = 1):
+                   block_n: int = 1, block_h: int = 64, num_warps: int = 4, num_stages: int = 1):
   """Fused node-centric attention aggregate; same math, arguments and returns as ``node_attention_ref``.
 
   Args:
@@ -444,7 +444,8 @@ def node_attention(q, k, gate, edge_scale, envelope, valid, neighbors, rows, shi
     num_shift_rows: how many trailing rows enter the shift-weighted aggregate.
     softmax_max: "valid" or "all_slots".
     interpret: run the kernels in Pallas interpret mode; None = when the default backend is not a GPU.
-    block_n, block_h: targets and heads per program of the forward kernel (block_h a power of two).
+    block_n, block_h: targets and heads per program of the forward kernel (block_h a power of two); the
+      default 1 x 64 was the fastest of 12 tilings at the paper's sizes on an H100 (benchmarks/RESULTS.md).
     num_warps, num_stages: Triton launch parameters of the forward kernel.
 
   Returns:

@@ -255,6 +255,7 @@ def pbe_def2svp(atoms, dm0=None, conv_tol=1e-9):
 def cmd_dft(args):
     from ase.io import read, write
     from pyscf import lib
+    from pyscf.df.addons import make_auxbasis
 
     lib.num_threads(1)
     out = Path(args.out)
@@ -288,7 +289,7 @@ def cmd_dft(args):
             settings = {
                 "xc": mf.xc,
                 "basis": "def2-svp",
-                "auxbasis": str(mf.with_df.auxbasis),
+                "auxbasis": str(mf.with_df.auxbasis or sorted(set(make_auxbasis(mf.mol).values()))),
                 "grids_level": mf.grids.level,
                 "conv_tol": mf.conv_tol,
                 "density_fitting": True,

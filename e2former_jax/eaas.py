@@ -115,16 +115,25 @@ def aligned_sparse_product(h_aligned: jax.Array, table: EAASTable) -> jax.Array:
   return jnp.take(h_aligned, jnp.asarray(table.source_row), axis=-2) * weight
 
 
+NEAR_ORIGIN = 1e-6  # Angstrom; below this |p| the frame is undefined and the dense product is used.
+
+
 def _eaas_forward(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   table = eaas_table(lmax)
-  rotation = so3.rotation_to_y(vectors)
+  squared = jnp.sum(vectors**2, axis=-1, keepdims=True)
+  near_origin = squared < NEAR_ORIGIN**2
+  # Vectors at the origin get a stand-in frame so that every derivative of this branch stays finite;
+  # their product comes from the dense branch, which is exact there (and everywhere).
+  safe = jnp.where(near_origin, jnp.array([0.0, 1.0, 0.0], vectors.dtype), vectors)
+  rotation = so3.rotation_to_y(safe)
   d_in = so3.block_diagonal_wigner(rotation, tuple(range(lmax + 1)))
   d_out = so3.block_diagonal_wigner(rotation, table.output_degrees)
   hp = jax.lax.Precision.HIGHEST
   aligned = jnp.einsum("...ij,...jc->...ic", d_in, h, precision=hp)
   product = aligned_sparse_product(aligned, table)
-  length = jnp.sqrt(jnp.sum(vectors**2, axis=-1))[..., None, None]
-  return jnp.einsum("...ji,...jc->...ic", d_out, product, precision=hp) * length
+  length = jnp.sqrt(jnp.sum(safe**2, axis=-1))[..., None, None]
+  rotated_back = jnp.einsum("...ji,...jc->...ic", d_out, product, precision=hp) * length
+  return jnp.where(near_origin[..., None], dense_vector_product(h, vectors, lmax), rotated_back)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -139,8 +148,10 @@ def vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
     [..., R, C], R = ``eaas_table(lmax).num_output_rows`` (20 for lmax 2).
 
   Derivatives use the linearity in each argument (design notes): d(h (x) p) = dh (x) p + h (x) dp, the first
-  term by EAAS in the same frame, the second by the dense CG product. They never pass through the frame,
-  which is singular at p = 0.
+  term by EAAS in the same frame, the second by the dense CG product, so first derivatives never pass
+  through the frame. (JAX drops custom rules inside linearised tangents, so forward-over-reverse
+  derivatives in p do go through the frame; it is smooth except at p = 0, where the exact dense product
+  stands in.)
   """
   return _eaas_forward(h, vectors, lmax)
 

@@ -42,9 +42,10 @@ def spherical_harmonics(vectors: jax.Array, lmax: int, normalization: str = "com
   if normalization not in ("component", "integral"):
     raise ValueError(f"normalization must be 'component' or 'integral', got {normalization!r}")
   permuted = jnp.stack([vectors[..., 2], vectors[..., 0], vectors[..., 1]], axis=-1)  # e3nn -> e3x axes
-  norm = jnp.sqrt(jnp.sum(permuted**2, axis=-1, keepdims=True))
-  safe = jnp.where(norm > 0, norm, 1.0)
-  unit = jnp.where(norm > 0, permuted / safe, 0.0)
+  squared = jnp.sum(permuted**2, axis=-1, keepdims=True)
+  nonzero = squared > 0
+  norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)  # finite gradient at 0
+  unit = jnp.where(nonzero, permuted / jnp.where(nonzero, norm, 1.0), 0.0)
   racah = e3x.so3.spherical_harmonics(unit, lmax, r_is_normalized=True, cartesian_order=False,
                                       normalization="racah")
   degrees = degree_of_rows(lmax)
@@ -54,7 +55,7 @@ def spherical_harmonics(vectors: jax.Array, lmax: int, normalization: str = "com
     scale = np.sqrt((2 * degrees + 1.0) / (4 * np.pi))
   out = racah * scale.astype(racah.dtype)
   if not normalize:
-    out = out * norm ** jnp.asarray(degrees, out.dtype)
+    out = out * jnp.concatenate([norm**l * jnp.ones((2 * l + 1,), out.dtype) for l in range(lmax + 1)], -1)
   return out
 
 
@@ -101,8 +102,10 @@ def rotation_to_y(vectors: jax.Array) -> jax.Array:
   by pi about z, so the formula never divides by a small 1 + cos. A zero vector gives the identity.
   The roll about y is arbitrary: EAAS results do not depend on it.
   """
-  norm = jnp.sqrt(jnp.sum(vectors**2, axis=-1, keepdims=True))
-  u = jnp.where(norm > 0, vectors / jnp.where(norm > 0, norm, 1.0), jnp.array([0.0, 1.0, 0.0], vectors.dtype))
+  squared = jnp.sum(vectors**2, axis=-1, keepdims=True)
+  nonzero = squared > 0
+  u = jnp.where(nonzero, vectors * jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)),
+                jnp.array([0.0, 1.0, 0.0], vectors.dtype))
   flip = u[..., 1:2] < 0
   target_y = jnp.where(flip, -1.0, 1.0)
   # k = u x (target_y * y); R = I + [k]x + [k]x^2 / (1 + u . target)

@@ -47,6 +47,13 @@ class E2FormerCalculator(Calculator):
     from e2former_jax.checkpoint import load_model
     return cls(model=load_model(path), **kwargs)
 
+  def check_state(self, atoms: ase.Atoms, tol: float = 1e-15) -> list[str]:
+    """ASE's change detection, plus the total charge and multiplicity in ``atoms.info``."""
+    changes = super().check_state(atoms, tol)
+    if self.atoms is not None and any(atoms.info.get(k) != self.atoms.info.get(k) for k in ("charge", "spin")):
+      changes.append("info")
+    return changes
+
   @property
   def config(self) -> ModelConfig:
     return self.model.config

@@ -65,6 +65,17 @@ class AtomGraph:
   def max_neighbors(self) -> int:
     return self.neighbors.shape[1]
 
+  def check_shapes(self) -> None:
+    """Raises ``ValueError`` naming the first field whose shape disagrees with N, K and G."""
+    n, k, g = self.num_atoms, self.max_neighbors, self.num_graphs
+    expected = {"positions": (n, 3), "numbers": (n,), "atom_mask": (n,), "neighbors": (n, k),
+                "neighbor_mask": (n, k), "neighbor_shift": (n, k, 3), "graph_index": (n,), "charge": (g,),
+                "spin": (g,), "cell": (g, 3, 3), "pbc": (g, 3), "graph_mask": (g,)}
+    for name, shape in expected.items():
+      actual = tuple(getattr(self, name).shape)
+      if actual != shape:
+        raise ValueError(f"AtomGraph.{name} has shape {actual}, expected {shape} (N={n}, K={k}, G={g})")
+
   def atoms_per_graph(self) -> jax.Array:
     """[G] number of real atoms of each structure."""
     return jax.ops.segment_sum(self.atom_mask.astype(jnp.int32), self.graph_index, self.num_graphs)

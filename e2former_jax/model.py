@@ -138,6 +138,7 @@ class E2Former(nnx.Module):
     with ``return_attention``).
     """
     cfg = self.config
+    graph.check_shapes()
     geometry = edge_geometry(graph, cfg)
     system = self.system_embedding(graph)
     system = None if system is None else system[graph.graph_index]
@@ -153,8 +154,7 @@ class E2Former(nnx.Module):
     atom_energy = self.energy_head[-1](h)[:, 0] + self.element_energy[...][graph.numbers]
     out = {"atom_energy": jnp.where(graph.atom_mask, atom_energy, 0.0), "features": x}
     if cfg.forces == "direct":
-      out["direct_forces"] = jnp.where(graph.atom_mask[:, None], self.force_head(x[:, 1:4, :].swapaxes(1, 2)
-                                                                                 )[..., 0], 0.0)
+      out["direct_forces"] = jnp.where(graph.atom_mask[:, None], self.force_head(x[:, 1:4, :])[..., 0], 0.0)
     if return_attention:
       out["attention"] = attention
     return out

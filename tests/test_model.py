@@ -41,6 +41,16 @@ def test_rotation_translation_permutation_invariance():
     assert relative(out["forces"][i], ref["forces"][i][perm] @ rot.T) <= FORCE_TOL
 
 
+def test_direct_force_head_is_equivariant():
+  mols = molecules()
+  ref = evaluate(mols, forces="direct")
+  rot = random_rotation(8)
+  out = evaluate([transformed(a, rot) for a in mols], forces="direct")
+  assert relative(out["energy"], ref["energy"]) <= ENERGY_TOL
+  for i in range(len(mols)):
+    assert relative(out["forces"][i], ref["forces"][i] @ rot.T) <= FORCE_TOL
+
+
 def test_padding_and_batching_do_not_change_results():
   mols = molecules()
   batched = evaluate(mols)

@@ -1,5 +1,19 @@
-"""Shared test settings: fail loudly on NaNs created inside jitted code is left to individual tests."""
+"""Test session settings and a per-file time report (printed at the end of every run)."""
 
+import collections
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+_FILE_SECONDS = collections.defaultdict(float)
+
+
+def pytest_runtest_logreport(report):
+  _FILE_SECONDS[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+  terminalreporter.section("time per test file (setup + call + teardown)")
+  for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
+    terminalreporter.write_line(f"{seconds:8.1f} s  {path}")
+  terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f} s  total")

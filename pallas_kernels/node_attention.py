@@ -56,6 +56,11 @@ def _pow2(n: int) -> int:
   return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _accumulator_type(dtype):
+  """Kernels accumulate in float32, or in the output's type where that is wider (float64 models)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _reject_forward_mode(*arrays) -> None:
   """Raises a clear error when called under a forward-mode (JVP) trace."""
   if any(isinstance(x, _ad.JVPTracer) for x in jax.tree.leaves(arrays)):
@@ -101,6 +106,7 @@ def _forward_kernel(q_ref, k_ref, gate_ref, scale_ref, env_ref, valid_ref, nbr_r
   num_n, num_h, dim = q_ref.shape
   num_slots = nbr_ref.shape[1]
   num_f = rows_ref.shape[1]
+  acc_t = _accumulator_type(agg_ref.dtype)
   n, n_ok = _arange(pl.program_id(0) * block_n, block_n, num_n)
   h, h_ok = _arange(pl.program_id(1) * block_h, block_h, num_h)
   t, t_ok = _arange(0, _pow2(dim), dim)
@@ -109,7 +115,7 @@ def _forward_kernel(q_ref, k_ref, gate_ref, scale_ref, env_ref, valid_ref, nbr_r
   n2, h2 = n[:, None], h[None, :]
   h3, t3, f3 = h[None, :, None], t[None, None, :], f[None, :, None]
   q = pltriton.load(q_ref.at[n[:, None, None], h3, t3], mask=nh_ok[:, :, None] & t_ok, other=0.0)
-  q = q.astype(jnp.float32) * dim ** -0.5
+  q = q.astype(acc_t) * dim ** -0.5
   if shift_rows is not None:
     first, count = shift_rows
     s, s_ok = _arange(0, _pow2(count), count)
@@ -122,32 +128,33 @@ def _forward_kernel(q_ref, k_ref, gate_ref, scale_ref, env_ref, valid_ref, nbr_r
     kj = pltriton.load(k_ref.at[j[:, None, None], h3, t3], mask=(live[:, None] & h_ok)[:, :, None] & t_ok,
                        other=0.0)
     gate = pltriton.load(gate_ref.at[n2, slot, h2], mask=nh_ok, other=0.0)
-    logit = gate.astype(jnp.float32) * jnp.sum(q * kj.astype(jnp.float32), axis=2)
+    logit = gate.astype(acc_t) * jnp.sum(q * kj.astype(acc_t), axis=2)
     m_new = jnp.maximum(m, jnp.where(live[:, None], logit, -jnp.inf))
     # Rescale what was accumulated against the old max; 0 while nothing was (m = -inf).
     corr = jnp.where(m > -jnp.inf, jnp.exp(m - m_new), 0.0)
-    env = pltriton.load(env_ref.at[n, slot], mask=ok, other=0.0).astype(jnp.float32)
+    env = pltriton.load(env_ref.at[n, slot], mask=ok, other=0.0).astype(acc_t)
     w = jnp.where(ok[:, None], jnp.exp(jnp.where(ok[:, None], logit - m_new, 0.0)) * env[:, None], 0.0)
     scale = pltriton.load(scale_ref.at[n2, slot, h2], mask=nh_ok & ok[:, None], other=0.0)
-    ws = w * scale.astype(jnp.float32)
+    ws = w * scale.astype(acc_t)
     row_ok = (ok[:, None] & h_ok)[:, None, :]
     x = pltriton.load(rows_ref.at[j[:, None, None], f3, h[None, None, :]], mask=row_ok & f_ok[None, :, None],
                       other=0.0)
-    acc = acc * corr[:, None, :] + ws[:, None, :] * x.astype(jnp.float32)
+    acc = acc * corr[:, None, :] + ws[:, None, :] * x.astype(acc_t)
     if shift_rows is not None:
       tail = pltriton.load(rows_ref.at[j[:, None, None], first + s[None, :, None], h[None, None, :]],
-                           mask=row_ok & s_ok[None, :, None], other=0.0).astype(jnp.float32)
+                           mask=row_ok & s_ok[None, :, None], other=0.0).astype(acc_t)
       acc_shift = [
           a * corr[:, None, :]
-          + (ws * pltriton.load(shifts_ref.at[n, slot, axis], mask=ok, other=0.0)[:, None])[:, None, :] * tail
+          + (ws * pltriton.load(shifts_ref.at[n, slot, axis], mask=ok, other=0.0).astype(acc_t)[:, None])[
+              :, None, :] * tail
           for axis, a in enumerate(acc_shift)]
     return (m_new, l * corr + w, acc, *acc_shift)
 
-  zeros = jnp.zeros((block_n, block_h), jnp.float32)
-  init = [jnp.full((block_n, block_h), -jnp.inf, jnp.float32), zeros,
-          jnp.zeros((block_n, _pow2(num_f), block_h), jnp.float32)]
+  zeros = jnp.zeros((block_n, block_h), acc_t)
+  init = [jnp.full((block_n, block_h), -jnp.inf, acc_t), zeros,
+          jnp.zeros((block_n, _pow2(num_f), block_h), acc_t)]
   if shift_rows is not None:
-    init += [jnp.zeros((block_n, _pow2(count), block_h), jnp.float32)] * 3
+    init += [jnp.zeros((block_n, _pow2(count), block_h), acc_t)] * 3
   _, l, acc, *acc_shift = lax.fori_loop(0, num_slots, body, tuple(init))
   inv = (1.0 / (l + EPSILON))[:, None, :]
   out_ok = nh_ok[:, None, :]
@@ -190,7 +197,7 @@ def _fused_forward(launch: _Launch, block_n: int, block_h: int, softmax_max: str
 # ----------------------------------------------------------------------------------------------------------
 
 def _tiles(num_f: int, num_h: int) -> tuple[int, int, int]:
-  """(block_n, block_h, padded F) keeping a [block_n, F, block_h] float32 tile within the register budget."""
+  """(block_n, block_h, padded F) keeping a [block_n, F, block_h] tile within the register budget."""
   f_pad = _pow2(num_f)
   block_h = min(_pow2(num_h), 128)
   while f_pad * block_h > _REGISTER_BUDGET and block_h > 16:
@@ -206,14 +213,17 @@ def _gather_dot_kernel(a_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int
   h, h_ok = _arange(pl.program_id(1) * block_h, block_h, num_h)
   f, f_ok = _arange(0, _pow2(num_f), num_f)
   tile_ok = (n_ok[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None]
-  a = pltriton.load(a_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], mask=tile_ok, other=0.0)
+  acc_t = _accumulator_type(out_ref.dtype)
+  a = pltriton.load(a_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], mask=tile_ok,
+                    other=0.0).astype(acc_t)
 
   def body(slot, carry):
     j = pltriton.load(nbr_ref.at[n, slot], mask=n_ok, other=0)
     ok = (pltriton.load(mask_ref.at[n, slot], mask=n_ok, other=0) != 0) & n_ok
     b = pltriton.load(b_ref.at[j[:, None, None], f[None, :, None], h[None, None, :]],
                       mask=tile_ok & ok[:, None, None], other=0.0)
-    pltriton.store(out_ref.at[n[:, None], slot, h[None, :]], jnp.sum(a * b, axis=1).astype(out_ref.dtype),
+    dot = jnp.sum(a * b.astype(acc_t), axis=1)
+    pltriton.store(out_ref.at[n[:, None], slot, h[None, :]], dot.astype(out_ref.dtype),
                    mask=n_ok[:, None] & h_ok[None, :])
     return carry
 
@@ -229,6 +239,7 @@ def _gather_sum_kernel(w_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int
   f, f_ok = _arange(0, _pow2(num_f), num_f)
   nh_ok = n_ok[:, None] & h_ok[None, :]
   tile_ok = nh_ok[:, None, :] & f_ok[None, :, None]
+  acc_t = _accumulator_type(out_ref.dtype)
 
   def body(slot, acc):
     j = pltriton.load(nbr_ref.at[n, slot], mask=n_ok, other=0)
@@ -236,9 +247,9 @@ def _gather_sum_kernel(w_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int
     w = pltriton.load(w_ref.at[n[:, None], slot, h[None, :]], mask=nh_ok & ok[:, None], other=0.0)
     b = pltriton.load(b_ref.at[j[:, None, None], f[None, :, None], h[None, None, :]],
                       mask=tile_ok & ok[:, None, None], other=0.0)
-    return acc + w.astype(jnp.float32)[:, None, :] * b.astype(jnp.float32)
+    return acc + w.astype(acc_t)[:, None, :] * b.astype(acc_t)
 
-  acc = lax.fori_loop(0, num_slots, body, jnp.zeros((block_n, _pow2(num_f), block_h), jnp.float32))
+  acc = lax.fori_loop(0, num_slots, body, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t))
   pltriton.store(out_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], acc.astype(out_ref.dtype),
                  mask=tile_ok)
 
@@ -257,6 +268,7 @@ def _source_sum_kernel(w_ref, a_ref, order_ref, ptr_ref, out_ref, *, block_n: in
   f, f_ok = _arange(0, _pow2(num_f), num_f)
   start = pltriton.load(ptr_ref.at[src], mask=src_ok, other=0)
   count = pltriton.load(ptr_ref.at[src + 1], mask=src_ok, other=0) - start
+  acc_t = _accumulator_type(out_ref.dtype)
 
   def body(i, acc):
     live = i < count
@@ -264,9 +276,9 @@ def _source_sum_kernel(w_ref, a_ref, order_ref, ptr_ref, out_ref, *, block_n: in
     w = pltriton.load(w_ref.at[e[:, None], h[None, :]], mask=live[:, None] & h_ok[None, :], other=0.0)
     a = pltriton.load(a_ref.at[(e // num_slots)[:, None, None], f[None, :, None], h[None, None, :]],
                       mask=(live[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None], other=0.0)
-    return acc + w.astype(jnp.float32)[:, None, :] * a.astype(jnp.float32)
+    return acc + w.astype(acc_t)[:, None, :] * a.astype(acc_t)
 
-  acc = lax.fori_loop(0, jnp.max(count), body, jnp.zeros((block_n, _pow2(num_f), block_h), jnp.float32))
+  acc = lax.fori_loop(0, jnp.max(count), body, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t))
   pltriton.store(out_ref.at[src[:, None, None], f[None, :, None], h[None, None, :]], acc.astype(out_ref.dtype),
                  mask=(src_ok[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None])
 

@@ -104,6 +104,29 @@ def test_matches_jnp_twin(name, order):
     assert err < TOLERANCE[order], f"{name} {order} output {label}: rel error {err:.2e} (seed {SEED})"
 
 
+def test_float64_inputs_accumulate_in_float64():
+  """A float64 model through the kernel keeps float64 (the kernels accumulate in the wider type)."""
+  n, k, h, d, c, r, s, softmax_max, block_n = CONFIGS["all_slots_shifts"]
+  jax.config.update("jax_enable_x64", True)
+  try:
+    arrays, (valid, neighbors) = _inputs(np.random.default_rng([SEED, 64]), n, k, h, d, c, r, s)
+    diff = tuple(arrays[key].astype(jnp.float64)
+                 for key in ("q", "k", "gate", "edge_scale", "envelope", "rows", "shifts"))
+
+    def loss(impl, *x, **extra):
+      out = impl(*x[:5], valid, neighbors, *x[5:], num_shift_rows=s, softmax_max=softmax_max, **extra)
+      return sum(jnp.sum(jnp.sin(o)) for o in out)
+
+    got = jax.jit(jax.value_and_grad(lambda *x: loss(node_attention, *x, interpret=True, block_n=block_n),
+                                     argnums=tuple(range(7))))(*diff)
+    want = jax.value_and_grad(lambda *x: loss(node_attention_ref, *x), argnums=tuple(range(7)))(*diff)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert g.dtype == jnp.float64
+      assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) < 1e-12, f"seed {SEED}"
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
 def test_forward_mode_fails_with_clear_message():
   n, k, h, d, c, r, s, softmax_max, _ = CONFIGS["valid"]
   arrays, (valid, neighbors) = _inputs(np.random.default_rng(SEED), n, k, h, d, c, r, s)

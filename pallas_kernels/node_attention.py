@@ -196,14 +196,14 @@ def _fused_forward(launch: _Launch, block_n: int, block_h: int, softmax_max: str
 # The three bilinear gather kernels of the backward (layout [*, F, H], heads last)
 # ----------------------------------------------------------------------------------------------------------
 
-def _tiles(num_f: int, num_h: int) -> tuple[int, int, int]:
-  """(block_n, block_h, padded F) keeping a [block_n, F, block_h] tile within the register budget."""
+def _tiles(num_f: int, num_h: int) -> tuple[int, int]:
+  """(block_n, block_h) keeping a [block_n, padded F, block_h] tile within the register budget."""
   f_pad = _pow2(num_f)
   block_h = min(_pow2(num_h), 128)
   while f_pad * block_h > _REGISTER_BUDGET and block_h > 16:
     block_h //= 2
   block_n = max(1, min(8, _REGISTER_BUDGET // (f_pad * block_h)))
-  return block_n, block_h, f_pad
+  return block_n, block_h
 
 
 def _gather_dot_kernel(a_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int, block_h: int):
@@ -302,7 +302,7 @@ def source_csr(neighbors: jax.Array, active: jax.Array, num_sources: int) -> tup
 
 def _gather_dot_call(launch, graph, a, b):
   neighbors, mask, _, _ = graph
-  block_n, block_h, _ = _tiles(a.shape[1], a.shape[2])
+  block_n, block_h = _tiles(a.shape[1], a.shape[2])
   kernel = functools.partial(_gather_dot_kernel, block_n=block_n, block_h=block_h)
   grid = (pl.cdiv(a.shape[0], block_n), pl.cdiv(a.shape[2], block_h))
   out_shape = jax.ShapeDtypeStruct((*neighbors.shape, a.shape[2]), jnp.result_type(a, b))
@@ -311,7 +311,7 @@ def _gather_dot_call(launch, graph, a, b):
 
 def _gather_sum_call(launch, graph, w, b):
   neighbors, mask, _, _ = graph
-  block_n, block_h, _ = _tiles(b.shape[1], b.shape[2])
+  block_n, block_h = _tiles(b.shape[1], b.shape[2])
   kernel = functools.partial(_gather_sum_kernel, block_n=block_n, block_h=block_h)
   grid = (pl.cdiv(w.shape[0], block_n), pl.cdiv(w.shape[2], block_h))
   out_shape = jax.ShapeDtypeStruct((w.shape[0], *b.shape[1:]), jnp.result_type(w, b))
@@ -322,7 +322,7 @@ def _source_sum_call(launch, graph, w, a):
   _, _, order, ptr = graph
   num_n, num_slots, num_h = w.shape
   num_m = ptr.shape[0] - 1
-  block_n, block_h, _ = _tiles(a.shape[1], num_h)
+  block_n, block_h = _tiles(a.shape[1], num_h)
   kernel = functools.partial(_source_sum_kernel, block_n=block_n, block_h=block_h, num_slots=num_slots)
   grid = (pl.cdiv(num_m, block_n), pl.cdiv(num_h, block_h))
   out_shape = jax.ShapeDtypeStruct((num_m, *a.shape[1:]), jnp.result_type(w, a))

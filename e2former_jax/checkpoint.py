@@ -1,0 +1,272 @@
+"""orbax checkpoints of training runs and trained models.
+
+A run directory (``--workdir``) holds::
+
+    config.yaml                       the fully resolved training config
+    checkpoints/last/<step>/          state (exact resume), params, meta   -- the newest ``keep`` steps
+    checkpoints/best/<step>/          params, meta                         -- best by validation
+    metrics.csv, tensorboard/         logs
+
+A step directory holds ``params`` (the weights to use: the EMA when it is on; named flat arrays),
+``meta`` (JSON: model config, element reference energies, training config, step, metrics) and, in "last"
+checkpoints, ``state`` (parameters, optimizer state, EMA, step, RNG, skip count: everything a step changes).
+So ``load_model`` needs nothing but the directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from e2former_jax.config import ModelConfig
+from e2former_jax.model import E2Former
+
+FORMAT = "e2former-jax-checkpoint"
+VERSION = 1
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _path_name(path) -> str:
+  name = "/".join(_key_name(k) for k in path)
+  return name[:-len("/value")] if name.endswith("/value") else name
+
+
+def flatten(tree) -> dict[str, np.ndarray]:
+  """``{"a/b/0/kernel": array}`` with numpy copies of every leaf (safe while device buffers are donated)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = _path_name(path)
+    if name in out:
+      raise ValueError(f"two leaves map to the checkpoint name {name!r}")
+    out[name] = np.array(leaf, copy=True)
+  return out
+
+
+def unflatten(flat: dict[str, Any], template, what: str = "state"):
+  """``template`` with every leaf replaced by ``flat[name]``; names, shapes and dtypes must all match."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+  names = [_path_name(p) for p, _ in leaves]
+  missing = sorted(set(names) - set(flat))
+  unexpected = sorted(set(flat) - set(names))
+  if missing or unexpected:
+    raise ValueError(f"checkpoint {what} does not match: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                     f", unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+  values = []
+  for (path, leaf), name in zip(leaves, names):
+    value = np.asarray(flat[name])
+    if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
+      raise ValueError(f"checkpoint {what} entry {name!r} has {value.dtype}{list(value.shape)}, expected "
+                       f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}")
+    values.append(jax.numpy.asarray(value))
+  return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def element_references_of(model: E2Former) -> dict[int, float]:
+  table = np.asarray(model.element_energy[...], dtype=np.float64)
+  return {int(z): float(table[z]) for z in np.nonzero(table)[0]}
+
+
+def make_meta(model_cfg: ModelConfig, element_references: dict[int, float], **extra) -> dict:
+  meta = {
+      "format": FORMAT,
+      "version": VERSION,
+      "model_config": model_cfg.to_dict(),
+      "element_references": {str(int(z)): float(v) for z, v in sorted(element_references.items())},
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "versions": {"jax": jax.__version__, "python": platform.python_version()},
+  }
+  meta.update(extra)
+  return meta
+
+
+def _step_dirs(directory: Path) -> list[int]:
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.is_dir() and p.name.isdigit() and (p / "meta").exists())
+
+
+class Checkpointer:
+  """Writes "last" checkpoints (keep ``keep``) and the best-by-validation one, asynchronously by default.
+
+  Only steps whose write finished are ever read back: orbax writes into a temporary directory and renames
+  it when the step is complete, so a run killed mid-write leaves the previous step intact.
+  """
+
+  def __init__(self, workdir: str | Path, keep: int = 3, async_checkpointing: bool = True, keep_best: int = 1):
+    self.root = Path(workdir).resolve() / "checkpoints"
+    options = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True,
+                                                     enable_async_checkpointing=async_checkpointing)
+    self.last = ocp.CheckpointManager(self.root / "last", options=options(keep),
+                                      item_names=("state", "params", "meta"))
+    self.best = ocp.CheckpointManager(self.root / "best", options=options(keep_best),
+                                      item_names=("params", "meta"))
+
+  def save(self, step: int, *, params, meta: dict, state=None, best: bool = False, last: bool = True) -> None:
+    """Saves ``params`` (and ``state``) at ``step``: to "last" when ``last``, to "best" when ``best``."""
+    flat_params = flatten(params)
+    meta = json.loads(json.dumps(meta))  # a plain JSON copy, fixed now
+    if last:
+      items = dict(params=ocp.args.StandardSave(flat_params), meta=ocp.args.JsonSave(meta))
+      if state is not None:
+        items["state"] = ocp.args.StandardSave(flatten(state))
+      self.last.save(step, args=ocp.args.Composite(**items), force=True)
+    if best:
+      self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(flat_params),
+                                                  meta=ocp.args.JsonSave(meta)), force=True)
+
+  def latest_step(self) -> int | None:
+    return self.last.latest_step()
+
+  def read_state(self, step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """(flat state arrays, meta) of a "last" step (default: the newest)."""
+    step = self.last.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint to resume from in {self.root / 'last'}")
+    restored = self.last.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                               meta=ocp.args.JsonRestore()))
+    if restored.state is None:
+      raise FileNotFoundError(f"{self.root / 'last' / str(step)} holds no training state")
+    return {k: np.asarray(v) for k, v in dict(restored.state).items()}, dict(restored.meta)
+
+  def restore(self, template_state, step: int | None = None):
+    """(state, meta) of a "last" step (default: the newest); ``template_state`` gives the structure."""
+    flat, meta = self.read_state(step)
+    return unflatten(flat, template_state, "state"), meta
+
+  def wait(self) -> None:
+    self.last.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
+    self.last.close()
+    self.best.close()
+
+
+def resolve_step_dir(path: str | Path) -> Path:
+  """The step directory that ``path`` names: a step directory itself; a run directory (best, else last,
+  newest step); or a ``checkpoints/best`` / ``checkpoints/last`` directory (newest step)."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+  if (path / "meta").exists() and (path / "params").exists():
+    return path
+  candidates = []
+  if (path / "checkpoints").is_dir():
+    candidates = [path / "checkpoints" / "best", path / "checkpoints" / "last"]
+  elif path.name in ("best", "last") or _step_dirs(path):
+    candidates = [path]
+  for directory in candidates:
+    steps = _step_dirs(directory)
+    if steps:
+      return directory / str(steps[-1])
+  raise FileNotFoundError(f"{path}: no finished checkpoint found (expected a step directory with params/ and "
+                          "meta/, or a run directory with checkpoints/best or checkpoints/last)")
+
+
+def read_meta(path: str | Path) -> dict:
+  step_dir = resolve_step_dir(path)
+  with open(step_dir / "meta" / "metadata") as fh:
+    meta = json.load(fh)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{step_dir}: not an {FORMAT} (meta format {meta.get('format')!r})")
+  if int(meta.get("version", 0)) > VERSION:
+    raise ValueError(f"{step_dir}: checkpoint version {meta['version']} is newer than this code ({VERSION})")
+  return meta
+
+
+def read_params(path: str | Path) -> dict[str, np.ndarray]:
+  """The named flat parameter arrays of a checkpoint."""
+  step_dir = resolve_step_dir(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    return {k: np.asarray(v) for k, v in ckptr.restore(step_dir / "params").items()}
+
+
+def assign_params(model: E2Former, flat: dict[str, np.ndarray], strict: bool = True) -> dict[str, list[str]]:
+  """Copies named arrays into the model's ``nnx.Param``s.
+
+  With ``strict`` every parameter must be present with its shape and nothing else may be there. Otherwise
+  the parameters whose name and shape match are loaded and the rest keep their values (the authors'
+  ``model_state_unstrict``). Returns the names ``loaded``, ``missing`` (kept), ``unexpected`` (ignored) and
+  ``mismatched`` (shape differs; kept).
+  """
+  params = nnx.state(model, nnx.Param)
+  report = {"loaded": [], "missing": [], "unexpected": [], "mismatched": []}
+  names = set()
+
+  def pick(path, leaf):
+    name = _path_name(path)
+    names.add(name)
+    if name not in flat:
+      report["missing"].append(name)
+      return leaf
+    value = np.asarray(flat[name])
+    if value.shape != leaf.shape:
+      report["mismatched"].append(name)
+      return leaf
+    report["loaded"].append(name)
+    return jax.numpy.asarray(value, dtype=leaf.dtype)
+
+  new = jax.tree_util.tree_map_with_path(pick, params)
+  report["unexpected"] = sorted(set(flat) - names)
+  if strict and (report["missing"] or report["unexpected"] or report["mismatched"]):
+    raise ValueError("strict parameter load failed: "
+                     + "; ".join(f"{k} {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in report.items()
+                                 if k != "loaded" and v)
+                     + " (load with strict=False to keep the parameters that do not match)")
+  nnx.update(model, new)
+  return report
+
+
+def load_model(path: str | Path, *, dtype: str | None = None, **config_overrides) -> E2Former:
+  """The trained model of a checkpoint, with its element reference energies set.
+
+  Args:
+    path: a run directory (its best checkpoint, else its newest last one), a ``checkpoints/best`` or
+      ``checkpoints/last`` directory, or a step directory.
+    dtype: cast to "float32"/"float64" (default: as trained).
+    **config_overrides: ``ModelConfig`` fields that do not change the parameters (for example
+      ``attention_impl="jnp_edge"`` or ``matmul_precision``).
+  """
+  step_dir = resolve_step_dir(path)
+  meta = read_meta(step_dir)
+  cfg = ModelConfig.from_dict(meta["model_config"])
+  if dtype is not None:
+    config_overrides["dtype"] = dtype
+  if config_overrides:
+    cfg = cfg.replace(**config_overrides)
+  model = E2Former(cfg, rngs=nnx.Rngs(0))
+  assign_params(model, read_params(step_dir), strict=True)
+  model.set_element_energies({int(z): float(v) for z, v in meta["element_references"].items()})
+  return model
+
+
+def export_model(model: E2Former, directory: str | Path, **meta_extra) -> Path:
+  """Writes a standalone step directory (params + meta, no optimizer state) that ``load_model`` reads."""
+  directory = Path(directory).resolve()
+  if directory.exists() and any(directory.iterdir()):
+    raise FileExistsError(f"{directory} exists and is not empty")
+  meta = make_meta(model.config, element_references_of(model), **meta_extra)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(directory, args=ocp.args.Composite(params=ocp.args.StandardSave(flatten(nnx.state(model, nnx.Param))),
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
+  return directory
+
+
+__all__ = ["Checkpointer", "load_model", "export_model", "read_meta", "read_params", "assign_params",
+           "resolve_step_dir", "make_meta", "flatten", "unflatten", "element_references_of"]

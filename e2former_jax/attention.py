@@ -18,8 +18,8 @@ from flax import nnx
 
 from e2former_jax import eaas, so3
 from e2former_jax.config import ModelConfig
-from e2former_jax.layers import Dense, Embedding, LayerNorm, RadialProfile, SO3Linear, matmul
-from pallas_kernels.node_attention_ref import node_attention_ref, per_channel
+from e2former_jax.layers import Dense, Embedding, LayerNorm, RadialProfile, SO3Linear, kaiming_uniform, matmul
+from pallas_kernels.node_attention_ref import attention_logits, attention_weights, node_attention_ref, per_channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,15 @@ class EdgeGeometry:
   valid: jax.Array
   envelope: jax.Array
   rbf: jax.Array
+
+
+def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int) -> jax.Array:
+  """t_ij = [sum_m Y_(l,m)(r_ij) P_i,(l,m)] for l = 0..lmax, concatenated.
+
+  Shapes: sh [N, K, rows], projected [N, rows, F] -> [N, K, (lmax+1) F].
+  """
+  return jnp.concatenate([jnp.einsum("nkm,nmc->nkc", sh[..., l * l:(l + 1) ** 2], projected[:, l * l:(l + 1) ** 2])
+                          for l in range(lmax + 1)], axis=-1)
 
 
 def resolve_attention_impl(impl: str) -> str:
@@ -75,8 +84,8 @@ class PathLinear(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
     self.table = eaas.eaas_table(cfg.lmax)
     self.kernels = nnx.List([
-        nnx.Param(Dense(len(self.table.rows_of_degree(l3)) * cfg.channels, cfg.channels, use_bias=False,
-                        precision=cfg.matmul_precision, dtype=dtype, rngs=rngs).kernel[...])
+        nnx.Param(kaiming_uniform(rngs.params(), (len(self.table.rows_of_degree(l3)) * cfg.channels,
+                                                  cfg.channels), dtype))
         for l3 in range(cfg.lmax + 1)])
     self.lmax, self.precision = cfg.lmax, cfg.matmul_precision
 
@@ -130,14 +139,10 @@ class E2Attention(nnx.Module):
       out = self.edge_mlp(edge_features)
       rho, e = out[..., :h], out[..., h:]
       sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component", normalize=False)  # [N, K, rows]
-      p = self.direction_proj(y)  # [N, rows, h/(L+1)+1]
-      t = jnp.concatenate([jnp.einsum("nkm,nmc->nkc", sh[..., l * l:(l + 1) ** 2], p[:, l * l:(l + 1) ** 2])
-                           for l in range(cfg.lmax + 1)], axis=-1)[..., :h]
+      t = degree_contractions(sh, self.direction_proj(y), cfg.lmax)[..., :h]
       return self.direction_mlp(t * e), rho
     sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "integral")
-    p = self.direction_proj(y)  # [N, rows, C]
-    t = jnp.concatenate([jnp.einsum("nkm,nmc->nkc", sh[..., l * l:(l + 1) ** 2], p[:, l * l:(l + 1) ** 2])
-                         for l in range(cfg.lmax + 1)], axis=-1)
+    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax)
     return self.direction_gate(t * self.edge_mlp(edge_features)), self.rho_mlp(edge_features)
 
   def __call__(self, y: jax.Array, positions: jax.Array, numbers: jax.Array, neighbors: jax.Array,
@@ -163,7 +168,6 @@ class E2Attention(nnx.Module):
     table = eaas.eaas_table(cfg.lmax)
     nrows = table.num_output_rows
     if impl == "jnp_edge":
-      from pallas_kernels.node_attention_ref import attention_logits, attention_weights
       alpha = attention_weights(attention_logits(q, k, gate, neighbors), geometry.envelope, geometry.valid,
                                 cfg.softmax_max)
       beta = per_channel(alpha * edge_scale, v.shape[-1])

@@ -50,6 +50,35 @@ def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int) -> jax.A
                           for l in range(lmax + 1)], axis=-1)
 
 
+def node_centric_message(agg: jax.Array, positions: jax.Array, lmax: int,
+                         agg_shift: jax.Array | None = None) -> jax.Array:
+  """M_i = (sum_j beta_ij v_j) (x) p_i - sum_j beta_ij (v_j (x) p_j) - sum_j beta_ij (v_j (x) s_ij).
+
+  Args:
+    agg: [N, R + rows, C] aggregate of the rows [v (x) p; v] (R = EAAS output rows).
+    positions: [N, 3] target positions p_i.
+    lmax: maximum degree.
+    agg_shift: optional [N, 3, rows, C] aggregate of v weighted by the image offsets s_ij (periodic cells).
+  Returns:
+    [N, R, C] = sum_j beta_ij (v_j (x) r_ij) with r_ij = p_i - p_j - s_ij.
+  """
+  num_products = eaas.eaas_table(lmax).num_output_rows
+  message = eaas.vector_product(agg[:, num_products:], positions, lmax) - agg[:, :num_products]
+  if agg_shift is not None:
+    message = message - eaas.axis_weighted_product(agg_shift, lmax)
+  return message
+
+
+def edge_aligned_message(v: jax.Array, beta: jax.Array, neighbors: jax.Array, vectors: jax.Array,
+                         lmax: int) -> jax.Array:
+  """sum_j beta_ij (v_j (x) r_ij) with EAAS in each edge's own frame (the "standard implementation").
+
+  Shapes: v [N, rows, C], beta [N, K, C], neighbors [N, K], vectors [N, K, 3] -> [N, R, C].
+  """
+  per_edge = eaas.vector_product(v[neighbors], vectors, lmax)  # [N, K, R, C]
+  return jnp.einsum("nkc,nkrc->nrc", beta, per_edge, precision=jax.lax.Precision.HIGHEST)
+
+
 def resolve_attention_impl(impl: str) -> str:
   if impl == "auto":
     return "pallas" if jax.default_backend() == "gpu" else "jnp_node"
@@ -165,17 +194,14 @@ class E2Attention(nnx.Module):
     gate, rho = self.gate_and_rho(y, numbers, neighbors, geometry)
     edge_scale = rho / geometry.distance[..., None]
     q, k, v = self.query(y), self.key(y), self.value(y)
-    table = eaas.eaas_table(cfg.lmax)
-    nrows = table.num_output_rows
+    alpha = None
     if impl == "jnp_edge":
       alpha = attention_weights(attention_logits(q, k, gate, neighbors), geometry.envelope, geometry.valid,
                                 cfg.softmax_max)
-      beta = per_channel(alpha * edge_scale, v.shape[-1])
-      per_edge = eaas.vector_product(v[neighbors], geometry.vectors, cfg.lmax)  # [N, K, R, C]
-      message = jnp.einsum("nkc,nkrc->nrc", beta, per_edge, precision=jax.lax.Precision.HIGHEST)
+      message = edge_aligned_message(v, per_channel(alpha * edge_scale, v.shape[-1]), neighbors,
+                                     geometry.vectors, cfg.lmax)
     else:
-      source_products = eaas.vector_product(v, positions, cfg.lmax)  # v_j (x) p_j, [N, R, C]
-      rows = jnp.concatenate([source_products, v], axis=-2)
+      rows = jnp.concatenate([eaas.vector_product(v, positions, cfg.lmax), v], axis=-2)  # [v (x) p; v]
       args = (q, k, gate, edge_scale, geometry.envelope, geometry.valid, neighbors, rows)
       kwargs = dict(shifts=shifts if periodic else None, num_shift_rows=v.shape[-2],
                     softmax_max=cfg.softmax_max)
@@ -185,10 +211,7 @@ class E2Attention(nnx.Module):
       else:
         outputs = node_attention_ref(*args, **kwargs, return_weights=return_attention)
       outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-      agg = outputs[0]
-      message = eaas.vector_product(agg[:, nrows:], positions, cfg.lmax) - agg[:, :nrows]
-      if periodic:
-        message = message - eaas.axis_weighted_product(outputs[1], cfg.lmax)
+      message = node_centric_message(outputs[0], positions, cfg.lmax, outputs[1] if periodic else None)
       alpha = outputs[-1] if return_attention else None
     out = self.output(self.path_linear(message))
     return (out, alpha) if return_attention else out

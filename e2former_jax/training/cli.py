@@ -4,6 +4,7 @@
     python train.py --config configs/paper_spice.yaml --set optim.lr=2e-4 --set data.train=PATH
     python train.py --workdir runs/demo --resume      # continue an interrupted run exactly
     python train.py --config configs/paper_omol25_stage2.yaml --init-from runs/stage1 --no-strict
+    python train.py --devices 4 --global-atom-budget 8192   # data-parallel: 4 local GPUs, 2,048 atoms each
 """
 
 from __future__ import annotations
@@ -37,8 +38,17 @@ def _parser() -> argparse.ArgumentParser:
                       help="--init-from: every parameter must match (default unless the config says otherwise)")
   strict.add_argument("--no-strict", dest="strict", action="store_false",
                       help="--init-from: load the parameters whose name and shape match, keep the others")
+  p.add_argument("--devices", type=int, metavar="N", help="local devices to train on, data-parallel (default: "
+                 "all local devices; under jax.distributed, per host)")
+  p.add_argument("--global-atom-budget", type=int, metavar="ATOMS", help="atoms per global batch (all devices "
+                 "of all hosts); sets data.atom_budget (per device) to ATOMS / devices")
   p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
   return p
+
+
+def jax_initialized_distributed() -> bool:
+  import jax
+  return jax.distributed.is_initialized()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,6 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   from e2former_jax.training.config import apply_overrides, get_train_config, load_config, TrainConfig
 
   overrides = list(args.overrides)
+  if args.global_atom_budget is not None and not args.print_config:
+    import jax
+
+    from e2former_jax.training.distributed import initialize_distributed
+    initialize_distributed()
+    per_host = jax.local_device_count() if args.devices is None else args.devices
+    total = per_host * jax.process_count()
+    if args.global_atom_budget % total:
+      raise SystemExit(f"--global-atom-budget {args.global_atom_budget} does not split evenly over {total} devices")
+    overrides.append(f"data.atom_budget={args.global_atom_budget // total}")
   if args.init_from:
     overrides.append(f"init.checkpoint={args.init_from}")
   if args.strict is not None:
@@ -72,9 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
   from e2former_jax.evaluation import format_table
+  from e2former_jax.training.distributed import initialize_distributed
   from e2former_jax.training.loop import train
 
-  result = train(cfg, workdir, resume=args.resume)
+  if not jax_initialized_distributed():
+    initialize_distributed()  # multi-host: before any device is touched (env vars: training/distributed.py)
+  result = train(cfg, workdir, resume=args.resume, devices=args.devices)
   if result.test_table is not None:
     print(f"\nHeld-out errors ({cfg.data.test}; checkpoint step {result.best['step']}, "
           f"{result.workdir / 'test_errors.json'}):")

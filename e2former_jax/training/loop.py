@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from e2former_jax.data.batching import GraphLoader
 from e2former_jax.evaluation import Predictions, error_table, format_table, predict_dataset
 from e2former_jax.model import E2Former
 from e2former_jax.training.config import TrainConfig, diff_configs, dump_config, load_config
-from e2former_jax.training.data import element_references, read_structures, split_validation
+from e2former_jax.training.data import element_references, net_force_check, read_structures, split_validation
+from e2former_jax.training.distributed import (ShardedGraphLoader, compiled_sharded_train_step, data_mesh,
+                                               local_copy, replicate)
 from e2former_jax.training.losses import loss_terms
 from e2former_jax.training.metrics import MetricsLogger
 from e2former_jax.training.step import compiled_train_step, eval_params, init_state, split_model
@@ -102,7 +105,8 @@ def _prepare_workdir(cfg: TrainConfig, workdir: Path, resume: bool) -> None:
 
 
 def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_after: int | None = None,
-          datasets: dict[str, Sequence] | None = None, verbose: bool = True) -> TrainResult:
+          datasets: dict[str, Sequence] | None = None, verbose: bool = True,
+          devices: int | None = None) -> TrainResult:
   """Runs (or with ``resume`` continues) the training run ``cfg`` in ``workdir``.
 
   Args:
@@ -114,11 +118,18 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
     datasets: in-memory data sets ``{"train": [...], "valid": [...], "test": [...]}`` (lists of
       ``ase.Atoms`` with energies/forces) used instead of ``cfg.data``'s paths.
     verbose: progress bar (if ``cfg.run.progress_bar``) and messages on stderr.
+    devices: local devices to train on (default: all). With more than one device in all (over every
+      process), each step is a global batch of one ``data.atom_budget`` batch per device, trained
+      data-parallel (``training/distributed.py``); a resumed run must use the same number of devices.
   """
   t_start = time.time()
   workdir = Path(workdir)
   _prepare_workdir(cfg, workdir, resume)
   run, dcfg = cfg.run, cfg.data
+  mesh = data_mesh(devices)
+  num_devices = int(mesh.devices.size)
+  if num_devices == 1:
+    mesh = None  # the plain one-device step
   model_cfg = cfg.model_config()
   dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
 
@@ -138,6 +149,11 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
       valid_data = read(dcfg.valid, dcfg.max_eval_structures)
     test_data = read(dcfg.test, dcfg.max_eval_structures) if dcfg.test else None
 
+  if not resume:
+    problem = net_force_check(train_data, seed=run.seed)
+    if problem:
+      warnings.warn(problem, stacklevel=2)
+
   # model and element references
   model = E2Former(model_cfg, rngs=nnx.Rngs(run.seed))
   ckpt = Checkpointer(workdir, keep=run.keep_checkpoints, async_checkpointing=run.async_checkpointing)
@@ -147,6 +163,9 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
       raise FileNotFoundError(f"{workdir}: no finished checkpoint to resume from")
     resumed_meta = read_meta(ckpt.root / "last" / str(ckpt.latest_step()))
     refs = {int(z): v for z, v in resumed_meta["element_references"].items()}
+    if int(resumed_meta.get("devices", 1)) != num_devices:
+      raise ValueError(f"--resume: the run trained on {resumed_meta.get('devices', 1)} device(s), not "
+                       f"{num_devices} (the global batches depend on it); pass --devices accordingly")
   elif dcfg.element_references == "init":
     if not cfg.init.checkpoint:
       raise ValueError("data.element_references=init needs init.checkpoint (--init-from)")
@@ -170,23 +189,35 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
     best = dict(meta["best"])
   step = int(state.step)
 
-  loader = GraphLoader(train_data, model_cfg.cutoff, model_cfg.max_neighbors, atom_budget=dcfg.atom_budget,
-                       max_structures=dcfg.max_structures, num_buckets=dcfg.num_buckets, shuffle=True,
-                       seed=run.seed, prefetch=dcfg.prefetch, dtype=dtype)
+  loader_args = dict(atom_budget=dcfg.atom_budget, max_structures=dcfg.max_structures,
+                     num_buckets=dcfg.num_buckets, shuffle=True, seed=run.seed, prefetch=dcfg.prefetch, dtype=dtype)
   eval_budget = dcfg.eval_atom_budget or dcfg.atom_budget
-  step_fn = compiled_train_step(model_cfg, cfg.optim, cfg.loss, cfg.schedule_steps())
-  logger = MetricsLogger(workdir, tensorboard=run.tensorboard, resume_step=step if resume else None)
+  if mesh is None:
+    loader = GraphLoader(train_data, model_cfg.cutoff, model_cfg.max_neighbors, **loader_args)
+    step_fn = compiled_train_step(model_cfg, cfg.optim, cfg.loss, cfg.schedule_steps())
+  else:
+    loader = ShardedGraphLoader(train_data, model_cfg.cutoff, model_cfg.max_neighbors, mesh=mesh, **loader_args)
+    step_fn = compiled_sharded_train_step(model_cfg, cfg.optim, cfg.loss, cfg.schedule_steps(), mesh)
+    state, elements = replicate((state, elements), mesh)
+  # single-device views of the (replicated) state for evaluation and checkpoints
+  local = (lambda tree: tree) if mesh is None else local_copy
+  # several hosts: process 0 writes the run's logs, the others their own (same values) in process<h>/
+  log_dir = workdir if jax.process_index() == 0 else workdir / f"process{jax.process_index()}"
+  logger = MetricsLogger(log_dir, tensorboard=run.tensorboard, resume_step=step if resume else None)
   if verbose:
     nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     _say(f"{workdir}: {'resuming at step ' + str(step) if resume else 'new run'}; model {model_cfg_name(cfg)} "
          f"({nparams:,} parameters, forces {model_cfg.forces}); {len(train_data)} train / {len(valid_data)} valid"
          f"{'' if test_data is None else ' / ' + str(len(test_data)) + ' test'} structures; "
-         f"{loader.padding_stats(epoch)}")
+         f"{loader.padding_stats(epoch)}"
+         + ("" if mesh is None else f"; data-parallel on {num_devices} devices ({jax.process_count()} "
+            f"process(es)), global batch {num_devices} x {dcfg.atom_budget} atoms, {loader.num_batches(epoch)} "
+            "steps per epoch"))
 
   def base_meta(valid_metrics=None):
     return make_meta(model_cfg, refs, step=step, params="ema" if cfg.optim.ema_decay is not None else "raw",
                      train_config=cfg.to_dict(), data_position={"epoch": epoch, "batch": position},
-                     best=best, valid=valid_metrics or {})
+                     best=best, valid=valid_metrics or {}, devices=num_devices)
 
   bar = None
   if verbose and run.progress_bar:
@@ -243,7 +274,8 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
         at_ckpt = at_eval if run.checkpoint_every is None else (step % run.checkpoint_every == 0
                                                                 or step == run.steps)
         if at_eval:
-          preds = predict_dataset(model_cfg, eval_params(state), elements, valid_data, atom_budget=eval_budget,
+          preds = predict_dataset(model_cfg, local(eval_params(state)), local(elements), valid_data,
+                                  atom_budget=eval_budget,
                                   num_buckets=1, prefetch=dcfg.prefetch)
           last_valid = validation_metrics(preds, cfg)
           logger.log("valid", step, last_valid)
@@ -255,10 +287,10 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
             _say(f"step {step}: valid loss {last_valid['loss']:.4g}, E MAE {1e3 * last_valid['energy_mae']:.2f} "
                  f"meV/atom, F MAE {1e3 * last_valid['force_mae']:.1f} meV/A"
                  + (" (best)" if improved else ""), bar)
-          ckpt.save(step, params=eval_params(state), state=state, meta=base_meta(last_valid), best=improved,
-                    last=at_ckpt)
+          ckpt.save(step, params=local(eval_params(state)), state=local(state), meta=base_meta(last_valid),
+                    best=improved, last=at_ckpt)
         elif at_ckpt:
-          ckpt.save(step, params=eval_params(state), state=state, meta=base_meta())
+          ckpt.save(step, params=local(eval_params(state)), state=local(state), meta=base_meta())
         if step >= run.steps:
           break
   finally:

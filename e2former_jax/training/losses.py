@@ -7,6 +7,7 @@ whole validation set (concatenated predictions): structures with ``energy_mask``
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from e2former_jax.training.config import LossConfig
@@ -24,8 +25,13 @@ def _huber(x, delta):
   return jnp.where(a <= delta, 0.5 * x * x, delta * (a - 0.5 * delta))
 
 
+def _global_count(mask, dtype, axis_name):
+  n = jnp.sum(mask.astype(dtype))
+  return n if axis_name is None else jax.lax.psum(n, axis_name)
+
+
 def loss_terms(pred_energy, energy, energy_mask, structure_mask, num_atoms, pred_forces, forces, forces_mask,
-               cfg: LossConfig) -> dict:
+               cfg: LossConfig, axis_name=None) -> dict:
   """The loss and its parts.
 
   Args:
@@ -34,6 +40,9 @@ def loss_terms(pred_energy, energy, energy_mask, structure_mask, num_atoms, pred
     num_atoms: [G] real atoms per structure.
     pred_forces, forces: [N, 3] eV/A; forces_mask: [N] bool.
     cfg: the loss configuration.
+    axis_name: inside ``shard_map`` over a data axis, the axis name: the counts (labelled structures, atoms,
+      real structures) are summed over all devices, so every returned term is this device's share of the
+      global mean and ``jax.lax.psum`` of the terms is the loss of the whole global batch.
 
   Returns:
     ``loss`` = w_E * ``energy_loss`` + w_F * ``force_loss``, plus ``energy_mae`` (eV/atom) and ``force_mae``
@@ -41,8 +50,8 @@ def loss_terms(pred_energy, energy, energy_mask, structure_mask, num_atoms, pred
   """
   e_mask = energy_mask.astype(pred_energy.dtype)
   f_mask = forces_mask.astype(pred_forces.dtype)
-  num_e = jnp.maximum(jnp.sum(e_mask), 1.0)
-  num_f = jnp.maximum(jnp.sum(f_mask), 1.0)
+  num_e = jnp.maximum(_global_count(energy_mask, pred_energy.dtype, axis_name), 1.0)
+  num_f = jnp.maximum(_global_count(forces_mask, pred_forces.dtype, axis_name), 1.0)
   de = (pred_energy - energy) * e_mask
   de_atom = de / jnp.maximum(num_atoms, 1).astype(de.dtype)
   df = (pred_forces - forces) * f_mask[:, None]
@@ -52,7 +61,7 @@ def loss_terms(pred_energy, energy, energy_mask, structure_mask, num_atoms, pred
     f_loss = jnp.sum(_safe_norm(df, forces_mask)) / num_f
   elif kind == "l2mae":
     e_loss = jnp.sum(jnp.abs(de)) / num_e
-    num_b = jnp.maximum(jnp.sum(structure_mask.astype(df.dtype)), 1.0)
+    num_b = jnp.maximum(_global_count(structure_mask, df.dtype, axis_name), 1.0)
     f_loss = jnp.sum(_safe_norm(df, forces_mask)) / num_b  # per structure, as the authors
   elif kind == "mse":
     e_loss = jnp.sum(de_atom**2) / num_e

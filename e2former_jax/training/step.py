@@ -72,13 +72,15 @@ def init_state(params, cfg: OptimConfig, seed: int) -> TrainState:
                     rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32))
 
 
-def batch_loss(params, elements, batch: Batch, model_cfg: ModelConfig, loss_cfg: LossConfig):
-  """Loss and its parts for one padded batch (forces by ``jax.grad`` for conservative models)."""
+def batch_loss(params, elements, batch: Batch, model_cfg: ModelConfig, loss_cfg: LossConfig, axis_name=None):
+  """Loss and its parts for one padded batch (forces by ``jax.grad`` for conservative models). With
+  ``axis_name`` (inside ``shard_map``), this device's share of the global batch's loss (global counts)."""
   model = merge_model(model_cfg, params, elements)
   out = predict(model, batch.graph)
   g = batch.graph
   terms = loss_terms(out["energy"], batch.energy, batch.energy_mask & g.graph_mask, g.graph_mask,
-                     g.atoms_per_graph(), out["forces"], batch.forces, batch.forces_mask & g.atom_mask, loss_cfg)
+                     g.atoms_per_graph(), out["forces"], batch.forces, batch.forces_mask & g.atom_mask, loss_cfg,
+                     axis_name=axis_name)
   return terms["loss"], terms
 
 
@@ -94,13 +96,21 @@ def ema_decay_at(count, decay: float):
 
 
 def train_step_fn(state: TrainState, elements, batch: Batch, *, model_cfg: ModelConfig, optim_cfg: OptimConfig,
-                  loss_cfg: LossConfig, total_steps: int):
+                  loss_cfg: LossConfig, total_steps: int, axis_name=None):
   """One step: returns the new state and the step's metrics. A step whose loss or gradients are not finite
-  leaves parameters, optimizer state and EMA unchanged and increments ``skipped``."""
+  leaves parameters, optimizer state and EMA unchanged and increments ``skipped``.
+
+  With ``axis_name`` the step runs inside ``shard_map`` on one device's part of a global batch: the loss
+  terms (local sums over global counts) and the gradients are summed over the axis with ``jax.lax.psum``,
+  so every device applies the same update, that of the whole global batch."""
   tx = make_optimizer(optim_cfg)
   rng, _step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
   (loss, terms), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, elements, batch, model_cfg,
-                                                                       loss_cfg)
+                                                                       loss_cfg, axis_name)
+  atoms = jnp.sum(batch.graph.atom_mask.astype(jnp.int32))
+  if axis_name is not None:
+    grads, terms, atoms = jax.lax.psum((grads, terms, atoms), axis_name)
+    loss = terms["loss"]
   finite = jnp.isfinite(loss) & _all_finite(grads)
   # Zero non-finite gradients before the update so no NaN reaches the (discarded) new state's arithmetic.
   safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
@@ -119,7 +129,7 @@ def train_step_fn(state: TrainState, elements, batch: Batch, *, model_cfg: Model
                          rng=jax.random.key_data(rng), skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = dict(terms)
   metrics.update(lr=lr, grad_norm=optax.global_norm(safe_grads), finite=finite,
-                 atoms=jnp.sum(batch.graph.atom_mask.astype(jnp.int32)))
+                 atoms=atoms)
   return new_state, metrics
 
 

@@ -81,6 +81,8 @@ def _one_step(out: dict) -> None:
   out["batch_sharding"] = [str(a) for a in sharded_batch.graph.positions.sharding.spec]
   out["neighbors_local"] = bool(np.all(np.asarray(sharded_batch.graph.neighbors) < bucket.num_atoms))
   out["structures_per_device"] = [len(g) for g in groups]
+  stats = loader.padding_stats(0)
+  out["padding_structures"] = [stats.real_structures, sum(len(g) for _, gs in loader.plan(0) for g in gs)]
 
   step4 = compiled_sharded_train_step(mcfg, cfg.optim, cfg.loss, cfg.schedule_steps(), mesh)
   state4, metrics4 = step4(*replicate((state0, elements), mesh), sharded_batch)
@@ -176,6 +178,7 @@ def test_one_step_on_4_devices_equals_one_step_on_1_device(result):
   assert r["batch_sharding"] == ["data"]
   assert r["per_device_shape"][0] == NUM_DEVICES and r["neighbors_local"]
   assert all(n >= 1 for n in r["structures_per_device"])
+  assert r["padding_structures"][0] == r["padding_structures"][1] > 0
   assert r["step"] == [1, 1]
   m = r["metrics"]
   assert m["atoms"][0] == m["atoms"][1]

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from e2former_jax.config import ModelConfig
-from e2former_jax.data.batching import Batch, Bucket, GraphLoader
+from e2former_jax.data.batching import Batch, Bucket, GraphLoader, PaddingStats
 from e2former_jax.training.config import LossConfig, OptimConfig
 from e2former_jax.training.step import train_step_fn
 
@@ -123,8 +123,23 @@ class ShardedGraphLoader(GraphLoader):
                        f"{d} devices: lower data.atom_budget or use fewer devices")
     return steps
 
-  def padding_stats(self, epoch: int = 0):
-    return GraphLoader.padding_stats(self, epoch)
+  def padding_stats(self, epoch: int = 0) -> PaddingStats:
+    """Padding of ``epoch``'s per-device batches (each in its step's common bucket)."""
+    per_device = self.device_plan(epoch)
+    d = self.num_devices
+    per_bucket: dict = {}
+    real_atoms = atom_slots = real_structures = structure_slots = 0
+    for s in range(len(per_device) // d):
+      group = per_device[s * d:(s + 1) * d]
+      bucket = Bucket(max(b.num_atoms for b, _ in group), max(b.num_graphs for b, _ in group))
+      per_bucket[bucket] = per_bucket.get(bucket, 0) + d
+      for _, indices in group:
+        real_atoms += int(self.sizes[indices].sum())
+        real_structures += len(indices)
+        atom_slots += bucket.num_atoms
+        structure_slots += bucket.num_graphs
+    return PaddingStats(batches=sum(per_bucket.values()), real_atoms=real_atoms, atom_slots=atom_slots,
+                        real_structures=real_structures, structure_slots=structure_slots, per_bucket=per_bucket)
 
   def _build(self, bucket: Bucket, groups: list[list[int]]) -> Batch:
     local = stack_batches([GraphLoader._build(self, bucket, indices) for indices in groups])

@@ -247,7 +247,7 @@ class TrainConfig:
     model = values.get("model", {"preset": "small"})
     if not isinstance(model, dict):
       raise ValueError("the model section must be a mapping (preset: NAME plus ModelConfig fields)")
-    model = dict(model)
+    model = _coerce_fields(ModelConfig, dict(model))
     preset = model.pop("preset", "small")
     # stored resolved: the preset name and every ModelConfig field (so equal runs compare equal)
     kwargs["model"] = {"preset": preset, **get_config(preset, **model).to_dict()}
@@ -259,13 +259,37 @@ class TrainConfig:
       bad = sorted(set(section) - known)
       if bad:
         raise ValueError(f"unknown key(s) {bad} in section {name!r}; known: {sorted(known)}")
-      kwargs[name] = klass(**section)
+      kwargs[name] = klass(**_coerce_fields(klass, section))
     cfg = cls(**kwargs)
     cfg.model_config()  # validates the model section
     return cfg
 
   def replace(self, **sections) -> "TrainConfig":
     return dataclasses.replace(self, **sections)
+
+
+def _coerce(value, annotation: str):
+  """YAML 1.1 reads ``2e-4`` as a string and ``5`` as an int: convert to the field's declared number type."""
+  if value is None or isinstance(value, bool):
+    return value
+  kinds = {t.strip() for t in str(annotation).split("|")}
+  if "int" in kinds and isinstance(value, (str, float)):
+    try:
+      f = float(value)
+    except ValueError:
+      return value
+    return int(f) if f.is_integer() else value
+  if "float" in kinds and isinstance(value, (str, int)):
+    try:
+      return float(value)
+    except ValueError:
+      return value
+  return value
+
+
+def _coerce_fields(klass, values: dict) -> dict:
+  types = {f.name: f.type for f in dataclasses.fields(klass)}
+  return {k: _coerce(v, types[k]) if k in types else v for k, v in values.items()}
 
 
 def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dict:

@@ -137,3 +137,35 @@ def element_references(choice: str, train: Sequence[ase.Atoms], max_fit_structur
   for w in caught:  # an underdetermined fit is expected for few molecule types; say so once
     warnings.warn(str(w.message), stacklevel=2)
   return refs
+
+
+def net_force_check(dataset: Sequence[ase.Atoms], sample: int = 200, seed: int = 0,
+                    threshold: float = 0.1) -> str | None:
+  """A warning message when the labelled forces of (a sample of) ``dataset`` do not sum to zero.
+
+  Forces of any translation-invariant energy sum to zero over a structure (the reference methods' own
+  numerical net force is below 0.01 eV/A). A larger median |sum_i F_i| means the labels hold something else
+  (for example forces adjusted by an MD constraint such as ASE's ``FixCom``), which no conservative model
+  can fit. Returns None when the labels look fine.
+  """
+  n = len(dataset)
+  if n == 0:
+    return None
+  idx = np.arange(n) if n <= sample else np.random.default_rng(seed).choice(n, sample, replace=False)
+  nets = []
+  for i in idx:
+    atoms = dataset[int(i)]
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    if "forces" in results:
+      f = np.asarray(results["forces"], dtype=np.float64)
+      if np.all(np.isfinite(f)):
+        nets.append(float(np.linalg.norm(f.sum(axis=0))))
+  if not nets:
+    return None
+  median = float(np.median(nets))
+  if median <= threshold:
+    return None
+  return (f"the labelled forces do not sum to zero: median |sum_i F_i| = {median:.3g} eV/A over {len(nets)} "
+          "structures (a translation-invariant energy gives 0). Conservative models cannot fit the net part; "
+          "were the labels written with an MD constraint applied (e.g. ASE FixCom; use "
+          "atoms.get_forces(apply_constraint=False))?")

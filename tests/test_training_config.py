@@ -1,0 +1,81 @@
+"""Training configs: presets equal configs/*.yaml, overrides, validation, the resolved config round trip, CLI."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2former_jax.config import get_config
+from e2former_jax.training import config as C
+from e2former_jax.training.cli import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(C.PRESETS))
+def test_config_files_are_the_presets(name):
+  path = CONFIGS / f"{name}.yaml"
+  assert path.exists(), f"configs/{name}.yaml is missing"
+  assert C.load_config(path) == C.get_train_config(name), C.diff_configs(C.get_train_config(name),
+                                                                          C.load_config(path))
+
+
+def test_paper_presets_follow_the_authors_scripts():
+  spice = C.get_train_config("paper_spice")
+  assert spice.model_config() == get_config("paper_spice")
+  assert (spice.loss.kind, spice.loss.energy_weight, spice.loss.force_weight) == ("atoml2mae", 0.2, 0.9)
+  assert (spice.optim.lr, spice.optim.weight_decay, spice.optim.clip_norm, spice.run.steps) == (4e-4, 0, 100, 200_000)
+  s1 = C.get_train_config("paper_omol25_stage1")
+  assert (s1.loss.energy_weight, s1.loss.force_weight, s1.optim.lr, s1.optim.weight_decay) == (1, 30, 8e-4, 1e-3)
+  assert s1.data.atom_budget == 2048 and s1.data.element_references == "omol25"
+  s2 = C.get_train_config("paper_omol25_stage2")
+  assert (s2.loss.kind, s2.loss.energy_weight, s2.loss.force_weight) == ("l2mae", 20, 2)
+  assert s2.model_config().forces == "conservative" and s2.init.strict is False
+  assert s2.schedule_steps() == 100_000_000
+  for cfg in (spice, s1, s2):  # the authors' schedule constants, no EMA
+    assert (cfg.optim.warmup_steps, cfg.optim.warmup_factor, cfg.optim.lr_min_factor) == (4000, 0.2, 0.01)
+    assert cfg.optim.max_warmup_fraction is None and cfg.optim.ema_decay is None
+  demo = C.get_train_config("demo")
+  assert demo.model_config() == get_config("small") and demo.model_config().forces == "conservative"
+  assert demo.optim.max_warmup_fraction <= 0.1 and demo.data.element_references == "fit"
+  assert demo.loss.force_weight > 10 * demo.loss.energy_weight
+
+
+def test_overrides_and_validation(tmp_path):
+  cfg = C.load_config(CONFIGS / "paper_spice.yaml", ["optim.lr=2e-4", "run.steps=10", "data.reader={energy_key: E}",
+                                                     "model.channels=32", "model.num_heads=16"])
+  assert cfg.optim.lr == 2e-4 and cfg.run.steps == 10 and cfg.data.reader == {"energy_key": "E"}
+  assert cfg.model_config() == get_config("paper_spice", channels=32, num_heads=16)
+  # a new preset replaces the model section, other model overrides apply on top
+  cfg = C.load_config(None, ["model.channels=16", "model.preset=paper_spice", "model.num_heads=8"])
+  assert cfg.model_config() == get_config("paper_spice", channels=16, num_heads=8)
+  with pytest.raises(ValueError, match="unknown key"):
+    C.load_config(None, ["optim.learning_rate=1"])
+  with pytest.raises(ValueError, match="section.key"):
+    C.load_config(None, ["lr=1"])
+  with pytest.raises(ValueError, match="loss.kind"):
+    C.load_config(None, ["loss.kind=l3"])
+  with pytest.raises(TypeError, match="unknown ModelConfig field"):
+    C.load_config(None, ["model.chanels=3"])
+  # a file may start from a preset
+  path = tmp_path / "mine.yaml"
+  path.write_text("preset: paper_omol25_stage1\noptim:\n  lr: 1.0e-4\n")
+  cfg = C.load_config(path)
+  assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 1e-3 and cfg.model_config().cutoff == 6.0
+  # the resolved config round-trips and differences are named
+  C.dump_config(cfg, tmp_path / "resolved.yaml")
+  assert C.load_config(tmp_path / "resolved.yaml") == cfg
+  import dataclasses
+  shorter = cfg.replace(run=dataclasses.replace(cfg.run, steps=5))
+  assert C.diff_configs(cfg, shorter) == ["run.steps: 1400000 -> 5"]
+
+
+def test_cli_prints_the_resolved_config(capsys):
+  assert main(["--print-config", "--set", "optim.lr=2e-4", "--init-from", "runs/x", "--no-strict"]) == 0
+  out = yaml.safe_load(capsys.readouterr().out)
+  assert out["optim"]["lr"] == 2e-4 and out["init"] == {"checkpoint": "runs/x", "strict": False}
+  assert out["model"]["preset"] == "small" and out["model"]["channels"] == get_config("small").channels
+  assert main(["--print-config", "--config", str(CONFIGS / "paper_omol25_stage2.yaml")]) == 0
+  assert yaml.safe_load(capsys.readouterr().out)["loss"]["kind"] == "l2mae"
+  with pytest.raises(SystemExit):
+    main(["--resume"])  # needs --workdir

@@ -131,7 +131,9 @@ def run_trajectory(name, spec, temperature, n_frames, seed):
     for k in range(n_frames):
         dyn.run(STRIDE)
         e = float(atoms.get_potential_energy())
-        f = np.array(atoms.get_forces(), dtype=np.float64)
+        # apply_constraint=False: the FixCom constraint would otherwise subtract a mass-weighted net force
+        # (ASE's FixCom.adjust_forces), and the labels would not be GFN2-xTB's forces.
+        f = np.array(atoms.get_forces(apply_constraint=False), dtype=np.float64)
         if not (np.isfinite(e) and np.all(np.isfinite(f))):
             raise RuntimeError(f"non-finite label in {traj_id} frame {k}")
         fr = atoms.copy()

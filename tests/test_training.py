@@ -35,7 +35,8 @@ def tiny_config(**sections) -> C.TrainConfig:
       data=dict(atom_budget=40, max_structures=4, num_buckets=1, eval_atom_budget=40, prefetch=2,
                 element_references="fit"),
       loss=dict(kind="mse", energy_weight=1.0, force_weight=10.0),
-      optim=dict(lr=2e-3, warmup_steps=2, clip_norm=10.0, ema_decay=0.9, weight_decay=1e-3),
+      # a fixed schedule length: runs of any length share one compiled step (it is a static argument)
+      optim=dict(lr=2e-3, warmup_steps=2, clip_norm=10.0, ema_decay=0.9, weight_decay=1e-3, schedule_steps=6),
       run=dict(steps=6, eval_every=3, log_every=1, keep_checkpoints=2, progress_bar=False, tensorboard=True,
                seed=3),
   )
@@ -303,3 +304,59 @@ def test_init_from_strict_and_unstrict(full_run, tiny_data, tmp_path):
   dst = flatten(nnx.state(target, nnx.Param))
   for name in report["loaded"]:
     np.testing.assert_array_equal(dst[name], src[name])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a real kill: SIGKILL to a `train.py` process, then `train.py --resume`
+
+
+def _write_xyz(path, frames):
+  import ase.io
+  out = []
+  for a in frames:
+    b = a.copy()
+    b.info = {"config_type": a.info["config_type"], "REF_energy": a.get_potential_energy(), "total_charge": 0,
+              "total_spin": 1}
+    b.arrays["REF_forces"] = a.get_forces()
+    out.append(b)
+  ase.io.write(path, out, format="extxyz")
+
+
+def test_sigkilled_train_py_resumes_bit_for_bit(tiny_data, tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  from pathlib import Path
+
+  from e2former_jax.training.cli import main
+
+  root = Path(__file__).resolve().parent.parent
+  _write_xyz(tmp_path / "train.xyz", tiny_data["train"])
+  _write_xyz(tmp_path / "valid.xyz", tiny_data["valid"])
+  # the module's tiny run (same compiled step), read from files, a synchronous checkpoint after every step
+  cfg = tiny_config(data={"train": str(tmp_path / "train.xyz"), "valid": str(tmp_path / "valid.xyz"), "test": None},
+                    run={"checkpoint_every": 1, "async_checkpointing": False, "progress_bar": False})
+  C.dump_config(cfg, tmp_path / "run.yaml")
+  reference = train(cfg, tmp_path / "reference", verbose=False)
+  assert reference.step == 6
+
+  workdir = tmp_path / "killed"
+  env = dict(os.environ, PYTHONPATH=str(root))
+  cmd = [sys.executable, str(root / "train.py"), "--config", str(tmp_path / "run.yaml"), "--workdir", str(workdir)]
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  marker = workdir / "checkpoints" / "last" / "3" / "meta"
+  deadline = time.time() + 600
+  while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  out = proc.communicate()[0].decode(errors="replace")
+  assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{out[-3000:]}"
+  assert 3 <= Checkpointer(workdir).latest_step() < 6
+  # `train.py --workdir W --resume`, in this process (its compiled step is the reference run's)
+  assert main(["--workdir", str(workdir), "--resume"]) == 0
+  ref_state, new_state = _state_of(tmp_path / "reference"), _state_of(workdir)
+  assert ref_state.keys() == new_state.keys()
+  for name in ref_state:
+    np.testing.assert_array_equal(new_state[name], ref_state[name], err_msg=name)

@@ -31,6 +31,8 @@ from e2former_jax.model import E2Former
 
 FORMAT = "e2former-jax-checkpoint"
 VERSION = 1
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
+"""The shipped demo model (the ``small`` preset trained by ``python train.py``; see its ``CARD.md``)."""
 
 
 def _key_name(k) -> str:
@@ -160,8 +162,8 @@ class Checkpointer:
 
 def resolve_step_dir(path: str | Path) -> Path:
   """The step directory that ``path`` names: a step directory itself; a run directory (best, else last,
-  newest step); or a ``checkpoints/best`` / ``checkpoints/last`` directory (newest step)."""
-  path = Path(path)
+  newest step); or a ``checkpoints/best`` / ``checkpoints/last`` directory (newest step). Absolute."""
+  path = Path(path).resolve()
   if not path.exists():
     raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
   if (path / "meta").exists() and (path / "params").exists():
@@ -268,5 +270,35 @@ def export_model(model: E2Former, directory: str | Path, **meta_extra) -> Path:
   return directory
 
 
-__all__ = ["Checkpointer", "load_model", "export_model", "read_meta", "read_params", "assign_params",
-           "resolve_step_dir", "make_meta", "flatten", "unflatten", "element_references_of"]
+def export_run(run: str | Path, out: str | Path) -> Path:
+  """A standalone copy of a run's checkpoint (best, else last): weights, config, element references, and the
+  run's training config, validation metrics and test errors (``test_errors.json``) in its meta."""
+  step_dir = resolve_step_dir(run)
+  meta = read_meta(step_dir)
+  extra = {k: meta[k] for k in ("step", "train_config", "valid", "best", "params") if k in meta}
+  errors = Path(run) / "test_errors.json"
+  if errors.exists():
+    extra["test_errors"] = json.loads(errors.read_text())
+  extra["exported_from"] = str(step_dir.relative_to(Path(run).resolve().parent))  # "<run>/checkpoints/..."
+  return export_model(load_model(step_dir), out, **extra)
+
+
+def main(argv=None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m e2former_jax.checkpoint",
+                                   description="Export a run's checkpoint (best, else last) as a standalone "
+                                   "weights-only step directory.")
+  parser.add_argument("run", help="run directory or step directory")
+  parser.add_argument("out", help="new directory")
+  args = parser.parse_args(argv)
+  print(export_run(args.run, args.out))
+  return 0
+
+
+__all__ = ["Checkpointer", "DEMO_CHECKPOINT", "load_model", "export_model", "export_run", "read_meta",
+           "read_params", "assign_params", "resolve_step_dir", "make_meta", "flatten", "unflatten",
+           "element_references_of"]
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``python train.py`` (and the ``e2former-train`` console script).
+"""The command line of ``python train.py``.
 
     python train.py                                   # the demo: small model on the shipped demo data
     python train.py --config configs/paper_spice.yaml --set optim.lr=2e-4 --set data.train=PATH

@@ -3,22 +3,38 @@
 Protocol of MODEL.md section 11.2 (the authors' measurement), reproduced: one random structure at
 0.1 atoms/A^3 with Z in {1, 6, 7, 8} (here a jittered cubic grid, so no two atoms overlap; atoms come out
 spatially ordered), cutoff 5 A, K = 32, the paper backbone with the ``QKdotS_alpha`` gate, float32 with
-``matmul_precision="highest"``; a training step is forward + backward of the loss E + mean(F^2) with respect
-to the parameters, no optimizer step; F from the direct head or F = -dE/dx (double backward).
+``matmul_precision="highest"``. Modes:
+
+* ``infer``: energy + conservative forces (one backward pass).
+* ``train_direct`` / ``train_conservative``: the authors' protocol, forward + backward of the loss
+  E + mean(F^2) with respect to the parameters, no optimizer step; F from the direct head or F = -dE/dx
+  (double backward).
+* ``step_direct`` / ``step_conservative``: the real training step of ``e2former_jax.training.step`` (loss of
+  the ``paper_spice`` training config, gradients, non-finite guard, optax update, state donated) on the same
+  structure with random energy and force labels: what ``train.py`` runs per batch.
 
 Each (mode, N, attention_impl) runs in its own process so the peak-memory counter belongs to it:
 
-  python benchmarks/model.py --mode infer --atoms 4096 --impl pallas --json out.json
+  python benchmarks/model.py --mode infer --atoms 4096 --impl pallas --json out.jsonl
 
-Timing: 2 warm-up calls, then the median of ``--repeats`` calls, each ended by ``block_until_ready``.
-Correctness on the same inputs: ``--check`` also evaluates the other attention path on the same structure
-and prints the relative force difference max|dF| / max|F|.
+The function is compiled ahead of time (``jax.jit(...).lower(...).compile()``), then timed: 2 warm-up calls,
+the median of ``--repeats`` calls, each ended by ``block_until_ready``. With ``--lock FILE`` the timing holds
+an exclusive lock on FILE, so several processes can compile at once (``benchmarks/model_suite.py``) while
+only one uses the GPU. XLA's deterministic mode is on when ``XLA_FLAGS`` has
+``--xla_gpu_deterministic_ops=true``; the JSON line records it.
+
+Correctness on the same inputs: ``--check`` (infer) also evaluates the other attention path on the same
+structure and reports max|dE| / max|E| and max|dF| / max|F|; the step modes report the first step's loss
+and gradient norm, which must agree across attention paths (same structure, labels and initial weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import statistics
 import time
 
@@ -26,11 +42,15 @@ import ase
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx
 
 from e2former_jax.config import get_config
+from e2former_jax.data.batching import Bucket, batch_from_atoms
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former, predict
+from e2former_jax.training.config import get_train_config
+from e2former_jax.training.step import compiled_train_step, init_state, split_model
 
 
 def random_structure(num_atoms: int, density: float = 0.1, seed: int = 0) -> ase.Atoms:
@@ -43,73 +63,120 @@ def random_structure(num_atoms: int, density: float = 0.1, seed: int = 0) -> ase
   return ase.Atoms(numbers=rng.choice([1, 6, 7, 8], size=num_atoms), positions=positions)
 
 
-def build(impl: str, forces: str):
-  cfg = get_config("paper_spice", gate="QKdotS_alpha", forces=forces, attention_impl=impl,
+def build(impl: str, forces: str, preset: str = "paper_spice"):
+  cfg = get_config(preset, gate="QKdotS_alpha", forces=forces, attention_impl=impl,
                    matmul_precision="highest")
   return cfg, E2Former(cfg, rngs=nnx.Rngs(0))
 
 
-def step_function(mode: str):
+def compiled_call(mode: str, model: E2Former, structure: ase.Atoms):
+  """(call, graph): ``call()`` runs one compiled evaluation of ``mode`` and returns its outputs; the
+  function is compiled before this returns. Step modes thread the donated train state through calls."""
+  cfg = model.config
+  if mode.startswith("step"):
+    train_cfg = get_train_config("paper_spice")
+    rng = np.random.default_rng(1)
+    labelled = structure.copy()
+    labelled.calc = SinglePointCalculator(labelled, energy=float(rng.normal()) * len(labelled),
+                                          forces=rng.normal(size=(len(labelled), 3)))
+    batch, _ = batch_from_atoms([labelled], Bucket(len(labelled) + 1, 2), cfg.cutoff, cfg.max_neighbors)
+    batch = jax.device_put(batch)
+    _, params, elements, _ = split_model(model)
+    state = init_state(params, train_cfg.optim, seed=0)
+    step = compiled_train_step(cfg, train_cfg.optim, train_cfg.loss, train_cfg.run.steps)
+    compiled = step.lower(state, elements, batch).compile()
+    holder = {"state": state}
+
+    def call():
+      holder["state"], metrics = compiled(holder["state"], elements, batch)
+      return metrics
+    return call, batch.graph
+
+  graph, _ = graph_from_atoms([structure], cfg.cutoff, cfg.max_neighbors)
+  graph = jax.device_put(graph)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if mode == "infer":
-    def run(model, graph):
-      out = predict(model, graph)
+    def fn(params, graph):
+      out = predict(nnx.merge(graphdef, params, rest), graph)
       return out["energy"], out["forces"]
-    return nnx.jit(run)
+  else:
+    def fn(params, graph):
+      def loss(params):
+        out = predict(nnx.merge(graphdef, params, rest), graph)
+        return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1))
+      return jax.grad(loss)(params)
+  compiled = jax.jit(fn).lower(params, graph).compile()
+  return (lambda: compiled(params, graph)), graph
 
-  def loss(model, graph):
-    out = predict(model, graph)
-    return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1))
-  return nnx.jit(nnx.grad(loss))
 
-
-def timed(fn, *args, repeats: int) -> tuple[float, object]:
+def timed(call, repeats: int) -> tuple[float, object]:
   out = None
   for _ in range(2):
-    out = jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(call())
+  first = out
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(call())
     times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3, out
+  return statistics.median(times) * 1e3, first
+
+
+@contextlib.contextmanager
+def exclusive(path: str | None):
+  """Holds an exclusive ``flock`` on ``path`` (no-op without one)."""
+  if path is None:
+    yield
+    return
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--mode", choices=["infer", "train_direct", "train_conservative"], required=True)
+  parser.add_argument("--mode", choices=["infer", "train_direct", "train_conservative", "step_direct",
+                                         "step_conservative"], required=True)
   parser.add_argument("--atoms", type=int, default=4096)
   parser.add_argument("--impl", choices=["pallas", "jnp_node", "jnp_edge"], default="pallas")
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--check", action="store_true", help="compare forces with the other attention path")
+  parser.add_argument("--preset", default="paper_spice", help="model preset (paper_spice; small for a smoke test)")
+  parser.add_argument("--check", action="store_true", help="infer: compare with the other attention path")
+  parser.add_argument("--lock", help="time while holding an exclusive lock on this file")
   parser.add_argument("--json", help="append the result as one JSON line to this file")
   args = parser.parse_args()
-  forces = "direct" if args.mode == "train_direct" else "conservative"
-  cfg, model = build(args.impl, forces)
-  start = time.perf_counter()
-  graph, dropped = graph_from_atoms([random_structure(args.atoms)], cfg.cutoff, cfg.max_neighbors)
-  neighbour_seconds = time.perf_counter() - start
-  graph = jax.device_put(graph)
-  fn = step_function(args.mode)
+  forces = "direct" if args.mode.endswith("direct") else "conservative"
+  cfg, model = build(args.impl, forces, args.preset)
+  structure = random_structure(args.atoms)
   compile_start = time.perf_counter()
-  jax.block_until_ready(fn(model, graph))
+  call, graph = compiled_call(args.mode, model, structure)
   compile_seconds = time.perf_counter() - compile_start
-  ms, out = timed(fn, model, graph, repeats=args.repeats)
-  stats = jax.devices()[0].memory_stats() or {}
-  result = dict(mode=args.mode, atoms=args.atoms, impl=args.impl, ms=ms,
+  with exclusive(args.lock):
+    ms, first = timed(call, repeats=args.repeats)
+    stats = jax.devices()[0].memory_stats() or {}
+  mask = np.asarray(graph.neighbor_mask)[:args.atoms]
+  result = dict(mode=args.mode, atoms=args.atoms, impl=args.impl, ms=ms, steps_per_s=1e3 / ms,
                 peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
-                first_call_s=compile_seconds, neighbour_list_s=neighbour_seconds,
-                atoms_per_s=args.atoms / (ms / 1e3), dropped_pairs=dropped,
-                mean_neighbours=float(np.asarray(graph.neighbor_mask).sum(1).mean()),
-                device=jax.devices()[0].device_kind)
+                compile_s=compile_seconds, atoms_per_s=args.atoms / (ms / 1e3),
+                mean_neighbours=float(mask.sum(1).mean()),
+                deterministic="--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", ""),
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                device=jax.devices()[0].device_kind, jax=jax.__version__)
+  if args.mode.startswith("step"):
+    result.update(loss0=float(first["loss"]), grad_norm0=float(first["grad_norm"]), finite0=bool(first["finite"]))
   if args.check and args.mode == "infer":
     other = "jnp_node" if args.impl == "pallas" else "pallas"
-    _, other_model = build(other, forces)
-    _, other_forces = step_function("infer")(other_model, graph)
+    _, other_model = build(other, forces, args.preset)
+    other_call, _ = compiled_call("infer", other_model, structure)
+    energy, forces_ = first
+    other_energy, other_forces = other_call()
     result["check_vs"] = other
-    result["force_rel_diff"] = float(jnp.max(jnp.abs(other_forces - out[1])) / jnp.max(jnp.abs(out[1])))
-    result["energy_rel_diff"] = float(jnp.max(jnp.abs(step_function("infer")(other_model, graph)[0] - out[0]))
-                                      / jnp.max(jnp.abs(out[0])))
-  print(json.dumps(result))
+    result["energy_rel_diff"] = float(jnp.max(jnp.abs(other_energy - energy)) / jnp.max(jnp.abs(energy)))
+    result["force_rel_diff"] = float(jnp.max(jnp.abs(other_forces - forces_)) / jnp.max(jnp.abs(forces_)))
+  print(json.dumps(result), flush=True)
   if args.json:
     with open(args.json, "a") as f:
       f.write(json.dumps(result) + "\n")

@@ -122,7 +122,7 @@ def _resume(out: dict, tmp: Path) -> None:
   from e2former_jax.training.loop import train
 
   cfg, data = _config(), _data()
-  full = train(cfg, tmp / "full", datasets=data, verbose=False, devices=NUM_DEVICES)
+  train(cfg, tmp / "full", datasets=data, verbose=False, devices=NUM_DEVICES)
   part = train(cfg, tmp / "part", datasets=data, verbose=False, devices=NUM_DEVICES, stop_after=5)
   ckpt = Checkpointer(tmp / "part")
   out["stopped"] = [part.step, bool(part.interrupted), ckpt.latest_step()]

@@ -1,16 +1,12 @@
 """Whole-model tests in float32: parameter counts, symmetries, padding, batching, implementations, errors."""
 
-import ase
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from e2former_jax import E2FormerCalculator
 from e2former_jax.config import get_config
-from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
-from model_helpers import evaluate, molecules, predictor, random_rotation, relative, transformed
+from model_helpers import evaluate, molecules, random_rotation, relative, transformed
 
 # float32 tolerances of the issue: energy 1e-6 and forces 1e-5 relative (max|diff| / max|reference|).
 ENERGY_TOL, FORCE_TOL = 1e-6, 1e-5

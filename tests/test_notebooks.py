@@ -1,6 +1,7 @@
 """The notebooks execute top to bottom on a CPU (nbclient), and are stored without outputs."""
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -40,11 +41,25 @@ def figures(nb) -> int:
              if o.output_type == "display_data" and "image/png" in o.get("data", {}))
 
 
-def test_stored_without_outputs():
-  nb = nbformat.read(NOTEBOOKS / "performance.ipynb", as_version=4)
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "performance.ipynb"])
+def test_stored_without_outputs(name):
+  nb = nbformat.read(NOTEBOOKS / name, as_version=4)
   for cell in nb.cells:
     if cell.cell_type == "code":
-      assert cell.outputs == [] and cell.execution_count is None
+      assert cell.outputs == [] and cell.execution_count is None, f"{name} has stored outputs"
+
+
+@pytest.mark.slow
+def test_quickstart_executes():
+  nb = execute("quickstart.ipynb")
+  text = text_of(nb)
+  print(text)
+  assert "largest weights" in text
+  assert figures(nb) >= 4  # parity, MD energies, attention matrices, attention on the molecule
+  rotation_errors = [float(x) for x in re.findall(r"max\|F\(Rx\) - R F\(x\)\| / max\|F\| = (\S+)", text)]
+  assert len(rotation_errors) == 3 and max(rotation_errors) < 1e-4
+  spread = float(re.search(r"total-energy spread .* = (\S+) meV/atom", text).group(1))
+  assert spread <= 1.0
 
 
 def test_performance_plots_measured_tables():

@@ -10,7 +10,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx

@@ -26,7 +26,7 @@ from e2former_jax.checkpoint import (Checkpointer, assign_params, make_meta, rea
                                      resolve_step_dir)
 from e2former_jax.config import get_config
 from e2former_jax.data.batching import GraphLoader
-from e2former_jax.evaluation import Predictions, error_table, format_table, predict_dataset
+from e2former_jax.evaluation import Predictions, error_table, predict_dataset
 from e2former_jax.model import E2Former
 from e2former_jax.training.config import TrainConfig, diff_configs, dump_config, load_config
 from e2former_jax.training.data import element_references, net_force_check, read_structures, split_validation

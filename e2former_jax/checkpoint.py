@@ -277,8 +277,8 @@ def export_run(run: str | Path, out: str | Path) -> Path:
   meta = read_meta(step_dir)
   extra = {k: meta[k] for k in ("step", "train_config", "valid", "best", "params") if k in meta}
   errors = Path(run) / "test_errors.json"
-  if errors.exists():
-    extra["test_errors"] = json.loads(errors.read_text())
+  if errors.exists():  # without its "checkpoint" entry, a path on the machine that trained
+    extra["test_errors"] = {k: v for k, v in json.loads(errors.read_text()).items() if k != "checkpoint"}
   extra["exported_from"] = str(step_dir.relative_to(Path(run).resolve().parent))  # "<run>/checkpoints/..."
   return export_model(load_model(step_dir), out, **extra)
 

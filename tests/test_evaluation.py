@@ -14,7 +14,6 @@ from e2former_jax.evaluation import Predictions, error_table, format_table, main
 matplotlib.use("Agg")
 
 
-
 def _predictions():
   # two config types; structure 2 has no energy label, atom 0 of structure 0 has no force label
   num_atoms = np.array([2, 3, 1])

@@ -7,7 +7,6 @@ alone, total energies near -1000 eV are resolved to about 1e-4 eV, too coarse fo
 Each run is made once and shared by the tests.
 """
 
-
 import jax
 import numpy as np
 import pytest

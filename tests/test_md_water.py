@@ -5,7 +5,6 @@ and continue without dropping neighbours; at the end its slots equal the host bu
 in-cutoff pairs beyond the model's K slots (liquid water has more neighbours within 5 A than K).
 """
 
-
 import numpy as np
 import pytest
 

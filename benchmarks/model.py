@@ -141,7 +141,7 @@ def main():
   parser.add_argument("--mode", choices=["infer", "train_direct", "train_conservative", "step_direct",
                                          "step_conservative"], required=True)
   parser.add_argument("--atoms", type=int, default=4096)
-  parser.add_argument("--impl", choices=["pallas", "jnp_node", "jnp_edge"], default="pallas")
+  parser.add_argument("--impl", choices=["pallas", "jnp_node", "jnp_dense", "jnp_edge"], default="pallas")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--preset", default="paper_spice", help="model preset (paper_spice; small for a smoke test)")
   parser.add_argument("--check", action="store_true", help="infer: compare with the other attention path")

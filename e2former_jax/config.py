@@ -11,7 +11,7 @@ import dataclasses
 from typing import Literal
 
 GATES = ("QK_alpha", "QKdot_alpha", "QKdotS_alpha")
-ATTENTION_IMPLS = ("auto", "pallas", "jnp_node", "jnp_edge")
+ATTENTION_IMPLS = ("auto", "pallas", "jnp_node", "jnp_dense", "jnp_edge")
 MATMUL_PRECISIONS = ("highest", "tensorfloat32", "bfloat16")
 
 
@@ -43,7 +43,8 @@ class ModelConfig:
     num_species: rows of the atom-type embeddings (atomic numbers must be below it).
     edge_degree_species: rows of the edge-degree embedding tables (300 in the authors' code).
     dtype: "float32" or "float64" (float64 needs ``jax_enable_x64``).
-    attention_impl: "auto" (= "pallas" on GPU, "jnp_node" elsewhere), "pallas", "jnp_node", "jnp_edge".
+    attention_impl: "auto" (= "pallas" on GPU; elsewhere "jnp_dense" for batches of at most 256 atom slots,
+      "jnp_node" above), "pallas", "jnp_node", "jnp_dense", "jnp_edge" (``e2former_jax.attention``).
     matmul_precision: precision of the dense matrix products: "highest" (true float32), "tensorfloat32"
       or "bfloat16".
   """
@@ -69,7 +70,7 @@ class ModelConfig:
   num_species: int = 256
   edge_degree_species: int = 300
   dtype: Literal["float32", "float64"] = "float32"
-  attention_impl: Literal["auto", "pallas", "jnp_node", "jnp_edge"] = "auto"
+  attention_impl: Literal["auto", "pallas", "jnp_node", "jnp_dense", "jnp_edge"] = "auto"
   matmul_precision: Literal["highest", "tensorfloat32", "bfloat16"] = "highest"
 
   def __post_init__(self):

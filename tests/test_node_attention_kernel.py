@@ -1,8 +1,9 @@
 """The fused Pallas attention kernel against its jnp twin (interpret mode on the CPU), and its CUDA lowering.
 
 Each configuration is traced and compiled once (``_results`` is cached): one jitted function returns the
-forward output, the VJP and the VJP of the VJP, for both the kernel and ``node_attention_ref``, on inputs drawn
-fresh for every session (the seed is in the failure message).
+forward output, the VJP and the VJP of the VJP for the kernel, for ``node_attention_ref`` and for the dense
+form ``dense_node_attention`` (the CPU path of small batches), on inputs drawn fresh for every session (the
+seed is in the failure message).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
+from e2former_jax.attention import dense_node_attention
 from pallas_kernels.node_attention import node_attention
 from pallas_kernels.node_attention_ref import node_attention_ref
 
@@ -24,7 +26,8 @@ SEED = int(np.random.SeedSequence().entropy % 2**31)
 
 # float32 tolerances on max|kernel - ref| / max|ref| per output array. The kernel and the twin sum the same
 # terms in a different order (online softmax with rescaling against a two-pass softmax, a division at the
-# end instead of per weight, slot loops against einsums), each result a sum of at most K = 8 products of a
+# end instead of per weight, slot loops against einsums; the dense form sums weights of duplicate sources
+# first, then over atoms instead of slots), each result a sum of at most K = 8 products of a
 # few factors of order 1: a few ulps (6e-8) per term, so about 1e-6 at worst; measured below 1e-6 forward and
 # for the first and second derivatives. The limits leave 10-50x for unlucky draws. The second derivative
 # multiplies more terms and sums over two slot loops, hence the larger bound. A near tie between the two
@@ -84,16 +87,21 @@ def _results(name):
   def both(*diff):
     kernel = _derivatives(bind(node_attention, interpret=True, block_n=block_n), diff, np.random.default_rng(1))
     ref = _derivatives(bind(node_attention_ref), diff, np.random.default_rng(1))
-    return kernel, ref
+    dense = _derivatives(bind(dense_node_attention), diff, np.random.default_rng(1))
+    return kernel, ref, dense
 
-  kernel, ref = both(*diff)
-  return dict(zip(("forward", "vjp", "vjp_of_vjp"), zip(kernel, ref)))
+  kernel, ref, dense = both(*diff)
+  return {"pallas": dict(zip(ORDERS, zip(kernel, ref))), "jnp_dense": dict(zip(ORDERS, zip(dense, ref)))}
 
 
-@pytest.mark.parametrize("order", ["forward", "vjp", "vjp_of_vjp"])
+ORDERS = ("forward", "vjp", "vjp_of_vjp")
+
+
+@pytest.mark.parametrize("impl", ["pallas", "jnp_dense"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_jnp_twin(name, order):
-  got, want = _results(name)[order]
+def test_matches_jnp_twin(name, order, impl):
+  got, want = _results(name)[impl][order]
   names = ("q", "k", "gate", "edge_scale", "envelope", "rows", "shifts") if order != "forward" else None
   got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
   assert len(got_leaves) == len(want_leaves)
@@ -101,7 +109,7 @@ def test_matches_jnp_twin(name, order):
     assert np.all(np.isfinite(g)), (name, order, i)
     err = float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
     label = names[i] if names else i
-    assert err < TOLERANCE[order], f"{name} {order} output {label}: rel error {err:.2e} (seed {SEED})"
+    assert err < TOLERANCE[order], f"{impl} {name} {order} output {label}: rel error {err:.2e} (seed {SEED})"
 
 
 def test_float64_inputs_accumulate_in_float64():

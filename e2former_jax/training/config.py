@@ -318,16 +318,16 @@ def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dic
 
 
 def _preset_demo() -> TrainConfig:
-  # The CPU run that `python train.py` starts (README main job; numbers measured in the README): 8 epochs of
-  # the demo data in batches of at most 48 atoms, chosen by a 16-run sweep (benchmarks/RESULTS.md, 2026-12-02).
+  # The CPU run that `python train.py` starts (README main job; numbers measured in the README): 20 epochs of
+  # the demo data in batches of at most 48 atoms, chosen by the sweeps in benchmarks/RESULTS.md (2026-12-02/04).
   return TrainConfig(
       model={"preset": "small"},
       data=DataConfig(train="demo:train", valid="demo:valid", test="demo:test", in_memory=True, atom_budget=48,
                       num_buckets=1, eval_atom_budget=256, element_references="fit", prefetch=4),
       loss=LossConfig(kind="atoml2mae", energy_weight=10.0, force_weight=100.0),
       optim=OptimConfig(lr=1e-3, weight_decay=0.0, clip_norm=10.0, warmup_steps=4000, warmup_factor=0.2,
-                        lr_min_factor=0.01, max_warmup_fraction=0.1, ema_decay=0.99),
-      run=RunConfig(steps=3460, seed=0, eval_every=865, log_every=10, keep_checkpoints=2, best_metric="loss"),
+                        lr_min_factor=0.01, max_warmup_fraction=0.1, ema_decay=0.995),
+      run=RunConfig(steps=8640, seed=0, eval_every=2160, log_every=10, keep_checkpoints=2, best_metric="loss"),
   )
 
 

@@ -118,7 +118,7 @@ class E2Former(nnx.Module):
     for z, e in energies.items():
       if not 0 < int(z) < self.config.num_species:
         raise ValueError(f"atomic number {z} outside 1..{self.config.num_species - 1}")
-      table = table.at[int(z)].set(e)
+      table = table.at[int(z)].set(float(e))
     self.element_energy[...] = table
 
   def system_embedding(self, graph: AtomGraph) -> jax.Array | None:

@@ -47,7 +47,7 @@ def spherical_harmonics(vectors: jax.Array, lmax: int, normalization: str = "com
   norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)  # finite gradient at 0
   unit = jnp.where(nonzero, permuted / jnp.where(nonzero, norm, 1.0), 0.0)
   racah = e3x.so3.spherical_harmonics(unit, lmax, r_is_normalized=True, cartesian_order=False,
-                                      normalization="racah")
+                                      normalization="racah").astype(unit.dtype)  # e3x gives float64 under x64
   degrees = degree_of_rows(lmax)
   if normalization == "component":
     scale = np.sqrt(2 * degrees + 1.0)

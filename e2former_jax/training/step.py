@@ -128,7 +128,7 @@ def train_step_fn(state: TrainState, elements, batch: Batch, *, model_cfg: Model
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                          rng=jax.random.key_data(rng), skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = dict(terms)
-  metrics.update(lr=lr, grad_norm=optax.global_norm(safe_grads), finite=finite,
+  metrics.update(lr=lr, grad_norm=optax.tree.norm(safe_grads), finite=finite,
                  atoms=atoms)
   return new_state, metrics
 

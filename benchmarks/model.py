@@ -25,7 +25,8 @@ only one uses the GPU. XLA's deterministic mode is on when ``XLA_FLAGS`` has
 
 Correctness on the same inputs: ``--check`` (infer) also evaluates the other attention path on the same
 structure and reports max|dE| / max|E| and max|dF| / max|F|; the step modes report the first step's loss
-and gradient norm, which must agree across attention paths (same structure, labels and initial weights).
+and gradient norm, the ``train_*`` modes the norm of the gradient of E + mean(F^2); these must agree across
+attention paths (same structure, labels and initial weights).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import ase
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx
 
@@ -167,6 +169,8 @@ def main():
                 device=jax.devices()[0].device_kind, jax=jax.__version__)
   if args.mode.startswith("step"):
     result.update(loss0=float(first["loss"]), grad_norm0=float(first["grad_norm"]), finite0=bool(first["finite"]))
+  elif args.mode.startswith("train"):
+    result.update(grad_norm0=float(optax.tree.norm(first)))
   if args.check and args.mode == "infer":
     other = "jnp_node" if args.impl == "pallas" else "pallas"
     _, other_model = build(other, forces, args.preset)

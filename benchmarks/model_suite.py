@@ -52,16 +52,19 @@ def table(lines: list[dict]) -> str:
 
 
 def agreement(lines: list[dict]) -> list[str]:
-  """First-step loss and gradient norm of the step rows, pallas vs jnp_node (same inputs and weights)."""
+  """First-call loss (step rows) and gradient norm (step and train rows), pallas vs jnp_node (same inputs and
+  weights)."""
+  def compared(r, other, key):
+    return (f"{key} {r[key]:.6g} vs {other[key]:.6g} "
+            f"(rel {abs(r[key] - other[key]) / abs(other[key]):.1e})")
+
   notes = []
-  steps = {(r["mode"], r["atoms"], r["impl"], r["deterministic"]): r for r in lines if "loss0" in r}
-  for (mode, atoms, impl, det), r in sorted(steps.items()):
-    other = steps.get((mode, atoms, "jnp_node", det))
+  rows = {(r["mode"], r["atoms"], r["impl"], r["deterministic"]): r for r in lines if "grad_norm0" in r}
+  for (mode, atoms, impl, det), r in sorted(rows.items()):
+    other = rows.get((mode, atoms, "jnp_node", det))
     if impl == "pallas" and other is not None:
-      notes.append(f"{mode} N={atoms}: loss0 {r['loss0']:.6g} vs {other['loss0']:.6g} "
-                   f"(rel {abs(r['loss0'] - other['loss0']) / abs(other['loss0']):.1e}), grad_norm0 "
-                   f"{r['grad_norm0']:.6g} vs {other['grad_norm0']:.6g} "
-                   f"(rel {abs(r['grad_norm0'] - other['grad_norm0']) / abs(other['grad_norm0']):.1e})")
+      keys = ["loss0", "grad_norm0"] if "loss0" in r else ["grad_norm0"]
+      notes.append(f"{mode} N={atoms}: " + ", ".join(compared(r, other, key) for key in keys))
   for r in lines:
     if "force_rel_diff" in r:
       notes.append(f"infer N={r['atoms']}: {r['impl']} vs {r['check_vs']}: energy rel {r['energy_rel_diff']:.1e}, "

@@ -6,8 +6,10 @@ import pytest
 from flax import nnx
 
 from e2former_jax.config import get_config
+from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
-from model_helpers import evaluate, molecules, random_rotation, relative, transformed
+from model_helpers import (NUM_ATOMS, NUM_GRAPHS, TINY, evaluate, molecules, predictor, random_rotation, relative,
+                           transformed)
 
 # float32 tolerances of the issue: energy 1e-6 and forces 1e-5 relative (max|diff| / max|reference|).
 ENERGY_TOL, FORCE_TOL = 1e-6, 1e-5
@@ -79,6 +81,12 @@ def test_dense_path_matches_jnp_node_for_molecules_and_a_periodic_cell():
   assert relative(dense["energy"], node["energy"]) <= 1e-5
   for i in range(len(mols)):
     assert relative(dense["forces"][i], node["forces"][i]) <= 1e-5
+  graph, _ = graph_from_atoms(mols, 5.0, 12, NUM_ATOMS, NUM_GRAPHS)
+  weights = [predictor(impl=impl)[1](graph, return_attention=True)["attention"]
+             for impl in ("jnp_node", "jnp_dense")]
+  assert len(weights[0]) == TINY["num_layers"]
+  for node_alpha, dense_alpha in zip(*weights, strict=True):  # softmax weights in [0, 1]: absolute bound
+    np.testing.assert_allclose(dense_alpha, node_alpha, rtol=0, atol=1e-6)
   cell = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
   cell.rattle(0.05, seed=3)
   periodic = dict(cutoff=3.0, max_neighbors=16, stress=True)

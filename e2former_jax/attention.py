@@ -112,7 +112,7 @@ def dense_node_attention(q, k, gate, edge_scale, envelope, valid, neighbors, row
 
   def neighbor_sum(weights, x):  # weights [N, K, H], x [N, R, C] -> [N, R, C]
     per_head = jnp.einsum("ikh,ikj->hij", weights, onehot, precision=hp)
-    split = x.reshape(*x.shape[:-1], -1, num_heads)  # channel c = t H + h holds head h = c mod H
+    split = x.reshape(*x.shape[:-1], -1, num_heads)  # channel c = t H + h: head c mod H, as in per_channel
     return jnp.einsum("hij,jrth->irth", per_head, split, precision=hp).reshape(x.shape)
 
   beta = alpha * edge_scale

@@ -81,9 +81,11 @@ def test_dense_path_matches_jnp_node_for_molecules_and_a_periodic_cell():
   assert relative(dense["energy"], node["energy"]) <= 1e-5
   for i in range(len(mols)):
     assert relative(dense["forces"][i], node["forces"][i]) <= 1e-5
-  graph, _ = graph_from_atoms(mols, 5.0, 12, NUM_ATOMS, NUM_GRAPHS)
-  weights = [predictor(impl=impl)[1](graph, return_attention=True)["attention"]
-             for impl in ("jnp_node", "jnp_dense")]
+  weights = []
+  for impl in ("jnp_node", "jnp_dense"):
+    cfg, model, _ = predictor(impl=impl)
+    graph, _ = graph_from_atoms(mols, cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, NUM_GRAPHS)
+    weights.append(model(graph, return_attention=True)["attention"])
   assert len(weights[0]) == TINY["num_layers"]
   for node_alpha, dense_alpha in zip(*weights, strict=True):  # softmax weights in [0, 1]: absolute bound
     np.testing.assert_allclose(dense_alpha, node_alpha, rtol=0, atol=1e-6)

@@ -38,8 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.node_attention import node_attention  # noqa: E402
-from pallas_kernels.node_attention_ref import (attention_logits, attention_weights, node_attention_ref,  # noqa: E402
-                                               per_channel)
+from pallas_kernels.node_attention_ref import attention_logits, attention_weights, node_attention_ref, per_channel  # noqa: E402
 
 H, D, C, K, V_ROWS, PRODUCT_ROWS = 128, 8, 256, 32, 9, 20
 R = PRODUCT_ROWS + V_ROWS
@@ -70,9 +69,17 @@ def make_inputs(n: int, seed: int):
   valid = np.arange(K)[None] < rng.integers(K - 4, K + 1, size=n)[:, None]
   coupling = f32(V_ROWS, 3, PRODUCT_ROWS, scale=0.3)
   v, positions = f32(n, V_ROWS, C), f32(n, 3, scale=10.0)
-  inputs = dict(q=f32(n, H, D), k=f32(n, H, D), gate=f32(n, K, H, scale=0.5), edge_scale=f32(n, K, H),
-                envelope=jnp.asarray(rng.uniform(0.05, 1.0, size=(n, K)), jnp.float32),
-                valid=jnp.asarray(valid), neighbors=jnp.asarray(neighbors, jnp.int32), v=v, positions=positions)
+  inputs = dict(
+    q=f32(n, H, D),
+    k=f32(n, H, D),
+    gate=f32(n, K, H, scale=0.5),
+    edge_scale=f32(n, K, H),
+    envelope=jnp.asarray(rng.uniform(0.05, 1.0, size=(n, K)), jnp.float32),
+    valid=jnp.asarray(valid),
+    neighbors=jnp.asarray(neighbors, jnp.int32),
+    v=v,
+    positions=positions,
+  )
   inputs["rows"] = jnp.concatenate([product(v, positions, coupling), v], axis=1)
   return inputs, coupling
 
@@ -103,9 +110,9 @@ def implementations(coupling, tiling=None):
   """name -> (function, names of its arguments in ``make_inputs``)."""
   tiling = tiling or {}
   return {
-      "pallas": (lambda *a: node_attention(*a, **tiling), NODE_ARGS),
-      "jnp_node": (node_attention_ref, NODE_ARGS),
-      "jnp_edge": (functools.partial(edge_message, coupling=coupling), EDGE_ARGS),
+    "pallas": (lambda *a: node_attention(*a, **tiling), NODE_ARGS),
+    "jnp_node": (node_attention_ref, NODE_ARGS),
+    "jnp_edge": (functools.partial(edge_message, coupling=coupling), EDGE_ARGS),
   }
 
 
@@ -119,7 +126,9 @@ def forward_backward(fn, names):
       for i, x in zip(diff, d):
         full[i] = x
       return jnp.sum(fn(*full) * cotangent)
+
     return jax.value_and_grad(loss, argnums=tuple(range(len(diff))))(*[args[i] for i in diff])
+
   return run
 
 
@@ -142,8 +151,7 @@ def compile_with_bytes(jitted, args):
   analysis = compiled.memory_analysis()
   if analysis is None:
     return compiled, None
-  return compiled, int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-                       + analysis.output_size_in_bytes)
+  return compiled, int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes)
 
 
 def copy_bandwidth() -> float:
@@ -169,8 +177,10 @@ def benchmark_size(n: int, bandwidth: float, impl_names, seed: int):
     fn, names = impls[name]
     args = [inputs[a] for a in names]
     ct = edge_cotangent if name == "jnp_edge" else cotangent
-    for case, jitted, call_args in (("forward", jax.jit(fn), args),
-                                    ("forward+backward", jax.jit(forward_backward(fn, names)), [ct, *args])):
+    for case, jitted, call_args in (
+      ("forward", jax.jit(fn), args),
+      ("forward+backward", jax.jit(forward_backward(fn, names)), [ct, *args]),
+    ):
       row = dict(n=n, impl=name, case=case)
       try:
         compiled, row["bytes_compiled"] = compile_with_bytes(jitted, call_args)
@@ -212,11 +222,13 @@ def check_derivatives(n: int, seed: int):
     diff = [inputs[a] for a in ("q", "k", "gate", "edge_scale", "envelope", "rows")] + [shifts]
 
     def derivatives(impl):
-      fn = lambda q, k, g, e, env, rows, sh: impl(q, k, g, e, env, valid, inputs["neighbors"], rows, sh,
-                                                  num_shift_rows=num_shift_rows, softmax_max=softmax_max)
+      fn = lambda q, k, g, e, env, rows, sh: impl(
+        q, k, g, e, env, valid, inputs["neighbors"], rows, sh, num_shift_rows=num_shift_rows, softmax_max=softmax_max
+      )
       out, pullback = jax.vjp(fn, *diff)
       draw = lambda tree, s: jax.tree.map(
-          lambda x: jnp.asarray(np.random.default_rng(s).normal(size=x.shape), x.dtype), tree)
+        lambda x: jnp.asarray(np.random.default_rng(s).normal(size=x.shape), x.dtype), tree
+      )
       ct = draw(out, 1)
       first = lambda *x: jax.vjp(fn, *x)[1](ct)
       grads, pullback2 = jax.vjp(first, *diff)
@@ -235,9 +247,20 @@ def sweep(n: int, seed: int, bandwidth: float):
   inputs, coupling = make_inputs(n, seed)
   args = [inputs[a] for a in NODE_ARGS]
   rows = []
-  for block_n, block_h, warps, stages in ((1, 64, 4, 1), (2, 64, 4, 1), (4, 64, 4, 1), (1, 128, 4, 1),
-                                          (2, 128, 4, 1), (2, 32, 4, 1), (4, 32, 4, 1), (2, 64, 8, 1),
-                                          (2, 128, 8, 1), (4, 64, 8, 1), (2, 64, 4, 2), (1, 128, 8, 1)):
+  for block_n, block_h, warps, stages in (
+    (1, 64, 4, 1),
+    (2, 64, 4, 1),
+    (4, 64, 4, 1),
+    (1, 128, 4, 1),
+    (2, 128, 4, 1),
+    (2, 32, 4, 1),
+    (4, 32, 4, 1),
+    (2, 64, 8, 1),
+    (2, 128, 8, 1),
+    (4, 64, 8, 1),
+    (2, 64, 4, 2),
+    (1, 128, 8, 1),
+  ):
     tiling = dict(block_n=block_n, block_h=block_h, num_warps=warps, num_stages=stages)
     fn = jax.jit(implementations(coupling, tiling)["pallas"][0])
     row = dict(n=n, **tiling)
@@ -255,6 +278,7 @@ def breakdown(n: int, seed: int):
   """Seconds of each piece of the kernel backward at the paper's sizes: the by-source list and the five kernel
   calls of a first-order backward (the rest of forward+backward is the forward kernel and XLA's softmax)."""
   from pallas_kernels import node_attention as kernels  # the backward's building blocks
+
   inputs, _ = make_inputs(n, seed)
   rng = np.random.default_rng(seed + 2)
   launch = kernels._Launch(interpret=jax.default_backend() != "gpu")
@@ -264,14 +288,17 @@ def breakdown(n: int, seed: int):
   flat_rows = inputs["rows"].reshape(n, -1, H)
   weights = jnp.asarray(rng.normal(size=(n, K, H)), jnp.float32)
   cotangent = jnp.asarray(rng.normal(size=flat_rows.shape), jnp.float32)
-  dot, total, source = (jax.jit(functools.partial(f, launch))
-                        for f in (kernels.gather_dot, kernels.gather_sum, kernels.source_sum))
-  pieces = {"by-source list (sort)": (build, (inputs["neighbors"], inputs["valid"], n)),
-            "gather_dot q.k (logits)": (dot, (graph, q_t, k_t)),
-            "gather_dot ct.rows (d beta)": (dot, (graph, cotangent, flat_rows)),
-            "source_sum beta ct (d rows)": (source, (graph, weights, cotangent)),
-            "gather_sum w k (d q)": (total, (graph, weights, k_t)),
-            "source_sum w q (d k)": (source, (graph, weights, q_t))}
+  dot, total, source = (
+    jax.jit(functools.partial(f, launch)) for f in (kernels.gather_dot, kernels.gather_sum, kernels.source_sum)
+  )
+  pieces = {
+    "by-source list (sort)": (build, (inputs["neighbors"], inputs["valid"], n)),
+    "gather_dot q.k (logits)": (dot, (graph, q_t, k_t)),
+    "gather_dot ct.rows (d beta)": (dot, (graph, cotangent, flat_rows)),
+    "source_sum beta ct (d rows)": (source, (graph, weights, cotangent)),
+    "gather_sum w k (d q)": (total, (graph, weights, k_t)),
+    "source_sum w q (d k)": (source, (graph, weights, q_t)),
+  }
   rows = []
   for name, (fn, args) in pieces.items():
     seconds, _ = timed(fn, args, max_reps=20, budget_s=1.0)
@@ -285,8 +312,10 @@ def table(results):
   for r in results:
     gib = f"{r['bytes_compiled'] / 2**30:7.2f}" if r.get("bytes_compiled") else "      -"
     if "seconds" in r:
-      lines.append(f"{r['n']:>6} {r['impl']:<9} {r['case']:<17} {1e3 * r['seconds']:9.3f} {gib} "
-                   f"{r['tflop_s']:8.3f} {100 * r['floor_share']:5.1f}% {100 * r['floor_share_2.9']:5.1f}%")
+      lines.append(
+        f"{r['n']:>6} {r['impl']:<9} {r['case']:<17} {1e3 * r['seconds']:9.3f} {gib} "
+        f"{r['tflop_s']:8.3f} {100 * r['floor_share']:5.1f}% {100 * r['floor_share_2.9']:5.1f}%"
+      )
     else:
       lines.append(f"{r['n']:>6} {r['impl']:<9} {r['case']:<17} failed: {r.get('error', '')[:60]}")
   return "\n".join(lines)
@@ -305,10 +334,14 @@ def main():
   opts = parser.parse_args()
 
   device = jax.devices()[0]
-  report = dict(device=device.device_kind, jax=jax.__version__, seed=opts.seed,
-                bytes_per_atom=dict(forward=forward_bytes_per_atom(),
-                                    forward_backward=forward_backward_bytes_per_atom()),
-                results=[], checks={})
+  report = dict(
+    device=device.device_kind,
+    jax=jax.__version__,
+    seed=opts.seed,
+    bytes_per_atom=dict(forward=forward_bytes_per_atom(), forward_backward=forward_backward_bytes_per_atom()),
+    results=[],
+    checks={},
+  )
   print(json.dumps(report), flush=True)
 
   def stage(key, fn, *args):
@@ -344,9 +377,16 @@ def main():
     print("derivative checks:", json.dumps(report["derivative_checks"]))
   if opts.sweep and isinstance(report["sweep"], list):
     best = min((r for r in report["sweep"] if "seconds" in r), key=lambda r: r["seconds"])
-    print("sweep:", " ".join(f"{r['block_n']}/{r['block_h']}/{r['num_warps']}/{r['num_stages']}:"
-                             f"{1e3 * r['seconds']:.2f}" for r in report["sweep"] if "seconds" in r),
-          "best", best)
+    print(
+      "sweep:",
+      " ".join(
+        f"{r['block_n']}/{r['block_h']}/{r['num_warps']}/{r['num_stages']}:{1e3 * r['seconds']:.2f}"
+        for r in report["sweep"]
+        if "seconds" in r
+      ),
+      "best",
+      best,
+    )
   if opts.breakdown and isinstance(report["breakdown"], list):
     print("backward pieces (ms):", ", ".join(f"{r['piece']} {1e3 * r['seconds']:.2f}" for r in report["breakdown"]))
 

@@ -66,8 +66,7 @@ def random_structure(num_atoms: int, density: float = 0.1, seed: int = 0) -> ase
 
 
 def build(impl: str, forces: str, preset: str = "paper_spice"):
-  cfg = get_config(preset, gate="QKdotS_alpha", forces=forces, attention_impl=impl,
-                   matmul_precision="highest")
+  cfg = get_config(preset, gate="QKdotS_alpha", forces=forces, attention_impl=impl, matmul_precision="highest")
   return cfg, E2Former(cfg, rngs=nnx.Rngs(0))
 
 
@@ -79,8 +78,9 @@ def compiled_call(mode: str, model: E2Former, structure: ase.Atoms):
     train_cfg = get_train_config("paper_spice")
     rng = np.random.default_rng(1)
     labelled = structure.copy()
-    labelled.calc = SinglePointCalculator(labelled, energy=float(rng.normal()) * len(labelled),
-                                          forces=rng.normal(size=(len(labelled), 3)))
+    labelled.calc = SinglePointCalculator(
+      labelled, energy=float(rng.normal()) * len(labelled), forces=rng.normal(size=(len(labelled), 3))
+    )
     batch, _ = batch_from_atoms([labelled], Bucket(len(labelled) + 1, 2), cfg.cutoff, cfg.max_neighbors)
     batch = jax.device_put(batch)
     _, params, elements, _ = split_model(model)
@@ -92,21 +92,26 @@ def compiled_call(mode: str, model: E2Former, structure: ase.Atoms):
     def call():
       holder["state"], metrics = compiled(holder["state"], elements, batch)
       return metrics
+
     return call, batch.graph
 
   graph, _ = graph_from_atoms([structure], cfg.cutoff, cfg.max_neighbors)
   graph = jax.device_put(graph)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if mode == "infer":
+
     def fn(params, graph):
       out = predict(nnx.merge(graphdef, params, rest), graph)
       return out["energy"], out["forces"]
   else:
+
     def fn(params, graph):
       def loss(params):
         out = predict(nnx.merge(graphdef, params, rest), graph)
         return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1))
+
       return jax.grad(loss)(params)
+
   compiled = jax.jit(fn).lower(params, graph).compile()
   return (lambda: compiled(params, graph)), graph
 
@@ -140,8 +145,9 @@ def exclusive(path: str | None):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--mode", choices=["infer", "train_direct", "train_conservative", "step_direct",
-                                         "step_conservative"], required=True)
+  parser.add_argument(
+    "--mode", choices=["infer", "train_direct", "train_conservative", "step_direct", "step_conservative"], required=True
+  )
   parser.add_argument("--atoms", type=int, default=4096)
   parser.add_argument("--impl", choices=["pallas", "jnp_node", "jnp_dense", "jnp_edge"], default="pallas")
   parser.add_argument("--repeats", type=int, default=5)
@@ -159,14 +165,22 @@ def main():
   with exclusive(args.lock):
     ms, first = timed(call, repeats=args.repeats)
     stats = jax.devices()[0].memory_stats() or {}
-  mask = np.asarray(graph.neighbor_mask)[:args.atoms]
-  result = dict(mode=args.mode, atoms=args.atoms, impl=args.impl, ms=ms, steps_per_s=1e3 / ms,
-                peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
-                compile_s=compile_seconds, atoms_per_s=args.atoms / (ms / 1e3),
-                mean_neighbours=float(mask.sum(1).mean()),
-                deterministic="--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", ""),
-                xla_flags=os.environ.get("XLA_FLAGS", ""),
-                device=jax.devices()[0].device_kind, jax=jax.__version__)
+  mask = np.asarray(graph.neighbor_mask)[: args.atoms]
+  result = dict(
+    mode=args.mode,
+    atoms=args.atoms,
+    impl=args.impl,
+    ms=ms,
+    steps_per_s=1e3 / ms,
+    peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+    compile_s=compile_seconds,
+    atoms_per_s=args.atoms / (ms / 1e3),
+    mean_neighbours=float(mask.sum(1).mean()),
+    deterministic="--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", ""),
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    device=jax.devices()[0].device_kind,
+    jax=jax.__version__,
+  )
   if args.mode.startswith("step"):
     result.update(loss0=float(first["loss"]), grad_norm0=float(first["grad_norm"]), finite0=bool(first["finite"]))
   elif args.mode.startswith("train"):

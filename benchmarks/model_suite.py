@@ -30,8 +30,21 @@ def run_row(row: str, out: Path, lock: Path, timeout: float, extra: list[str]) -
   env = dict(os.environ)
   if "det" in flags:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
-  cmd = [sys.executable, str(SCRIPT), "--mode", mode, "--impl", impl, "--atoms", atoms, "--lock", str(lock),
-         "--json", str(out), *extra]
+  cmd = [
+    sys.executable,
+    str(SCRIPT),
+    "--mode",
+    mode,
+    "--impl",
+    impl,
+    "--atoms",
+    atoms,
+    "--lock",
+    str(lock),
+    "--json",
+    str(out),
+    *extra,
+  ]
   if mode == "infer" and "check" in flags:
     cmd.append("--check")
   try:
@@ -46,17 +59,19 @@ def table(lines: list[dict]) -> str:
   rows = ["| N | mode | attention_impl | ms | steps/s | atoms/s | peak GiB | compile s |", "|" + "---|" * 8]
   for r in sorted(lines, key=lambda r: (r["atoms"], r["deterministic"], r["mode"], r["impl"])):
     mode = r["mode"] + (", XLA deterministic" if r["deterministic"] else "")
-    rows.append(f"| {r['atoms']:,} | {mode} | {r['impl']} | {r['ms']:.1f} | {r['steps_per_s']:.2f} | "
-                f"{r['atoms_per_s']:,.0f} | {r['peak_gib']:.2f} | {r['compile_s']:.0f} |")
+    rows.append(
+      f"| {r['atoms']:,} | {mode} | {r['impl']} | {r['ms']:.1f} | {r['steps_per_s']:.2f} | "
+      f"{r['atoms_per_s']:,.0f} | {r['peak_gib']:.2f} | {r['compile_s']:.0f} |"
+    )
   return "\n".join(rows)
 
 
 def agreement(lines: list[dict]) -> list[str]:
   """First-call loss (step rows) and gradient norm (step and train rows), pallas vs jnp_node (same inputs and
   weights)."""
+
   def compared(r, other, key):
-    return (f"{key} {r[key]:.6g} vs {other[key]:.6g} "
-            f"(rel {abs(r[key] - other[key]) / abs(other[key]):.1e})")
+    return f"{key} {r[key]:.6g} vs {other[key]:.6g} (rel {abs(r[key] - other[key]) / abs(other[key]):.1e})"
 
   notes = []
   rows = {(r["mode"], r["atoms"], r["impl"], r["deterministic"]): r for r in lines if "grad_norm0" in r}
@@ -67,8 +82,10 @@ def agreement(lines: list[dict]) -> list[str]:
       notes.append(f"{mode} N={atoms}: " + ", ".join(compared(r, other, key) for key in keys))
   for r in lines:
     if "force_rel_diff" in r:
-      notes.append(f"infer N={r['atoms']}: {r['impl']} vs {r['check_vs']}: energy rel {r['energy_rel_diff']:.1e}, "
-                   f"forces max|dF|/max|F| {r['force_rel_diff']:.1e}")
+      notes.append(
+        f"infer N={r['atoms']}: {r['impl']} vs {r['check_vs']}: energy rel {r['energy_rel_diff']:.1e}, "
+        f"forces max|dF|/max|F| {r['force_rel_diff']:.1e}"
+      )
   return notes
 
 
@@ -89,8 +106,7 @@ def main():
     futures = [pool.submit(run_row, row, out, lock, args.timeout, ["--preset", args.preset]) for row in args.rows]
     for f in futures:
       row, code, err = f.result()
-      print(f"[{time.perf_counter() - start:6.0f} s] {row}: {'ok' if code == 0 else f'FAILED ({code})'}",
-            flush=True)
+      print(f"[{time.perf_counter() - start:6.0f} s] {row}: {'ok' if code == 0 else f'FAILED ({code})'}", flush=True)
       if code:
         print(err, flush=True)
   lines = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []

@@ -5,5 +5,14 @@ from e2former_jax.config import PRESETS, ModelConfig, get_config
 from e2former_jax.graph import AtomGraph, graph_from_atoms
 from e2former_jax.model import E2Former, make_predict_fn, predict
 
-__all__ = ["AtomGraph", "E2Former", "E2FormerCalculator", "ModelConfig", "PRESETS", "get_config",
-           "graph_from_atoms", "make_predict_fn", "predict"]
+__all__ = [
+  "AtomGraph",
+  "E2Former",
+  "E2FormerCalculator",
+  "ModelConfig",
+  "PRESETS",
+  "get_config",
+  "graph_from_atoms",
+  "make_predict_fn",
+  "predict",
+]

@@ -48,12 +48,18 @@ def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int) -> jax.A
 
   Shapes: sh [N, K, rows], projected [N, rows, F] -> [N, K, (lmax+1) F].
   """
-  return jnp.concatenate([jnp.einsum("nkm,nmc->nkc", sh[..., l * l:(l + 1) ** 2], projected[:, l * l:(l + 1) ** 2])
-                          for l in range(lmax + 1)], axis=-1)
+  return jnp.concatenate(
+    [
+      jnp.einsum("nkm,nmc->nkc", sh[..., l * l : (l + 1) ** 2], projected[:, l * l : (l + 1) ** 2])
+      for l in range(lmax + 1)
+    ],
+    axis=-1,
+  )
 
 
-def node_centric_message(agg: jax.Array, positions: jax.Array, lmax: int,
-                         agg_shift: jax.Array | None = None) -> jax.Array:
+def node_centric_message(
+  agg: jax.Array, positions: jax.Array, lmax: int, agg_shift: jax.Array | None = None
+) -> jax.Array:
   """M_i = (sum_j beta_ij v_j) (x) p_i - sum_j beta_ij (v_j (x) p_j) - sum_j beta_ij (v_j (x) s_ij).
 
   Args:
@@ -71,8 +77,9 @@ def node_centric_message(agg: jax.Array, positions: jax.Array, lmax: int,
   return message
 
 
-def edge_aligned_message(v: jax.Array, beta: jax.Array, neighbors: jax.Array, vectors: jax.Array,
-                         lmax: int) -> jax.Array:
+def edge_aligned_message(
+  v: jax.Array, beta: jax.Array, neighbors: jax.Array, vectors: jax.Array, lmax: int
+) -> jax.Array:
   """sum_j beta_ij (v_j (x) r_ij) with EAAS in each edge's own frame (the "standard implementation").
 
   Shapes: v [N, rows, C], beta [N, K, C], neighbors [N, K], vectors [N, K, 3] -> [N, R, C].
@@ -94,8 +101,21 @@ def resolve_attention_impl(impl: str, num_atoms: int) -> str:
   return impl
 
 
-def dense_node_attention(q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts=None, *,
-                         num_shift_rows: int = 0, softmax_max: str = "valid", return_weights: bool = False):
+def dense_node_attention(
+  q,
+  k,
+  gate,
+  edge_scale,
+  envelope,
+  valid,
+  neighbors,
+  rows,
+  shifts=None,
+  *,
+  num_shift_rows: int = 0,
+  softmax_max: str = "valid",
+  return_weights: bool = False,
+):
   """``node_attention_ref`` (same arguments and results) with the sum over slots done densely.
 
   The weights beta_ikh are first summed into per-head matrices B_h[i, j] = sum_k beta_ikh [neighbors_ik = j]
@@ -118,7 +138,7 @@ def dense_node_attention(q, k, gate, edge_scale, envelope, valid, neighbors, row
   beta = alpha * edge_scale
   outputs = [neighbor_sum(beta, rows)]
   if shifts is not None:
-    tail = rows[:, rows.shape[1] - num_shift_rows:]
+    tail = rows[:, rows.shape[1] - num_shift_rows :]
     outputs.append(jnp.stack([neighbor_sum(beta * shifts[..., a, None], tail) for a in range(3)], axis=1))
   if return_weights:
     outputs.append(alpha)
@@ -142,7 +162,7 @@ class QueryKey(nnx.Module):
 
   def __call__(self, y: jax.Array) -> jax.Array:
     prod = self.left(y) * self.right(y)
-    invariants = [jnp.sum(prod[..., l * l:(l + 1) ** 2, :], axis=-2) for l in range(self.lmax + 1)]
+    invariants = [jnp.sum(prod[..., l * l : (l + 1) ** 2, :], axis=-2) for l in range(self.lmax + 1)]
     h = jax.nn.silu(self.norm(self.mix(jnp.concatenate(invariants, axis=-1))))
     return self.out(h).reshape(y.shape[:-2] + (self.num_heads, self.head_dim))
 
@@ -152,10 +172,14 @@ class PathLinear(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
     self.table = eaas.eaas_table(cfg.lmax)
-    self.kernels = nnx.List([
-        nnx.Param(kaiming_uniform(rngs.params(), (len(self.table.rows_of_degree(l3)) * cfg.channels,
-                                                  cfg.channels), dtype))
-        for l3 in range(cfg.lmax + 1)])
+    self.kernels = nnx.List(
+      [
+        nnx.Param(
+          kaiming_uniform(rngs.params(), (len(self.table.rows_of_degree(l3)) * cfg.channels, cfg.channels), dtype)
+        )
+        for l3 in range(cfg.lmax + 1)
+      ]
+    )
     self.lmax, self.precision = cfg.lmax, cfg.matmul_precision
 
   def __call__(self, message: jax.Array) -> jax.Array:
@@ -194,8 +218,9 @@ class E2Attention(nnx.Module):
     self.output = SO3Linear(cfg.lmax, c, c, **kw)
     self.cfg = cfg
 
-  def gate_and_rho(self, y: jax.Array, numbers: jax.Array, neighbors: jax.Array,
-                   geometry: EdgeGeometry) -> tuple[jax.Array, jax.Array]:
+  def gate_and_rho(
+    self, y: jax.Array, numbers: jax.Array, neighbors: jax.Array, geometry: EdgeGeometry
+  ) -> tuple[jax.Array, jax.Array]:
     """Per-edge logit gate g and post-softmax factor rho, both [N, K, H]."""
     cfg = self.cfg
     target = jnp.broadcast_to(self.target_type(numbers)[:, None], (*neighbors.shape, cfg.type_embed_dim))
@@ -214,8 +239,17 @@ class E2Attention(nnx.Module):
     t = degree_contractions(sh, self.direction_proj(y), cfg.lmax)
     return self.direction_gate(t * self.edge_mlp(edge_features)), self.rho_mlp(edge_features)
 
-  def __call__(self, y: jax.Array, positions: jax.Array, numbers: jax.Array, neighbors: jax.Array,
-               shifts: jax.Array, geometry: EdgeGeometry, periodic: bool, return_attention: bool = False):
+  def __call__(
+    self,
+    y: jax.Array,
+    positions: jax.Array,
+    numbers: jax.Array,
+    neighbors: jax.Array,
+    shifts: jax.Array,
+    geometry: EdgeGeometry,
+    periodic: bool,
+    return_attention: bool = False,
+  ):
     """Attention output [N, rows, C] (and alpha [N, K, H] with ``return_attention``).
 
     Args:
@@ -236,17 +270,19 @@ class E2Attention(nnx.Module):
     q, k, v = self.query(y), self.key(y), self.value(y)
     alpha = None
     if impl == "jnp_edge":
-      alpha = attention_weights(attention_logits(q, k, gate, neighbors), geometry.envelope, geometry.valid,
-                                cfg.softmax_max)
-      message = edge_aligned_message(v, per_channel(alpha * edge_scale, v.shape[-1]), neighbors,
-                                     geometry.vectors, cfg.lmax)
+      alpha = attention_weights(
+        attention_logits(q, k, gate, neighbors), geometry.envelope, geometry.valid, cfg.softmax_max
+      )
+      message = edge_aligned_message(
+        v, per_channel(alpha * edge_scale, v.shape[-1]), neighbors, geometry.vectors, cfg.lmax
+      )
     else:
       rows = jnp.concatenate([eaas.vector_product(v, positions, cfg.lmax), v], axis=-2)  # [v (x) p; v]
       args = (q, k, gate, edge_scale, geometry.envelope, geometry.valid, neighbors, rows)
-      kwargs = dict(shifts=shifts if periodic else None, num_shift_rows=v.shape[-2],
-                    softmax_max=cfg.softmax_max)
+      kwargs = dict(shifts=shifts if periodic else None, num_shift_rows=v.shape[-2], softmax_max=cfg.softmax_max)
       if impl == "pallas":
         from pallas_kernels.node_attention import node_attention
+
         outputs = node_attention(*args, **kwargs)
       elif impl == "jnp_dense":
         outputs = dense_node_attention(*args, **kwargs, return_weights=return_attention)

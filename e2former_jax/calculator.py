@@ -29,8 +29,15 @@ class E2FormerCalculator(Calculator):
 
   implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-  def __init__(self, config: str | ModelConfig = "small", seed: int = 0, *, model: E2Former | None = None,
-               pad_to: int = 32, **overrides):
+  def __init__(
+    self,
+    config: str | ModelConfig = "small",
+    seed: int = 0,
+    *,
+    model: E2Former | None = None,
+    pad_to: int = 32,
+    **overrides,
+  ):
     super().__init__()
     if model is None:
       model = E2Former(get_config(config, **overrides), rngs=nnx.Rngs(seed))
@@ -42,9 +49,10 @@ class E2FormerCalculator(Calculator):
     self._warned_truncation = False
 
   @classmethod
-  def from_checkpoint(cls, path, **kwargs) -> "E2FormerCalculator":
+  def from_checkpoint(cls, path, **kwargs) -> E2FormerCalculator:
     """Loads a trained model from a training run directory (best, else last) or a step directory."""
     from e2former_jax.checkpoint import load_model
+
     return cls(model=load_model(path), **kwargs)
 
   def check_state(self, atoms: ase.Atoms, tol: float = 1e-15) -> list[str]:
@@ -64,12 +72,16 @@ class E2FormerCalculator(Calculator):
     cfg = self.config
     num_atoms = (len(atoms) // self.pad_to + 1) * self.pad_to
     dtype = np.float64 if cfg.dtype == "float64" else np.float32
-    graph, beyond = graph_from_atoms([atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=num_atoms,
-                                     num_graphs=2, dtype=dtype)
+    graph, beyond = graph_from_atoms(
+      [atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=num_atoms, num_graphs=2, dtype=dtype
+    )
     if beyond and not self._warned_truncation:
-      warnings.warn(f"{beyond} neighbour pairs within the cutoff were dropped because atoms have more than "
-                    f"K={cfg.max_neighbors} neighbours (the model's definition); consider a larger "
-                    "max_neighbors for condensed phases", stacklevel=2)
+      warnings.warn(
+        f"{beyond} neighbour pairs within the cutoff were dropped because atoms have more than "
+        f"K={cfg.max_neighbors} neighbours (the model's definition); consider a larger "
+        "max_neighbors for condensed phases",
+        stacklevel=2,
+      )
       self._warned_truncation = True
     want_stress = "stress" in properties and bool(atoms.pbc.all())
     if want_stress not in self._predict:
@@ -78,7 +90,7 @@ class E2FormerCalculator(Calculator):
     energy = float(out["energy"][0])
     self.results["energy"] = energy
     self.results["free_energy"] = energy
-    self.results["forces"] = np.asarray(out["forces"][:len(atoms)], dtype=np.float64)
+    self.results["forces"] = np.asarray(out["forces"][: len(atoms)], dtype=np.float64)
     if want_stress:
       s = np.asarray(out["stress"][0], dtype=np.float64)
       self.results["stress"] = s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]

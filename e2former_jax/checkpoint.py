@@ -44,7 +44,7 @@ def _key_name(k) -> str:
 
 def _path_name(path) -> str:
   name = "/".join(_key_name(k) for k in path)
-  return name[:-len("/value")] if name.endswith("/value") else name
+  return name[: -len("/value")] if name.endswith("/value") else name
 
 
 def flatten(tree) -> dict[str, np.ndarray]:
@@ -65,14 +65,18 @@ def unflatten(flat: dict[str, Any], template, what: str = "state"):
   missing = sorted(set(names) - set(flat))
   unexpected = sorted(set(flat) - set(names))
   if missing or unexpected:
-    raise ValueError(f"checkpoint {what} does not match: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                     f", unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    raise ValueError(
+      f"checkpoint {what} does not match: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+      f", unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+    )
   values = []
-  for (path, leaf), name in zip(leaves, names):
+  for (_path, leaf), name in zip(leaves, names):
     value = np.asarray(flat[name])
     if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
-      raise ValueError(f"checkpoint {what} entry {name!r} has {value.dtype}{list(value.shape)}, expected "
-                       f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}")
+      raise ValueError(
+        f"checkpoint {what} entry {name!r} has {value.dtype}{list(value.shape)}, expected "
+        f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}"
+      )
     values.append(jax.numpy.asarray(value))
   return jax.tree_util.tree_unflatten(treedef, values)
 
@@ -84,12 +88,12 @@ def element_references_of(model: E2Former) -> dict[int, float]:
 
 def make_meta(model_cfg: ModelConfig, element_references: dict[int, float], **extra) -> dict:
   meta = {
-      "format": FORMAT,
-      "version": VERSION,
-      "model_config": model_cfg.to_dict(),
-      "element_references": {str(int(z)): float(v) for z, v in sorted(element_references.items())},
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "versions": {"jax": jax.__version__, "python": platform.python_version()},
+    "format": FORMAT,
+    "version": VERSION,
+    "model_config": model_cfg.to_dict(),
+    "element_references": {str(int(z)): float(v) for z, v in sorted(element_references.items())},
+    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "versions": {"jax": jax.__version__, "python": platform.python_version()},
   }
   meta.update(extra)
   return meta
@@ -98,8 +102,7 @@ def make_meta(model_cfg: ModelConfig, element_references: dict[int, float], **ex
 def _step_dirs(directory: Path) -> list[int]:
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir()
-                if p.is_dir() and p.name.isdigit() and (p / "meta").exists())
+  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and (p / "meta").exists())
 
 
 class Checkpointer:
@@ -111,12 +114,11 @@ class Checkpointer:
 
   def __init__(self, workdir: str | Path, keep: int = 3, async_checkpointing: bool = True, keep_best: int = 1):
     self.root = Path(workdir).resolve() / "checkpoints"
-    options = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True,
-                                                     enable_async_checkpointing=async_checkpointing)
-    self.last = ocp.CheckpointManager(self.root / "last", options=options(keep),
-                                      item_names=("state", "params", "meta"))
-    self.best = ocp.CheckpointManager(self.root / "best", options=options(keep_best),
-                                      item_names=("params", "meta"))
+    options = lambda n: ocp.CheckpointManagerOptions(
+      max_to_keep=n, create=True, enable_async_checkpointing=async_checkpointing
+    )
+    self.last = ocp.CheckpointManager(self.root / "last", options=options(keep), item_names=("state", "params", "meta"))
+    self.best = ocp.CheckpointManager(self.root / "best", options=options(keep_best), item_names=("params", "meta"))
 
   def save(self, step: int, *, params, meta: dict, state=None, best: bool = False, last: bool = True) -> None:
     """Saves ``params`` (and ``state``) at ``step``: to "last" when ``last``, to "best" when ``best``."""
@@ -128,8 +130,11 @@ class Checkpointer:
         items["state"] = ocp.args.StandardSave(flatten(state))
       self.last.save(step, args=ocp.args.Composite(**items), force=True)
     if best:
-      self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(flat_params),
-                                                  meta=ocp.args.JsonSave(meta)), force=True)
+      self.best.save(
+        step,
+        args=ocp.args.Composite(params=ocp.args.StandardSave(flat_params), meta=ocp.args.JsonSave(meta)),
+        force=True,
+      )
 
   def latest_step(self) -> int | None:
     return self.last.latest_step()
@@ -139,8 +144,9 @@ class Checkpointer:
     step = self.last.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint to resume from in {self.root / 'last'}")
-    restored = self.last.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                               meta=ocp.args.JsonRestore()))
+    restored = self.last.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
     if restored.state is None:
       raise FileNotFoundError(f"{self.root / 'last' / str(step)} holds no training state")
     return {k: np.asarray(v) for k, v in dict(restored.state).items()}, dict(restored.meta)
@@ -177,8 +183,10 @@ def resolve_step_dir(path: str | Path) -> Path:
     steps = _step_dirs(directory)
     if steps:
       return directory / str(steps[-1])
-  raise FileNotFoundError(f"{path}: no finished checkpoint found (expected a step directory with params/ and "
-                          "meta/, or a run directory with checkpoints/best or checkpoints/last)")
+  raise FileNotFoundError(
+    f"{path}: no finished checkpoint found (expected a step directory with params/ and "
+    "meta/, or a run directory with checkpoints/best or checkpoints/last)"
+  )
 
 
 def read_meta(path: str | Path) -> dict:
@@ -227,10 +235,11 @@ def assign_params(model: E2Former, flat: dict[str, np.ndarray], strict: bool = T
   new = jax.tree_util.tree_map_with_path(pick, params)
   report["unexpected"] = sorted(set(flat) - names)
   if strict and (report["missing"] or report["unexpected"] or report["mismatched"]):
-    raise ValueError("strict parameter load failed: "
-                     + "; ".join(f"{k} {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in report.items()
-                                 if k != "loaded" and v)
-                     + " (load with strict=False to keep the parameters that do not match)")
+    raise ValueError(
+      "strict parameter load failed: "
+      + "; ".join(f"{k} {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in report.items() if k != "loaded" and v)
+      + " (load with strict=False to keep the parameters that do not match)"
+    )
   nnx.update(model, new)
   return report
 
@@ -265,8 +274,13 @@ def export_model(model: E2Former, directory: str | Path, **meta_extra) -> Path:
     raise FileExistsError(f"{directory} exists and is not empty")
   meta = make_meta(model.config, element_references_of(model), **meta_extra)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(directory, args=ocp.args.Composite(params=ocp.args.StandardSave(flatten(nnx.state(model, nnx.Param))),
-                                                 meta=ocp.args.JsonSave(meta)), force=True)
+    ckptr.save(
+      directory,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(flatten(nnx.state(model, nnx.Param))), meta=ocp.args.JsonSave(meta)
+      ),
+      force=True,
+    )
   return directory
 
 
@@ -285,9 +299,11 @@ def export_run(run: str | Path, out: str | Path) -> Path:
 
 def main(argv=None) -> int:
   import argparse
-  parser = argparse.ArgumentParser(prog="python -m e2former_jax.checkpoint",
-                                   description="Export a run's checkpoint (best, else last) as a standalone "
-                                   "weights-only step directory.")
+
+  parser = argparse.ArgumentParser(
+    prog="python -m e2former_jax.checkpoint",
+    description="Export a run's checkpoint (best, else last) as a standalone weights-only step directory.",
+  )
   parser.add_argument("run", help="run directory or step directory")
   parser.add_argument("out", help="new directory")
   args = parser.parse_args(argv)
@@ -295,9 +311,21 @@ def main(argv=None) -> int:
   return 0
 
 
-__all__ = ["Checkpointer", "DEMO_CHECKPOINT", "load_model", "export_model", "export_run", "read_meta",
-           "read_params", "assign_params", "resolve_step_dir", "make_meta", "flatten", "unflatten",
-           "element_references_of"]
+__all__ = [
+  "Checkpointer",
+  "DEMO_CHECKPOINT",
+  "load_model",
+  "export_model",
+  "export_run",
+  "read_meta",
+  "read_params",
+  "assign_params",
+  "resolve_step_dir",
+  "make_meta",
+  "flatten",
+  "unflatten",
+  "element_references_of",
+]
 
 
 if __name__ == "__main__":

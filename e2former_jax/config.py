@@ -93,7 +93,7 @@ class ModelConfig:
     if self.cutoff <= 0 or self.max_neighbors < 1 or self.lmax < 1:
       raise ValueError("cutoff must be positive, max_neighbors >= 1 and lmax >= 1")
 
-  def replace(self, **overrides) -> "ModelConfig":
+  def replace(self, **overrides) -> ModelConfig:
     """Returns a copy with ``overrides`` applied; unknown field names raise ``TypeError``."""
     names = {f.name for f in dataclasses.fields(self)}
     unknown = sorted(set(overrides) - names)
@@ -105,22 +105,33 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, values: dict) -> "ModelConfig":
+  def from_dict(cls, values: dict) -> ModelConfig:
     return cls().replace(**values)
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # The authors' `main` SPICE run (main:scripts/spice/spice.sh): QKdot_alpha, 5 A, direct forces,
-    # charge path on, multiplicity fed as 0. Their PaiNN force head is not implemented (linear head instead).
-    "paper_spice": ModelConfig(cutoff=5.0, gate="QKdot_alpha", forces="direct", spin_input="zero"),
-    # main:scripts/pretrain_omol25_stage1.sh: 6 A, QKdot_alpha, direct forces.
-    "paper_omol25_stage1": ModelConfig(cutoff=6.0, gate="QKdot_alpha", forces="direct"),
-    # main:scripts/pretrain_omol25_stage2.sh: 4.5 A, QK_alpha, conservative forces.
-    "paper_omol25_stage2": ModelConfig(cutoff=4.5, gate="QK_alpha", forces="conservative"),
-    # Trains on a 2-core CPU in minutes; conservative forces (finite differences and NVE need them).
-    "small": ModelConfig(
-        cutoff=5.0, max_neighbors=24, channels=64, num_layers=2, num_heads=32, head_dim=4, qk_hidden=64,
-        type_embed_dim=32, num_basis=32, radial_hidden=64, gate="QKdot_alpha", forces="conservative"),
+  # The authors' `main` SPICE run (main:scripts/spice/spice.sh): QKdot_alpha, 5 A, direct forces,
+  # charge path on, multiplicity fed as 0. Their PaiNN force head is not implemented (linear head instead).
+  "paper_spice": ModelConfig(cutoff=5.0, gate="QKdot_alpha", forces="direct", spin_input="zero"),
+  # main:scripts/pretrain_omol25_stage1.sh: 6 A, QKdot_alpha, direct forces.
+  "paper_omol25_stage1": ModelConfig(cutoff=6.0, gate="QKdot_alpha", forces="direct"),
+  # main:scripts/pretrain_omol25_stage2.sh: 4.5 A, QK_alpha, conservative forces.
+  "paper_omol25_stage2": ModelConfig(cutoff=4.5, gate="QK_alpha", forces="conservative"),
+  # Trains on a 2-core CPU in minutes; conservative forces (finite differences and NVE need them).
+  "small": ModelConfig(
+    cutoff=5.0,
+    max_neighbors=24,
+    channels=64,
+    num_layers=2,
+    num_heads=32,
+    head_dim=4,
+    qk_hidden=64,
+    type_embed_dim=32,
+    num_basis=32,
+    radial_hidden=64,
+    gate="QKdot_alpha",
+    forces="conservative",
+  ),
 }
 
 

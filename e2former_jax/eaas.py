@@ -45,18 +45,21 @@ class EAASTable:
   def rows_of_degree(self, l3: int) -> list[np.ndarray]:
     """For each path ending in degree l3 (in order), the indices of its 2*l3+1 output rows."""
     out, start = [], 0
-    for (_, lo) in self.paths:
+    for _, lo in self.paths:
       if lo == l3:
         out.append(np.arange(start, start + 2 * lo + 1))
       start += 2 * lo + 1
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def eaas_table(lmax: int) -> EAASTable:
   """Generates the EAAS table from the real-basis CG coefficients (never typed in)."""
-  paths = tuple(sorted(((l1, l3) for l3 in range(lmax + 1) for l1 in range(lmax + 1)
-                        if abs(l1 - 1) <= l3 <= l1 + 1), key=lambda p: p[1]))
+  paths = tuple(
+    sorted(
+      ((l1, l3) for l3 in range(lmax + 1) for l1 in range(lmax + 1) if abs(l1 - 1) <= l3 <= l1 + 1), key=lambda p: p[1]
+    )
+  )
   rows, weights = [], []
   for l1, l3 in paths:
     column = so3.clebsch_gordan(l1, 1, l3)[:, _Y, :]  # [2l1+1, 2l3+1]
@@ -70,18 +73,23 @@ def eaas_table(lmax: int) -> EAASTable:
       else:
         rows.append(l1 * l1 + int(nonzero[0]))
         weights.append(float(column[nonzero[0], m3]))
-  return EAASTable(lmax=lmax, paths=paths, source_row=np.array(rows, np.int32),
-                   weight=np.array(weights, np.float64), output_degrees=tuple(l3 for _, l3 in paths))
+  return EAASTable(
+    lmax=lmax,
+    paths=paths,
+    source_row=np.array(rows, np.int32),
+    weight=np.array(weights, np.float64),
+    output_degrees=tuple(l3 for _, l3 in paths),
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_vector_coupling(lmax: int) -> np.ndarray:
   """Dense CG tensor T [(lmax+1)^2, 3, R] in the EAAS output layout: out_o = sum T[r, a, o] h_r p_a."""
   table = eaas_table(lmax)
   t = np.zeros((so3.num_rows(lmax), 3, table.num_output_rows))
   start = 0
   for l1, l3 in table.paths:
-    t[l1 * l1:(l1 + 1) ** 2, :, start:start + 2 * l3 + 1] = so3.clebsch_gordan(l1, 1, l3)
+    t[l1 * l1 : (l1 + 1) ** 2, :, start : start + 2 * l3 + 1] = so3.clebsch_gordan(l1, 1, l3)
     start += 2 * l3 + 1
   return t
 

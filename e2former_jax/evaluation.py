@@ -31,7 +31,7 @@ from e2former_jax.model import E2Former, predict
 NO_CONFIG_TYPE = "(none)"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_predict(model_cfg: ModelConfig, compute_stress: bool = False):
   """``f(params, elements, graph) -> predict(...)``, jitted once per model config."""
   from e2former_jax.training.step import merge_model
@@ -73,9 +73,16 @@ def _labels(atoms: ase.Atoms) -> tuple[float, np.ndarray]:
   return energy, forces
 
 
-def predict_dataset(model_cfg: ModelConfig, params, elements, structures: Sequence[ase.Atoms],
-                    atom_budget: int = 1024, num_buckets: int = 2, prefetch: int = 2,
-                    progress: bool = False) -> Predictions:
+def predict_dataset(
+  model_cfg: ModelConfig,
+  params,
+  elements,
+  structures: Sequence[ase.Atoms],
+  atom_budget: int = 1024,
+  num_buckets: int = 2,
+  prefetch: int = 2,
+  progress: bool = False,
+) -> Predictions:
   """Predictions of the model given by (config, parameters, element energies) for every structure."""
   n = len(structures)
   if n == 0:
@@ -83,8 +90,16 @@ def predict_dataset(model_cfg: ModelConfig, params, elements, structures: Sequen
   sizes = np.array([len(structures[i]) for i in range(n)])
   budget = max(int(atom_budget), int(sizes.max()))
   dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
-  loader = GraphLoader(structures, model_cfg.cutoff, model_cfg.max_neighbors, atom_budget=budget,
-                       num_buckets=num_buckets, shuffle=False, prefetch=prefetch, dtype=dtype)
+  loader = GraphLoader(
+    structures,
+    model_cfg.cutoff,
+    model_cfg.max_neighbors,
+    atom_budget=budget,
+    num_buckets=num_buckets,
+    shuffle=False,
+    prefetch=prefetch,
+    dtype=dtype,
+  )
   fn = compiled_predict(model_cfg)
   offsets = np.concatenate([[0], np.cumsum(sizes)])
   energy = np.full(n, np.nan)
@@ -92,6 +107,7 @@ def predict_dataset(model_cfg: ModelConfig, params, elements, structures: Sequen
   batches = loader.epoch(0)
   if progress:
     from tqdm import tqdm
+
     batches = tqdm(batches, total=loader.num_batches(0), desc="evaluate", unit="batch", leave=False)
   for batch in batches:
     out = jax.device_get(fn(params, elements, batch.graph))
@@ -102,12 +118,16 @@ def predict_dataset(model_cfg: ModelConfig, params, elements, structures: Sequen
         continue
       energy[s] = out["energy"][g]
       rows = np.nonzero(atom_mask & (graph_index == g))[0]
-      forces[offsets[s]:offsets[s + 1]] = out["forces"][rows]
+      forces[offsets[s] : offsets[s + 1]] = out["forces"][rows]
   refs = [_labels(structures[i]) for i in range(n)]
   return Predictions(
-      config_type=np.array([str(structures[i].info.get("config_type", NO_CONFIG_TYPE)) for i in range(n)]),
-      num_atoms=sizes, energy_pred=energy, energy_ref=np.array([e for e, _ in refs]),
-      forces_pred=forces, forces_ref=np.concatenate([f for _, f in refs], axis=0))
+    config_type=np.array([str(structures[i].info.get("config_type", NO_CONFIG_TYPE)) for i in range(n)]),
+    num_atoms=sizes,
+    energy_pred=energy,
+    energy_ref=np.array([e for e, _ in refs]),
+    forces_pred=forces,
+    forces_ref=np.concatenate([f for _, f in refs], axis=0),
+  )
 
 
 def evaluate_model(model: E2Former, structures: Sequence[ase.Atoms], **kwargs) -> Predictions:
@@ -150,15 +170,15 @@ def error_table(p: Predictions) -> dict:
 
 
 COLUMNS = (
-    ("structures", "N", "{:d}"),
-    ("energy_mae_meV_per_atom", "E MAE\nmeV/at", "{:.2f}"),
-    ("energy_rmse_meV_per_atom", "E RMSE\nmeV/at", "{:.2f}"),
-    ("energy_mae_meV", "E MAE\nmeV", "{:.1f}"),
-    ("energy_rmse_meV", "E RMSE\nmeV", "{:.1f}"),
-    ("force_mae_meV_per_A", "F MAE\nmeV/A", "{:.1f}"),
-    ("force_rmse_meV_per_A", "F RMSE\nmeV/A", "{:.1f}"),
-    ("force_vector_mae_meV_per_A", "|F| MAE\nmeV/A", "{:.1f}"),
-    ("force_vector_rmse_meV_per_A", "|F| RMSE\nmeV/A", "{:.1f}"),
+  ("structures", "N", "{:d}"),
+  ("energy_mae_meV_per_atom", "E MAE\nmeV/at", "{:.2f}"),
+  ("energy_rmse_meV_per_atom", "E RMSE\nmeV/at", "{:.2f}"),
+  ("energy_mae_meV", "E MAE\nmeV", "{:.1f}"),
+  ("energy_rmse_meV", "E RMSE\nmeV", "{:.1f}"),
+  ("force_mae_meV_per_A", "F MAE\nmeV/A", "{:.1f}"),
+  ("force_rmse_meV_per_A", "F RMSE\nmeV/A", "{:.1f}"),
+  ("force_vector_mae_meV_per_A", "|F| MAE\nmeV/A", "{:.1f}"),
+  ("force_vector_rmse_meV_per_A", "|F| RMSE\nmeV/A", "{:.1f}"),
 )
 
 
@@ -195,8 +215,9 @@ def format_table(table: dict, markdown: bool = False) -> str:
   return "\n".join(out)
 
 
-def parity_plot(p: Predictions, config_types: Sequence[str] | None = None, axes=None, max_force_points: int = 20000,
-                seed: int = 0):
+def parity_plot(
+  p: Predictions, config_types: Sequence[str] | None = None, axes=None, max_force_points: int = 20000, seed: int = 0
+):
   """Predicted vs reference energies (eV/atom, each structure's energy minus the mean over the plotted
   structures of the same config_type, so molecules share one axis) and force components (eV/A).
 
@@ -230,8 +251,10 @@ def parity_plot(p: Predictions, config_types: Sequence[str] | None = None, axes=
       axes[1].scatter(ref, pred, s=3, alpha=0.4, label=name)
       f_all.append(np.concatenate([ref, pred]))
   table = error_table(p)["overall"]
-  for ax, values, title, unit in ((axes[0], e_all, "energy per atom (shifted per config_type)", "eV/atom"),
-                                  (axes[1], f_all, "force components", "eV/A")):
+  for ax, values, title, unit in (
+    (axes[0], e_all, "energy per atom (shifted per config_type)", "eV/atom"),
+    (axes[1], f_all, "force components", "eV/A"),
+  ):
     if values:
       v = np.concatenate(values)
       lo, hi = float(v.min()), float(v.max())
@@ -243,8 +266,9 @@ def parity_plot(p: Predictions, config_types: Sequence[str] | None = None, axes=
     ax.set_ylabel(f"predicted ({unit})")
     ax.set_title(title)
     ax.set_aspect("equal")
-  axes[0].text(0.03, 0.97, f"MAE {table['energy_mae_meV_per_atom']:.2f} meV/atom", transform=axes[0].transAxes,
-               va="top")
+  axes[0].text(
+    0.03, 0.97, f"MAE {table['energy_mae_meV_per_atom']:.2f} meV/atom", transform=axes[0].transAxes, va="top"
+  )
   axes[1].text(0.03, 0.97, f"MAE {table['force_mae_meV_per_A']:.1f} meV/A", transform=axes[1].transAxes, va="top")
   axes[1].legend(fontsize=7, markerscale=2, loc="lower right")
   fig.tight_layout()
@@ -253,9 +277,11 @@ def parity_plot(p: Predictions, config_types: Sequence[str] | None = None, axes=
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="e2former-eval", description="Energy and force errors of a trained E2Former-V2 checkpoint on a "
-      "labelled data set, per config_type and overall (energies meV/atom and meV per structure; forces meV/A "
-      "per component and per atom as the error-vector norm).")
+    prog="e2former-eval",
+    description="Energy and force errors of a trained E2Former-V2 checkpoint on a "
+    "labelled data set, per config_type and overall (energies meV/atom and meV per structure; forces meV/A "
+    "per component and per atom as the error-vector norm).",
+  )
   parser.add_argument("--checkpoint", required=True, help="run directory (best, else last) or step directory")
   parser.add_argument("--data", required=True, help="data file (extxyz, SPICE HDF5, aselmdb) or demo:test")
   parser.add_argument("--json", help="also write the numbers to this JSON file")
@@ -285,8 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(format_table(table, markdown=args.markdown))
   print(f"({time.time() - t0:.1f} s)")
   if args.json:
-    Path(args.json).write_text(json.dumps({"checkpoint": str(step_dir), "data": str(args.data), **table},
-                                          indent=1))
+    Path(args.json).write_text(json.dumps({"checkpoint": str(step_dir), "data": str(args.data), **table}, indent=1))
   if args.plot:
     parity_plot(preds).savefig(args.plot, dpi=150)
   return 0

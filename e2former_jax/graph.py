@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import ase
 import flax.struct
@@ -68,9 +68,20 @@ class AtomGraph:
   def check_shapes(self) -> None:
     """Raises ``ValueError`` naming the first field whose shape disagrees with N, K and G."""
     n, k, g = self.num_atoms, self.max_neighbors, self.num_graphs
-    expected = {"positions": (n, 3), "numbers": (n,), "atom_mask": (n,), "neighbors": (n, k),
-                "neighbor_mask": (n, k), "neighbor_shift": (n, k, 3), "graph_index": (n,), "charge": (g,),
-                "spin": (g,), "cell": (g, 3, 3), "pbc": (g, 3), "graph_mask": (g,)}
+    expected = {
+      "positions": (n, 3),
+      "numbers": (n,),
+      "atom_mask": (n,),
+      "neighbors": (n, k),
+      "neighbor_mask": (n, k),
+      "neighbor_shift": (n, k, 3),
+      "graph_index": (n,),
+      "charge": (g,),
+      "spin": (g,),
+      "cell": (g, 3, 3),
+      "pbc": (g, 3),
+      "graph_mask": (g,),
+    }
     for name, shape in expected.items():
       actual = tuple(getattr(self, name).shape)
       if actual != shape:
@@ -102,9 +113,14 @@ def _charge_and_spin(atoms: ase.Atoms) -> tuple[int, int]:
   return int(charge), int(spin)
 
 
-def graph_from_atoms(structures: Sequence[ase.Atoms] | ase.Atoms, cutoff: float, max_neighbors: int,
-                     num_atoms: int | None = None, num_graphs: int | None = None,
-                     dtype=np.float32) -> tuple[AtomGraph, int]:
+def graph_from_atoms(
+  structures: Sequence[ase.Atoms] | ase.Atoms,
+  cutoff: float,
+  max_neighbors: int,
+  num_atoms: int | None = None,
+  num_graphs: int | None = None,
+  dtype=np.float32,
+) -> tuple[AtomGraph, int]:
   """Builds a padded ``AtomGraph`` on the host.
 
   Args:
@@ -169,8 +185,18 @@ def graph_from_atoms(structures: Sequence[ase.Atoms] | ase.Atoms, cutoff: float,
     graph_mask[g] = True
     offset += n
   graph = AtomGraph(
-      positions=positions.astype(dtype), numbers=numbers, atom_mask=atom_mask, neighbors=neighbors,
-      neighbor_mask=neighbor_mask, neighbor_shift=neighbor_shift.astype(dtype), graph_index=graph_index,
-      charge=charge, spin=spin, cell=cell.astype(dtype), pbc=pbc, graph_mask=graph_mask,
-      periodic=bool(pbc.any()))
+    positions=positions.astype(dtype),
+    numbers=numbers,
+    atom_mask=atom_mask,
+    neighbors=neighbors,
+    neighbor_mask=neighbor_mask,
+    neighbor_shift=neighbor_shift.astype(dtype),
+    graph_index=graph_index,
+    charge=charge,
+    spin=spin,
+    cell=cell.astype(dtype),
+    pbc=pbc,
+    graph_mask=graph_mask,
+    periodic=bool(pbc.any()),
+  )
   return graph, beyond

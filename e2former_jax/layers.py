@@ -22,8 +22,9 @@ kaiming_uniform = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")
 def matmul(x: jax.Array, w: jax.Array, precision: str, spec: str = "...i,io->...o") -> jax.Array:
   """Dense contraction at the configured matmul precision ("highest", "tensorfloat32", "bfloat16")."""
   if precision == "bfloat16":
-    return jnp.einsum(spec, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
-                      preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum(spec, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32).astype(
+      x.dtype
+    )
   lax_precision = jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
   return jnp.einsum(spec, x, w, precision=lax_precision)
 
@@ -31,8 +32,9 @@ def matmul(x: jax.Array, w: jax.Array, precision: str, spec: str = "...i,io->...
 class Dense(nnx.Module):
   """y = x W + b, Kaiming-uniform W (U(+-sqrt(6/fan_in)), the authors' ``simple_init_fn``), zero b."""
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, precision: str,
-               dtype, rngs: nnx.Rngs):
+  def __init__(
+    self, in_features: int, out_features: int, *, use_bias: bool = True, precision: str, dtype, rngs: nnx.Rngs
+  ):
     self.kernel = nnx.Param(kaiming_uniform(rngs.params(), (in_features, out_features), dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
     self.precision = precision
@@ -70,8 +72,9 @@ class RadialProfile(nnx.Module):
   """MLP Linear -> LayerNorm -> SiLU -> ... -> Linear (no norm or activation after the last layer)."""
 
   def __init__(self, sizes: tuple[int, ...], *, precision: str, dtype, rngs: nnx.Rngs):
-    self.linears = nnx.List([Dense(a, b, precision=precision, dtype=dtype, rngs=rngs)
-                             for a, b in zip(sizes[:-1], sizes[1:])])
+    self.linears = nnx.List(
+      [Dense(a, b, precision=precision, dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+    )
     self.norms = nnx.List([LayerNorm(b, dtype=dtype) for b in sizes[1:-1]])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -86,8 +89,17 @@ class SO3Linear(nnx.Module):
   W is U(+-1/sqrt(C_in)) per degree; b (l=0 only) is zero-initialised.
   """
 
-  def __init__(self, lmax: int, in_features: int, out_features: int, *, use_bias: bool = True,
-               precision: str, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    lmax: int,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    precision: str,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     bound = 1.0 / np.sqrt(in_features)
     init = nnx.initializers.uniform(scale=2 * bound)
     self.kernel = nnx.Param(init(rngs.params(), (lmax + 1, in_features, out_features), dtype) - bound)

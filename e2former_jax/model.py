@@ -12,8 +12,15 @@ from e2former_jax import so3
 from e2former_jax.attention import E2Attention, EdgeGeometry
 from e2former_jax.config import ModelConfig
 from e2former_jax.graph import AtomGraph
-from e2former_jax.layers import (Dense, Embedding, GatedFeedForward, RadialProfile, RMSNormSH, gaussian_basis,
-                                 polynomial_envelope)
+from e2former_jax.layers import (
+  Dense,
+  Embedding,
+  GatedFeedForward,
+  RadialProfile,
+  RMSNormSH,
+  gaussian_basis,
+  polynomial_envelope,
+)
 
 MAX_ABS_CHARGE = 10
 MAX_SPIN_INDEX = 20
@@ -22,8 +29,9 @@ MAX_SPIN_INDEX = 20
 def model_dtype(cfg: ModelConfig):
   if cfg.dtype == "float64":
     if jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
-      raise ValueError('dtype="float64" needs 64-bit JAX: call jax.config.update("jax_enable_x64", True) '
-                       "before building the model")
+      raise ValueError(
+        'dtype="float64" needs 64-bit JAX: call jax.config.update("jax_enable_x64", True) before building the model'
+      )
     return jnp.float64
   return jnp.float32
 
@@ -46,9 +54,17 @@ class EdgeDegreeEmbedding(nnx.Module):
     c = cfg.channels
     self.target_type = Embedding(cfg.edge_degree_species, c, dtype=dtype, rngs=rngs)
     self.source_type = Embedding(cfg.edge_degree_species, c, dtype=dtype, rngs=rngs)
-    self.radial = nnx.List([
-        RadialProfile((cfg.num_basis + 2 * c, cfg.radial_hidden, cfg.radial_hidden, c),
-                      precision=cfg.matmul_precision, dtype=dtype, rngs=rngs) for _ in range(cfg.lmax + 1)])
+    self.radial = nnx.List(
+      [
+        RadialProfile(
+          (cfg.num_basis + 2 * c, cfg.radial_hidden, cfg.radial_hidden, c),
+          precision=cfg.matmul_precision,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for _ in range(cfg.lmax + 1)
+      ]
+    )
     self.cfg = cfg
 
   def __call__(self, graph: AtomGraph, geometry: EdgeGeometry) -> jax.Array:
@@ -56,8 +72,10 @@ class EdgeDegreeEmbedding(nnx.Module):
     target = jnp.broadcast_to(self.target_type(graph.numbers)[:, None], (*graph.neighbors.shape, cfg.channels))
     features = jnp.concatenate([geometry.rbf, target, self.source_type(graph.numbers[graph.neighbors])], -1)
     sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
-    out = [jnp.einsum("nkm,nkc->nmc", sh[..., l * l:(l + 1) ** 2], radial(features),
-                      precision=jax.lax.Precision.HIGHEST) for l, radial in enumerate(self.radial)]
+    out = [
+      jnp.einsum("nkm,nkc->nmc", sh[..., l * l : (l + 1) ** 2], radial(features), precision=jax.lax.Precision.HIGHEST)
+      for l, radial in enumerate(self.radial)
+    ]
     return jnp.concatenate(out, axis=-2) / cfg.avg_degree
 
 
@@ -70,13 +88,15 @@ class TransformerBlock(nnx.Module):
     self.norm_ffn = RMSNormSH(cfg.lmax, cfg.channels, dtype=dtype)
     self.ffn = GatedFeedForward(cfg.lmax, cfg.channels, precision=cfg.matmul_precision, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, system_embedding, graph: AtomGraph, geometry: EdgeGeometry, periodic: bool,
-               return_attention: bool = False):
+  def __call__(
+    self, x, system_embedding, graph: AtomGraph, geometry: EdgeGeometry, periodic: bool, return_attention: bool = False
+  ):
     y = self.norm_attention(x)
     if system_embedding is not None:
       y = y.at[:, 0, :].add(system_embedding)
-    attention = self.attention(y, graph.positions, graph.numbers, graph.neighbors, graph.neighbor_shift,
-                               geometry, periodic, return_attention)
+    attention = self.attention(
+      y, graph.positions, graph.numbers, graph.neighbors, graph.neighbor_shift, geometry, periodic, return_attention
+    )
     attention, alpha = attention if return_attention else (attention, None)
     x = x + attention
     x = x + self.ffn(self.norm_ffn(x))
@@ -171,9 +191,10 @@ def strained(graph: AtomGraph, strain: jax.Array) -> AtomGraph:
   """The graph deformed by (I + strain[g]) per structure: positions, image offsets and cells."""
   per_atom = strain[graph.graph_index]
   return graph.replace(
-      positions=graph.positions + jnp.einsum("ni,nij->nj", graph.positions, per_atom),
-      neighbor_shift=graph.neighbor_shift + jnp.einsum("nki,nij->nkj", graph.neighbor_shift, per_atom),
-      cell=graph.cell + jnp.einsum("gai,gij->gaj", graph.cell, strain))
+    positions=graph.positions + jnp.einsum("ni,nij->nj", graph.positions, per_atom),
+    neighbor_shift=graph.neighbor_shift + jnp.einsum("nki,nij->nkj", graph.neighbor_shift, per_atom),
+    cell=graph.cell + jnp.einsum("gai,gij->gaj", graph.cell, strain),
+  )
 
 
 def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> dict:
@@ -206,8 +227,9 @@ def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> 
     volume = jnp.abs(jnp.linalg.det(graph.cell))
     periodic = jnp.all(graph.pbc, axis=-1) & graph.graph_mask
     result["virial"] = -d_strain
-    result["stress"] = jnp.where(periodic[:, None, None], d_strain / jnp.where(periodic, volume, 1.0)[:, None, None],
-                                 0.0)
+    result["stress"] = jnp.where(
+      periodic[:, None, None], d_strain / jnp.where(periodic, volume, 1.0)[:, None, None], 0.0
+    )
   return result
 
 

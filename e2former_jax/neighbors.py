@@ -28,8 +28,9 @@ class NeighborSlots:
   num_beyond_k: int
 
 
-def k_nearest_neighbors(positions: np.ndarray, cutoff: float, max_neighbors: int,
-                        cell: np.ndarray | None = None, pbc=(False, False, False)) -> NeighborSlots:
+def k_nearest_neighbors(
+  positions: np.ndarray, cutoff: float, max_neighbors: int, cell: np.ndarray | None = None, pbc=(False, False, False)
+) -> NeighborSlots:
   """K nearest neighbours within ``cutoff`` of every atom.
 
   Args:
@@ -71,5 +72,4 @@ def k_nearest_neighbors(positions: np.ndarray, cutoff: float, max_neighbors: int
   shifts = np.zeros((n, max_neighbors, 3))
   neighbors[i[keep], rank[keep]] = j[keep]
   shifts[i[keep], rank[keep]] = s[keep] @ box
-  return NeighborSlots(neighbors=neighbors, shifts=shifts, mask=neighbors >= 0,
-                       num_beyond_k=int((~keep).sum()))
+  return NeighborSlots(neighbors=neighbors, shifts=shifts, mask=neighbors >= 0, num_beyond_k=int((~keep).sum()))

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-
 def num_rows(lmax: int) -> int:
   return (lmax + 1) ** 2
 
@@ -27,8 +26,9 @@ def degree_of_rows(lmax: int) -> np.ndarray:
   return np.concatenate([np.full(2 * l + 1, l) for l in range(lmax + 1)])
 
 
-def spherical_harmonics(vectors: jax.Array, lmax: int, normalization: str = "component",
-                        normalize: bool = True) -> jax.Array:
+def spherical_harmonics(
+  vectors: jax.Array, lmax: int, normalization: str = "component", normalize: bool = True
+) -> jax.Array:
   """Real spherical harmonics Y_lm in the e3nn basis, [..., (lmax+1)^2].
 
   Args:
@@ -46,8 +46,9 @@ def spherical_harmonics(vectors: jax.Array, lmax: int, normalization: str = "com
   nonzero = squared > 0
   norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)  # finite gradient at 0
   unit = jnp.where(nonzero, permuted / jnp.where(nonzero, norm, 1.0), 0.0)
-  racah = e3x.so3.spherical_harmonics(unit, lmax, r_is_normalized=True, cartesian_order=False,
-                                      normalization="racah").astype(unit.dtype)  # e3x gives float64 under x64
+  racah = e3x.so3.spherical_harmonics(
+    unit, lmax, r_is_normalized=True, cartesian_order=False, normalization="racah"
+  ).astype(unit.dtype)  # e3x gives float64 under x64
   degrees = degree_of_rows(lmax)
   if normalization == "component":
     scale = np.sqrt(2 * degrees + 1.0)
@@ -59,7 +60,7 @@ def spherical_harmonics(vectors: jax.Array, lmax: int, normalization: str = "com
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def clebsch_gordan(l1: int, l2: int, l3: int) -> np.ndarray:
   """Real-basis Clebsch-Gordan coefficients C[m1, m2, m3] (float64, unitary normalisation).
 
@@ -71,14 +72,14 @@ def clebsch_gordan(l1: int, l2: int, l3: int) -> np.ndarray:
     return np.asarray(cg, dtype=np.float64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sample_inverse(l: int) -> tuple[np.ndarray, np.ndarray]:
   """Fixed sample directions X [P, 3] and pinv(Y_l(X)) [2l+1, P] for fitting Wigner-D matrices."""
   rng = np.random.default_rng(1234 + l)
   points = rng.normal(size=(4 * l + 4, 3))
   points /= np.linalg.norm(points, axis=1, keepdims=True)
   with jax.ensure_compile_time_eval(), jax.enable_x64(True):
-    ys = np.asarray(spherical_harmonics(jnp.asarray(points), l), np.float64)[:, l * l:]
+    ys = np.asarray(spherical_harmonics(jnp.asarray(points), l), np.float64)[:, l * l :]
   return points, np.linalg.pinv(ys)
 
 
@@ -91,7 +92,7 @@ def wigner_d(rotation: jax.Array, l: int) -> jax.Array:
     return jnp.ones(rotation.shape[:-2] + (1, 1), rotation.dtype)
   points, pinv = _sample_inverse(l)
   rotated = jnp.einsum("...ij,pj->...pi", rotation, jnp.asarray(points, rotation.dtype))
-  ys = spherical_harmonics(rotated, l, normalize=False)[..., l * l:]
+  ys = spherical_harmonics(rotated, l, normalize=False)[..., l * l :]
   return jnp.einsum("...pm,np->...mn", ys, jnp.asarray(pinv, rotation.dtype))
 
 
@@ -104,8 +105,9 @@ def rotation_to_y(vectors: jax.Array) -> jax.Array:
   """
   squared = jnp.sum(vectors**2, axis=-1, keepdims=True)
   nonzero = squared > 0
-  u = jnp.where(nonzero, vectors * jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)),
-                jnp.array([0.0, 1.0, 0.0], vectors.dtype))
+  u = jnp.where(
+    nonzero, vectors * jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)), jnp.array([0.0, 1.0, 0.0], vectors.dtype)
+  )
   flip = u[..., 1:2] < 0
   target_y = jnp.where(flip, -1.0, 1.0)
   # k = u x (target_y * y); R = I + [k]x + [k]x^2 / (1 + u . target)
@@ -113,8 +115,9 @@ def rotation_to_y(vectors: jax.Array) -> jax.Array:
   t = target_y[..., 0]
   kx, ky, kz = -uz * t, jnp.zeros_like(ux), ux * t
   zero = jnp.zeros_like(ux)
-  k_cross = jnp.stack([jnp.stack([zero, -kz, ky], -1), jnp.stack([kz, zero, -kx], -1),
-                       jnp.stack([-ky, kx, zero], -1)], -2)
+  k_cross = jnp.stack(
+    [jnp.stack([zero, -kz, ky], -1), jnp.stack([kz, zero, -kx], -1), jnp.stack([-ky, kx, zero], -1)], -2
+  )
   c = uy * t
   eye = jnp.eye(3, dtype=vectors.dtype)
   rot = eye + k_cross + k_cross @ k_cross / (1.0 + c)[..., None, None]
@@ -129,6 +132,6 @@ def block_diagonal_wigner(rotation: jax.Array, degrees) -> jax.Array:
   out = jnp.zeros(rotation.shape[:-2] + (size, size), rotation.dtype)
   start = 0
   for l in degrees:
-    out = out.at[..., start:start + 2 * l + 1, start:start + 2 * l + 1].set(blocks[l])
+    out = out.at[..., start : start + 2 * l + 1, start : start + 2 * l + 1].set(blocks[l])
     start += 2 * l + 1
   return out

@@ -46,9 +46,10 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.node_attention_ref import EPSILON, attention_weights
 
 FORWARD_MODE_MESSAGE = (
-    "node_attention (attention_impl='pallas') supports reverse mode only (jax.grad, jax.vjp, and reverse over "
-    "reverse for force training); forward-mode transforms (jax.jvp, jax.jacfwd, jax.hessian) need "
-    "attention_impl='jnp_node'.")
+  "node_attention (attention_impl='pallas') supports reverse mode only (jax.grad, jax.vjp, and reverse over "
+  "reverse for force training); forward-mode transforms (jax.jvp, jax.jacfwd, jax.hessian) need "
+  "attention_impl='jnp_node'."
+)
 _REGISTER_BUDGET = 4096  # elements of the largest [block, F, heads] tile of the backward kernels
 
 
@@ -77,8 +78,12 @@ class _Launch:
 
   def call(self, kernel, out_shape, grid):
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=self.interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages))
+      kernel,
+      out_shape=out_shape,
+      grid=grid,
+      interpret=self.interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages),
+    )
 
 
 def _arange(start, size: int, limit: int):
@@ -91,8 +96,22 @@ def _arange(start, size: int, limit: int):
 # Fused forward kernel
 # ----------------------------------------------------------------------------------------------------------
 
-def _forward_kernel(q_ref, k_ref, gate_ref, scale_ref, env_ref, valid_ref, nbr_ref, rows_ref, *rest,
-                    block_n: int, block_h: int, all_slots: bool, shift_rows: tuple[int, int] | None):
+
+def _forward_kernel(
+  q_ref,
+  k_ref,
+  gate_ref,
+  scale_ref,
+  env_ref,
+  valid_ref,
+  nbr_ref,
+  rows_ref,
+  *rest,
+  block_n: int,
+  block_h: int,
+  all_slots: bool,
+  shift_rows: tuple[int, int] | None,
+):
   """One program: ``block_n`` targets x ``block_h`` heads, online softmax over the K slots.
 
   Refs: q [N, H, d], k [M, H, d], gate and scale [N, K, H], env [N, K], valid [N, K] int32, nbr [N, K] int32,
@@ -115,7 +134,7 @@ def _forward_kernel(q_ref, k_ref, gate_ref, scale_ref, env_ref, valid_ref, nbr_r
   n2, h2 = n[:, None], h[None, :]
   h3, t3, f3 = h[None, :, None], t[None, None, :], f[None, :, None]
   q = pltriton.load(q_ref.at[n[:, None, None], h3, t3], mask=nh_ok[:, :, None] & t_ok, other=0.0)
-  q = q.astype(acc_t) * dim ** -0.5
+  q = q.astype(acc_t) * dim**-0.5
   if shift_rows is not None:
     first, count = shift_rows
     s, s_ok = _arange(0, _pow2(count), count)
@@ -125,8 +144,7 @@ def _forward_kernel(q_ref, k_ref, gate_ref, scale_ref, env_ref, valid_ref, nbr_r
     j = pltriton.load(nbr_ref.at[n, slot], mask=n_ok, other=0)
     ok = (pltriton.load(valid_ref.at[n, slot], mask=n_ok, other=0) != 0) & n_ok
     live = n_ok if all_slots else ok  # slots whose logit takes part in the max
-    kj = pltriton.load(k_ref.at[j[:, None, None], h3, t3], mask=(live[:, None] & h_ok)[:, :, None] & t_ok,
-                       other=0.0)
+    kj = pltriton.load(k_ref.at[j[:, None, None], h3, t3], mask=(live[:, None] & h_ok)[:, :, None] & t_ok, other=0.0)
     gate = pltriton.load(gate_ref.at[n2, slot, h2], mask=nh_ok, other=0.0)
     logit = gate.astype(acc_t) * jnp.sum(q * kj.astype(acc_t), axis=2)
     m_new = jnp.maximum(m, jnp.where(live[:, None], logit, -jnp.inf))
@@ -137,37 +155,59 @@ def _forward_kernel(q_ref, k_ref, gate_ref, scale_ref, env_ref, valid_ref, nbr_r
     scale = pltriton.load(scale_ref.at[n2, slot, h2], mask=nh_ok & ok[:, None], other=0.0)
     ws = w * scale.astype(acc_t)
     row_ok = (ok[:, None] & h_ok)[:, None, :]
-    x = pltriton.load(rows_ref.at[j[:, None, None], f3, h[None, None, :]], mask=row_ok & f_ok[None, :, None],
-                      other=0.0)
+    x = pltriton.load(rows_ref.at[j[:, None, None], f3, h[None, None, :]], mask=row_ok & f_ok[None, :, None], other=0.0)
     acc = acc * corr[:, None, :] + ws[:, None, :] * x.astype(acc_t)
     if shift_rows is not None:
-      tail = pltriton.load(rows_ref.at[j[:, None, None], first + s[None, :, None], h[None, None, :]],
-                           mask=row_ok & s_ok[None, :, None], other=0.0).astype(acc_t)
+      tail = pltriton.load(
+        rows_ref.at[j[:, None, None], first + s[None, :, None], h[None, None, :]],
+        mask=row_ok & s_ok[None, :, None],
+        other=0.0,
+      ).astype(acc_t)
       acc_shift = [
-          a * corr[:, None, :]
-          + (ws * pltriton.load(shifts_ref.at[n, slot, axis], mask=ok, other=0.0).astype(acc_t)[:, None])[
-              :, None, :] * tail
-          for axis, a in enumerate(acc_shift)]
+        a * corr[:, None, :]
+        + (ws * pltriton.load(shifts_ref.at[n, slot, axis], mask=ok, other=0.0).astype(acc_t)[:, None])[:, None, :]
+        * tail
+        for axis, a in enumerate(acc_shift)
+      ]
     return (m_new, l * corr + w, acc, *acc_shift)
 
   zeros = jnp.zeros((block_n, block_h), acc_t)
-  init = [jnp.full((block_n, block_h), -jnp.inf, acc_t), zeros,
-          jnp.zeros((block_n, _pow2(num_f), block_h), acc_t)]
+  init = [jnp.full((block_n, block_h), -jnp.inf, acc_t), zeros, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t)]
   if shift_rows is not None:
     init += [jnp.zeros((block_n, _pow2(count), block_h), acc_t)] * 3
   _, l, acc, *acc_shift = lax.fori_loop(0, num_slots, body, tuple(init))
   inv = (1.0 / (l + EPSILON))[:, None, :]
   out_ok = nh_ok[:, None, :]
-  pltriton.store(agg_ref.at[n[:, None, None], f3, h[None, None, :]], (acc * inv).astype(agg_ref.dtype),
-                 mask=out_ok & f_ok[None, :, None])
+  pltriton.store(
+    agg_ref.at[n[:, None, None], f3, h[None, None, :]],
+    (acc * inv).astype(agg_ref.dtype),
+    mask=out_ok & f_ok[None, :, None],
+  )
   if shift_rows is not None:
     for axis, a in enumerate(acc_shift):
-      pltriton.store(agg_shift_ref.at[n[:, None, None], axis, s[None, :, None], h[None, None, :]],
-                     (a * inv).astype(agg_shift_ref.dtype), mask=out_ok & s_ok[None, :, None])
+      pltriton.store(
+        agg_shift_ref.at[n[:, None, None], axis, s[None, :, None], h[None, None, :]],
+        (a * inv).astype(agg_shift_ref.dtype),
+        mask=out_ok & s_ok[None, :, None],
+      )
 
 
-def _fused_forward(launch: _Launch, block_n: int, block_h: int, softmax_max: str, num_shift_rows: int,
-                   q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts):
+def _fused_forward(
+  launch: _Launch,
+  block_n: int,
+  block_h: int,
+  softmax_max: str,
+  num_shift_rows: int,
+  q,
+  k,
+  gate,
+  edge_scale,
+  envelope,
+  valid,
+  neighbors,
+  rows,
+  shifts,
+):
   """Runs the fused kernel. Returns agg [N, R, C] (and agg_shift [N, 3, S, C] with ``shifts``)."""
   num_n, num_h, _ = q.shape
   num_m, num_r, num_c = rows.shape
@@ -182,8 +222,9 @@ def _fused_forward(launch: _Launch, block_n: int, block_h: int, softmax_max: str
     shift_rows = ((num_r - num_shift_rows) * groups, num_shift_rows * groups)
     out_shape.append(jax.ShapeDtypeStruct((num_n, 3, num_shift_rows * groups, num_h), dtype))
     args.append(shifts)
-  kernel = functools.partial(_forward_kernel, block_n=block_n, block_h=block_h,
-                             all_slots=softmax_max == "all_slots", shift_rows=shift_rows)
+  kernel = functools.partial(
+    _forward_kernel, block_n=block_n, block_h=block_h, all_slots=softmax_max == "all_slots", shift_rows=shift_rows
+  )
   grid = (pl.cdiv(num_n, block_n), pl.cdiv(num_h, block_h))
   outs = launch.call(kernel, out_shape, grid)(*args)
   agg = outs[0].reshape(num_n, num_r, num_c)
@@ -195,6 +236,7 @@ def _fused_forward(launch: _Launch, block_n: int, block_h: int, softmax_max: str
 # ----------------------------------------------------------------------------------------------------------
 # The three bilinear gather kernels of the backward (layout [*, F, H], heads last)
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _tiles(num_f: int, num_h: int) -> tuple[int, int]:
   """(block_n, block_h) keeping a [block_n, padded F, block_h] tile within the register budget."""
@@ -214,17 +256,20 @@ def _gather_dot_kernel(a_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int
   f, f_ok = _arange(0, _pow2(num_f), num_f)
   tile_ok = (n_ok[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None]
   acc_t = _accumulator_type(out_ref.dtype)
-  a = pltriton.load(a_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], mask=tile_ok,
-                    other=0.0).astype(acc_t)
+  a = pltriton.load(a_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], mask=tile_ok, other=0.0).astype(
+    acc_t
+  )
 
   def body(slot, carry):
     j = pltriton.load(nbr_ref.at[n, slot], mask=n_ok, other=0)
     ok = (pltriton.load(mask_ref.at[n, slot], mask=n_ok, other=0) != 0) & n_ok
-    b = pltriton.load(b_ref.at[j[:, None, None], f[None, :, None], h[None, None, :]],
-                      mask=tile_ok & ok[:, None, None], other=0.0)
+    b = pltriton.load(
+      b_ref.at[j[:, None, None], f[None, :, None], h[None, None, :]], mask=tile_ok & ok[:, None, None], other=0.0
+    )
     dot = jnp.sum(a * b.astype(acc_t), axis=1)
-    pltriton.store(out_ref.at[n[:, None], slot, h[None, :]], dot.astype(out_ref.dtype),
-                   mask=n_ok[:, None] & h_ok[None, :])
+    pltriton.store(
+      out_ref.at[n[:, None], slot, h[None, :]], dot.astype(out_ref.dtype), mask=n_ok[:, None] & h_ok[None, :]
+    )
     return carry
 
   lax.fori_loop(0, nbr_ref.shape[1], body, 0)
@@ -245,17 +290,18 @@ def _gather_sum_kernel(w_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int
     j = pltriton.load(nbr_ref.at[n, slot], mask=n_ok, other=0)
     ok = (pltriton.load(mask_ref.at[n, slot], mask=n_ok, other=0) != 0) & n_ok
     w = pltriton.load(w_ref.at[n[:, None], slot, h[None, :]], mask=nh_ok & ok[:, None], other=0.0)
-    b = pltriton.load(b_ref.at[j[:, None, None], f[None, :, None], h[None, None, :]],
-                      mask=tile_ok & ok[:, None, None], other=0.0)
+    b = pltriton.load(
+      b_ref.at[j[:, None, None], f[None, :, None], h[None, None, :]], mask=tile_ok & ok[:, None, None], other=0.0
+    )
     return acc + w.astype(acc_t)[:, None, :] * b.astype(acc_t)
 
   acc = lax.fori_loop(0, num_slots, body, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t))
-  pltriton.store(out_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], acc.astype(out_ref.dtype),
-                 mask=tile_ok)
+  pltriton.store(
+    out_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], acc.astype(out_ref.dtype), mask=tile_ok
+  )
 
 
-def _source_sum_kernel(w_ref, a_ref, order_ref, ptr_ref, out_ref, *, block_n: int, block_h: int,
-                       num_slots: int):
+def _source_sum_kernel(w_ref, a_ref, order_ref, ptr_ref, out_ref, *, block_n: int, block_h: int, num_slots: int):
   """out[j, f, h] = sum over the by-source list of j of w[e, h] * a[e // K, f, h] (e = flat slot n*K + k).
 
   Refs: w [N*K, H], a [N, F, H], order [N*K] int32 (active flat slots sorted by source, stable),
@@ -274,13 +320,19 @@ def _source_sum_kernel(w_ref, a_ref, order_ref, ptr_ref, out_ref, *, block_n: in
     live = i < count
     e = pltriton.load(order_ref.at[start + i], mask=live, other=0)
     w = pltriton.load(w_ref.at[e[:, None], h[None, :]], mask=live[:, None] & h_ok[None, :], other=0.0)
-    a = pltriton.load(a_ref.at[(e // num_slots)[:, None, None], f[None, :, None], h[None, None, :]],
-                      mask=(live[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None], other=0.0)
+    a = pltriton.load(
+      a_ref.at[(e // num_slots)[:, None, None], f[None, :, None], h[None, None, :]],
+      mask=(live[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None],
+      other=0.0,
+    )
     return acc + w.astype(acc_t)[:, None, :] * a.astype(acc_t)
 
   acc = lax.fori_loop(0, jnp.max(count), body, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t))
-  pltriton.store(out_ref.at[src[:, None, None], f[None, :, None], h[None, None, :]], acc.astype(out_ref.dtype),
-                 mask=(src_ok[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None])
+  pltriton.store(
+    out_ref.at[src[:, None, None], f[None, :, None], h[None, None, :]],
+    acc.astype(out_ref.dtype),
+    mask=(src_ok[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None],
+  )
 
 
 def source_csr(neighbors: jax.Array, active: jax.Array, num_sources: int) -> tuple[jax.Array, jax.Array]:
@@ -388,38 +440,99 @@ def _graph(neighbors, active, num_sources):
   return neighbors.astype(jnp.int32), active.astype(jnp.int32), order, ptr
 
 
-def _composed(launch: _Launch, softmax_max: str, num_shift_rows: int, graphs, valid,
-              q, k, gate, edge_scale, envelope, rows, shifts):
+def _composed(
+  launch: _Launch, softmax_max: str, num_shift_rows: int, graphs, valid, q, k, gate, edge_scale, envelope, rows, shifts
+):
   """The attention as kernels + XLA softmax: differentiable to any order in reverse mode."""
   logit_graph, value_graph = graphs
   num_n, num_h, dim = q.shape
   num_m, num_r, num_c = rows.shape
   dot = gather_dot(launch, logit_graph, jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2))
-  alpha = attention_weights(gate * dot * dim ** -0.5, envelope, valid, softmax_max)
+  alpha = attention_weights(gate * dot * dim**-0.5, envelope, valid, softmax_max)
   beta = alpha * edge_scale
   flat_rows = rows.reshape(num_m, -1, num_h)
   agg = gather_sum(launch, value_graph, beta, flat_rows).reshape(num_n, num_r, num_c)
   if shifts is None:
     return agg
-  tail = flat_rows[:, (num_r - num_shift_rows) * (num_c // num_h):]
-  agg_shift = jnp.stack([gather_sum(launch, value_graph, beta * shifts[..., axis, None], tail)
-                         for axis in range(3)], axis=1)
+  tail = flat_rows[:, (num_r - num_shift_rows) * (num_c // num_h) :]
+  agg_shift = jnp.stack(
+    [gather_sum(launch, value_graph, beta * shifts[..., axis, None], tail) for axis in range(3)], axis=1
+  )
   return agg, agg_shift.reshape(num_n, 3, num_shift_rows, num_c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
-def _node_attention(launch, backward_launch, block_n, block_h, softmax_max, num_shift_rows,
-                    q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts):
-  return _fused_forward(launch, block_n, block_h, softmax_max, num_shift_rows,
-                        q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
+def _node_attention(
+  launch,
+  backward_launch,
+  block_n,
+  block_h,
+  softmax_max,
+  num_shift_rows,
+  q,
+  k,
+  gate,
+  edge_scale,
+  envelope,
+  valid,
+  neighbors,
+  rows,
+  shifts,
+):
+  return _fused_forward(
+    launch,
+    block_n,
+    block_h,
+    softmax_max,
+    num_shift_rows,
+    q,
+    k,
+    gate,
+    edge_scale,
+    envelope,
+    valid,
+    neighbors,
+    rows,
+    shifts,
+  )
 
 
-def _node_attention_fwd(launch, backward_launch, block_n, block_h, softmax_max, num_shift_rows,
-                        q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts):
+def _node_attention_fwd(
+  launch,
+  backward_launch,
+  block_n,
+  block_h,
+  softmax_max,
+  num_shift_rows,
+  q,
+  k,
+  gate,
+  edge_scale,
+  envelope,
+  valid,
+  neighbors,
+  rows,
+  shifts,
+):
   _reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts)  # jax.hessian reaches this point
   # Calling the custom_vjp function (not the kernel) keeps an outer reverse pass on these rules.
-  out = _node_attention(launch, backward_launch, block_n, block_h, softmax_max, num_shift_rows,
-                        q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
+  out = _node_attention(
+    launch,
+    backward_launch,
+    block_n,
+    block_h,
+    softmax_max,
+    num_shift_rows,
+    q,
+    k,
+    gate,
+    edge_scale,
+    envelope,
+    valid,
+    neighbors,
+    rows,
+    shifts,
+  )
   return out, (q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
 
 
@@ -428,8 +541,7 @@ def _node_attention_bwd(launch, backward_launch, block_n, block_h, softmax_max, 
   num_m = rows.shape[0]
   value_graph = _graph(neighbors, valid, num_m)
   logit_graph = value_graph if softmax_max == "valid" else _graph(neighbors, jnp.ones_like(valid), num_m)
-  fn = functools.partial(_composed, backward_launch, softmax_max, num_shift_rows, (logit_graph, value_graph),
-                         valid)
+  fn = functools.partial(_composed, backward_launch, softmax_max, num_shift_rows, (logit_graph, value_graph), valid)
   _, pullback = jax.vjp(fn, q, k, gate, edge_scale, envelope, rows, shifts)
   dq, dk, dgate, dscale, denv, drows, dshifts = pullback(ct)
   return dq, dk, dgate, dscale, denv, None, None, drows, dshifts
@@ -438,9 +550,25 @@ def _node_attention_bwd(launch, backward_launch, block_n, block_h, softmax_max, 
 _node_attention.defvjp(_node_attention_fwd, _node_attention_bwd)
 
 
-def node_attention(q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts=None, *,
-                   num_shift_rows: int = 0, softmax_max: str = "valid", interpret: bool | None = None,
-                   block_n: int = 1, block_h: int = 64, num_warps: int = 4, num_stages: int = 1):
+def node_attention(
+  q,
+  k,
+  gate,
+  edge_scale,
+  envelope,
+  valid,
+  neighbors,
+  rows,
+  shifts=None,
+  *,
+  num_shift_rows: int = 0,
+  softmax_max: str = "valid",
+  interpret: bool | None = None,
+  block_n: int = 1,
+  block_h: int = 64,
+  num_warps: int = 4,
+  num_stages: int = 1,
+):
   """Fused node-centric attention aggregate; same math, arguments and returns as ``node_attention_ref``.
 
   Args:
@@ -473,8 +601,9 @@ def node_attention(q, k, gate, edge_scale, envelope, valid, neighbors, rows, shi
   if rows.shape[-1] % num_h:
     raise ValueError(f"channels {rows.shape[-1]} must be a multiple of the {num_h} heads")
   if gate.shape != (num_n, num_slots, num_h) or edge_scale.shape != gate.shape:
-    raise ValueError(f"gate and edge_scale must be [N, K, H] = {(num_n, num_slots, num_h)}, got "
-                     f"{gate.shape} and {edge_scale.shape}")
+    raise ValueError(
+      f"gate and edge_scale must be [N, K, H] = {(num_n, num_slots, num_h)}, got {gate.shape} and {edge_scale.shape}"
+    )
   if k.shape[0] != rows.shape[0]:
     raise ValueError(f"k and rows must have the same number of source atoms, got {k.shape[0]} and {rows.shape[0]}")
   if block_h & (block_h - 1) or block_n < 1:
@@ -485,5 +614,20 @@ def node_attention(q, k, gate, edge_scale, envelope, valid, neighbors, rows, shi
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   launch = _Launch(bool(interpret), num_warps, num_stages)
-  return _node_attention(launch, _Launch(bool(interpret)), block_n, block_h, softmax_max, num_shift_rows,
-                         q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
+  return _node_attention(
+    launch,
+    _Launch(bool(interpret)),
+    block_n,
+    block_h,
+    softmax_max,
+    num_shift_rows,
+    q,
+    k,
+    gate,
+    edge_scale,
+    envelope,
+    valid,
+    neighbors,
+    rows,
+    shifts,
+  )

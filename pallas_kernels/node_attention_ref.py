@@ -26,8 +26,9 @@ def attention_logits(q: jax.Array, k: jax.Array, gate: jax.Array, neighbors: jax
   return gate * dot * (q.shape[-1] ** -0.5)
 
 
-def attention_weights(logits: jax.Array, envelope: jax.Array, valid: jax.Array,
-                      softmax_max: str = "valid") -> jax.Array:
+def attention_weights(
+  logits: jax.Array, envelope: jax.Array, valid: jax.Array, softmax_max: str = "valid"
+) -> jax.Array:
   """alpha [N, K, H]: softmax over the K slots with the envelope inside and +1e-3 in the denominator.
 
   The exponent is masked before ``exp``, so slots that are not valid contribute exactly zero and an atom
@@ -50,8 +51,21 @@ def per_channel(weights: jax.Array, channels: int) -> jax.Array:
   return jnp.tile(weights, (1,) * (weights.ndim - 1) + (channels // weights.shape[-1],))
 
 
-def node_attention_ref(q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts=None, *,
-                       num_shift_rows: int = 0, softmax_max: str = "valid", return_weights: bool = False):
+def node_attention_ref(
+  q,
+  k,
+  gate,
+  edge_scale,
+  envelope,
+  valid,
+  neighbors,
+  rows,
+  shifts=None,
+  *,
+  num_shift_rows: int = 0,
+  softmax_max: str = "valid",
+  return_weights: bool = False,
+):
   """Node-centric attention aggregate.
 
   Args:
@@ -78,7 +92,7 @@ def node_attention_ref(q, k, gate, edge_scale, envelope, valid, neighbors, rows,
   hp = jax.lax.Precision.HIGHEST
   outputs = [jnp.einsum("nkc,nkrc->nrc", beta, gathered, precision=hp)]
   if shifts is not None:
-    tail = gathered[:, :, rows.shape[1] - num_shift_rows:]
+    tail = gathered[:, :, rows.shape[1] - num_shift_rows :]
     outputs.append(jnp.einsum("nkc,nka,nkrc->narc", beta, shifts, tail, precision=hp))
   if return_weights:
     outputs.append(alpha)

@@ -11,17 +11,40 @@ from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former, make_predict_fn
 
-TINY = dict(channels=16, num_heads=8, head_dim=4, qk_hidden=16, type_embed_dim=8, num_basis=16,
-            radial_hidden=16, num_layers=2, max_neighbors=12)
+TINY = dict(
+  channels=16,
+  num_heads=8,
+  head_dim=4,
+  qk_hidden=16,
+  type_embed_dim=8,
+  num_basis=16,
+  radial_hidden=16,
+  num_layers=2,
+  max_neighbors=12,
+)
 NUM_ATOMS, NUM_GRAPHS = 48, 4
 
 
 @functools.cache
-def predictor(dtype="float32", gate="QKdot_alpha", impl="jnp_node", stress=False, forces="conservative",
-              cutoff=5.0, max_neighbors=12):
+def predictor(
+  dtype="float32",
+  gate="QKdot_alpha",
+  impl="jnp_node",
+  stress=False,
+  forces="conservative",
+  cutoff=5.0,
+  max_neighbors=12,
+):
   """(config, model, jitted predict) for a tiny randomly initialised model."""
-  cfg = get_config("small", **{**TINY, "max_neighbors": max_neighbors}, gate=gate, attention_impl=impl,
-                   dtype=dtype, forces=forces, cutoff=cutoff)
+  cfg = get_config(
+    "small",
+    **{**TINY, "max_neighbors": max_neighbors},
+    gate=gate,
+    attention_impl=impl,
+    dtype=dtype,
+    forces=forces,
+    cutoff=cutoff,
+  )
   model = E2Former(cfg, rngs=nnx.Rngs(0))
   return cfg, model, make_predict_fn(model, compute_stress=stress)
 
@@ -34,12 +57,12 @@ def evaluate(structures, num_atoms=NUM_ATOMS, num_graphs=NUM_GRAPHS, offset=None
   if offset is not None:
     graph = graph.replace(positions=graph.positions + np.asarray(offset, dtype))
   out = fn(graph)
-  energy = np.asarray(out["energy"], np.float64)[:len(structures)]
+  energy = np.asarray(out["energy"], np.float64)[: len(structures)]
   forces = np.asarray(out["forces"], np.float64)
   split = np.cumsum([len(a) for a in structures])[:-1]
-  result = {"energy": energy, "forces": np.split(forces[:sum(len(a) for a in structures)], split)}
+  result = {"energy": energy, "forces": np.split(forces[: sum(len(a) for a in structures)], split)}
   if "stress" in out:
-    result["stress"] = np.asarray(out["stress"], np.float64)[:len(structures)]
+    result["stress"] = np.asarray(out["stress"], np.float64)[: len(structures)]
   return result
 
 
@@ -59,6 +82,7 @@ def relative(a, b):
 
 def random_rotation(seed):
   from scipy.spatial.transform import Rotation
+
   return Rotation.random(random_state=seed).as_matrix()
 
 

@@ -9,14 +9,30 @@ from flax import nnx
 
 from e2former_jax import data as D
 from e2former_jax.calculator import E2FormerCalculator
-from e2former_jax.checkpoint import (DEMO_CHECKPOINT, Checkpointer, assign_params, export_model, flatten, load_model,
-                                     read_meta, resolve_step_dir)
+from e2former_jax.checkpoint import (
+  DEMO_CHECKPOINT,
+  Checkpointer,
+  assign_params,
+  export_model,
+  flatten,
+  load_model,
+  read_meta,
+  resolve_step_dir,
+)
 from e2former_jax.config import get_config
 from e2former_jax.evaluation import error_table, evaluate_model
 from e2former_jax.model import E2Former
 
-TINY = dict(channels=16, num_heads=8, num_layers=1, max_neighbors=12, num_basis=16, radial_hidden=16,
-            qk_hidden=16, type_embed_dim=8)
+TINY = dict(
+  channels=16,
+  num_heads=8,
+  num_layers=1,
+  max_neighbors=12,
+  num_basis=16,
+  radial_hidden=16,
+  qk_hidden=16,
+  type_embed_dim=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +63,12 @@ def test_export_and_load_round_trip(tiny_model, tmp_path):
 
 def test_run_directory_resolution_prefers_best_then_last(tiny_model, tmp_path, monkeypatch):
   params = nnx.state(tiny_model, nnx.Param)
-  meta = {"format": "e2former-jax-checkpoint", "version": 1, "model_config": tiny_model.config.to_dict(),
-          "element_references": {"1": -13.5}}
+  meta = {
+    "format": "e2former-jax-checkpoint",
+    "version": 1,
+    "model_config": tiny_model.config.to_dict(),
+    "element_references": {"1": -13.5},
+  }
   ckpt = Checkpointer(tmp_path, keep=2, async_checkpointing=True)
   for step in (1, 2, 3):
     ckpt.save(step, params=params, meta={**meta, "step": step}, best=(step == 2))

@@ -24,8 +24,9 @@ def _molecule(n, seed, energy=None):
   # atoms on a jittered line 1.2 A apart: no overlaps, every atom has neighbours within the cutoff
   pos = np.stack([np.arange(n) * 1.2, rng.normal(scale=0.1, size=n), rng.normal(scale=0.1, size=n)], axis=1)
   a = ase.Atoms(numbers=rng.choice([1, 6, 7, 8], size=n), positions=pos)
-  a.calc = SinglePointCalculator(a, energy=float(rng.normal()) if energy is None else energy,
-                                 forces=rng.normal(size=(n, 3)))
+  a.calc = SinglePointCalculator(
+    a, energy=float(rng.normal()) if energy is None else energy, forces=rng.normal(size=(n, 3))
+  )
   a.info.update(charge=0, spin=1, source=f"mol{seed}")
   return a
 
@@ -97,13 +98,14 @@ def test_demo_epoch_compiles_once_per_bucket_and_sees_every_label_once(demo_trai
     fmask = (batch.forces_mask & g.atom_mask)[:, None]
     emask = batch.energy_mask & g.graph_mask
     return {
-        "atoms": jnp.sum(g.atom_mask),
-        "numbers": jnp.sum(jnp.where(g.atom_mask, g.numbers, 0)),
-        "force_sum": jnp.sum(jnp.where(fmask, batch.forces.astype(jnp.float64) if jax.config.x64_enabled
-                                       else batch.forces, 0.0), axis=0),
-        "force_abs": jnp.sum(jnp.where(fmask, jnp.abs(batch.forces), 0.0)),
-        "energy": jnp.sum(jnp.where(emask, batch.energy - jnp.float32(-500.0), 0.0)),
-        "structures": jnp.sum(g.graph_mask),
+      "atoms": jnp.sum(g.atom_mask),
+      "numbers": jnp.sum(jnp.where(g.atom_mask, g.numbers, 0)),
+      "force_sum": jnp.sum(
+        jnp.where(fmask, batch.forces.astype(jnp.float64) if jax.config.x64_enabled else batch.forces, 0.0), axis=0
+      ),
+      "force_abs": jnp.sum(jnp.where(fmask, jnp.abs(batch.forces), 0.0)),
+      "energy": jnp.sum(jnp.where(emask, batch.energy - jnp.float32(-500.0), 0.0)),
+      "structures": jnp.sum(g.graph_mask),
     }
 
   seen = []
@@ -204,8 +206,19 @@ def test_batch_predictions_match_each_structure_alone(demo_train):
   from e2former_jax.config import get_config
   from e2former_jax.model import E2Former, make_predict_fn
 
-  cfg = get_config("small", channels=16, num_layers=1, num_heads=4, head_dim=4, qk_hidden=16, type_embed_dim=8,
-                   num_basis=8, radial_hidden=16, max_neighbors=K, attention_impl="jnp_node")
+  cfg = get_config(
+    "small",
+    channels=16,
+    num_layers=1,
+    num_heads=4,
+    head_dim=4,
+    qk_hidden=16,
+    type_embed_dim=8,
+    num_basis=8,
+    radial_hidden=16,
+    max_neighbors=K,
+    attention_impl="jnp_node",
+  )
   predict = make_predict_fn(E2Former(cfg, rngs=nnx.Rngs(0)))
   loader = D.GraphLoader(demo_train, cfg.cutoff, cfg.max_neighbors, atom_budget=48, seed=0, prefetch=1)
   batch = next(b for b in loader.epoch(0) if int(b.graph.graph_mask.sum()) >= 3)

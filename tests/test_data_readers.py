@@ -23,14 +23,22 @@ def test_unit_constants():
 # SPICE HDF5
 
 
-WATER_BOHR = np.array([[[0.0, 0.0, 0.2], [1.4, 0.0, -0.9], [-1.4, 0.0, -0.9]],
-                       [[0.0, 0.1, 0.2], [1.5, 0.0, -0.9], [-1.4, 0.0, -1.0]]], np.float32)
-WATER_GRAD = np.array([[[0.01, -0.02, 0.03], [-0.005, 0.01, -0.015], [-0.005, 0.01, -0.015]],
-                       [[0.02, 0.0, 0.0], [-0.01, 0.0, 0.0], [-0.01, 0.0, 0.0]]], np.float32)
+WATER_BOHR = np.array(
+  [[[0.0, 0.0, 0.2], [1.4, 0.0, -0.9], [-1.4, 0.0, -0.9]], [[0.0, 0.1, 0.2], [1.5, 0.0, -0.9], [-1.4, 0.0, -1.0]]],
+  np.float32,
+)
+WATER_GRAD = np.array(
+  [
+    [[0.01, -0.02, 0.03], [-0.005, 0.01, -0.015], [-0.005, 0.01, -0.015]],
+    [[0.02, 0.0, 0.0], [-0.01, 0.0, 0.0], [-0.01, 0.0, 0.0]],
+  ],
+  np.float32,
+)
 
 
-def _spice_group(f, name, numbers, conf, energy, grad, smiles, subset="SPICE PubChem Set 1 Single Points Dataset v1.3",
-                 formation=None):
+def _spice_group(
+  f, name, numbers, conf, energy, grad, smiles, subset="SPICE PubChem Set 1 Single Points Dataset v1.3", formation=None
+):
   g = f.create_group(name)
   g.create_dataset("subset", data=np.array([subset.encode()], dtype=h5py.string_dtype()))
   g.create_dataset("smiles", data=np.array([smiles.encode()], dtype=h5py.string_dtype()))
@@ -39,8 +47,9 @@ def _spice_group(f, name, numbers, conf, energy, grad, smiles, subset="SPICE Pub
   c.attrs["units"] = "bohr"
   e = g.create_dataset("dft_total_energy", data=np.asarray(energy, np.float64))
   e.attrs["units"] = "hartree"
-  fe = g.create_dataset("formation_energy",
-                        data=np.asarray(formation if formation is not None else np.asarray(energy) + 76.0, np.float64))
+  fe = g.create_dataset(
+    "formation_energy", data=np.asarray(formation if formation is not None else np.asarray(energy) + 76.0, np.float64)
+  )
   fe.attrs["units"] = "hartree"
   gr = g.create_dataset("dft_total_gradient", data=np.asarray(grad, np.float32))
   gr.attrs["units"] = "hartree/bohr"
@@ -49,11 +58,27 @@ def _spice_group(f, name, numbers, conf, energy, grad, smiles, subset="SPICE Pub
 
 def _write_spice(path):
   with h5py.File(path, "w") as f:
-    _spice_group(f, "[O:1]([H:2])[H:3]", [8, 1, 1], WATER_BOHR, [-76.4, -76.3], WATER_GRAD, "[O:1]([H:2])[H:3]",
-                 formation=[-0.35, -0.25])
+    _spice_group(
+      f,
+      "[O:1]([H:2])[H:3]",
+      [8, 1, 1],
+      WATER_BOHR,
+      [-76.4, -76.3],
+      WATER_GRAD,
+      "[O:1]([H:2])[H:3]",
+      formation=[-0.35, -0.25],
+    )
     nh4 = np.array([[[0.0, 0.0, 0.0], [1.9, 0.0, 0.0], [-0.6, 1.8, 0.0], [-0.6, -0.9, 1.6], [-0.6, -0.9, -1.6]]])
-    _spice_group(f, "[N+:1]([H:2])([H:3])([H:4])[H:5]", [7, 1, 1, 1, 1], nh4, [-56.9], np.zeros((1, 5, 3)),
-                 "[N+:1]([H:2])([H:3])([H:4])[H:5]", subset="SPICE Ion Pairs Single Points Dataset v1.2")
+    _spice_group(
+      f,
+      "[N+:1]([H:2])([H:3])([H:4])[H:5]",
+      [7, 1, 1, 1, 1],
+      nh4,
+      [-56.9],
+      np.zeros((1, 5, 3)),
+      "[N+:1]([H:2])([H:3])([H:4])[H:5]",
+      subset="SPICE Ion Pairs Single Points Dataset v1.2",
+    )
 
 
 def test_spice_units_signs_and_info(tmp_path):
@@ -92,11 +117,25 @@ def test_spice_formation_energy_selectable(tmp_path):
   assert D.load(path)[1].get_potential_energy() == pytest.approx(-76.4 * HARTREE, rel=1e-15)
 
 
-@pytest.mark.parametrize("smiles,charge", [
-    ("[O:1]([H:2])[H:3]", 0), ("CCO", 0), ("[NH4+]", 1), ("[O-]C(=O)C", -1), ("[NH3+:7]CC([O-:9])=O", 0),
-    ("[Fe+2]", 2), ("[Fe++]", 2), ("[O--]", -2), ("[Na+].[Cl-]", 0), ("[2H]C([2H])[2H]", 0), ("[C@@H](N)(C)O", 0),
-    ("[Mg+2].[Cl-].[Cl-]", 0), ("[N+](=O)([O-])[O-]", -1), ("[Co-3]", -3),
-])
+@pytest.mark.parametrize(
+  "smiles,charge",
+  [
+    ("[O:1]([H:2])[H:3]", 0),
+    ("CCO", 0),
+    ("[NH4+]", 1),
+    ("[O-]C(=O)C", -1),
+    ("[NH3+:7]CC([O-:9])=O", 0),
+    ("[Fe+2]", 2),
+    ("[Fe++]", 2),
+    ("[O--]", -2),
+    ("[Na+].[Cl-]", 0),
+    ("[2H]C([2H])[2H]", 0),
+    ("[C@@H](N)(C)O", 0),
+    ("[Mg+2].[Cl-].[Cl-]", 0),
+    ("[N+](=O)([O-])[O-]", -1),
+    ("[Co-3]", -3),
+  ],
+)
 def test_smiles_formal_charge(smiles, charge):
   assert D.smiles_formal_charge(smiles) == charge
 
@@ -121,6 +160,7 @@ def test_spice_wrong_shape(tmp_path):
   def fn(g):
     del g["dft_total_energy"]
     g.create_dataset("dft_total_energy", data=np.zeros(3))
+
   _mutate_spice(path, fn)
   with pytest.raises(D.DataFormatError, match=r"dft_total_energy has shape \(3,\), expected \(2,\)"):
     D.open_dataset(path)
@@ -248,8 +288,12 @@ def test_extxyz_errors(tmp_path):
   path.write_text(MACE_XYZ.replace("REF_energy=-13.6", "REF_energy=nan"))
   with pytest.raises(D.DataFormatError, match=r"bad\.xyz, record 1: energy contains NaN"):
     D.load(path)
-  path.write_text(MACE_XYZ.replace("REF_forces:R:3", "REF_forces:R:2").replace(" 1.0\n", "\n").replace(
-      " -0.5\nH -0.75", "\nH -0.75").replace("-0.25 0.125 -0.5\n2", "-0.25 0.125\n2"))
+  path.write_text(
+    MACE_XYZ.replace("REF_forces:R:3", "REF_forces:R:2")
+    .replace(" 1.0\n", "\n")
+    .replace(" -0.5\nH -0.75", "\nH -0.75")
+    .replace("-0.25 0.125 -0.5\n2", "-0.25 0.125\n2")
+  )
   with pytest.raises(D.DataFormatError, match=r"record 0: forces has shape \(3, 2\), expected \(3, 3\)"):
     D.load(path)
   path.write_text(MACE_XYZ.replace("H 0.0 0.0 0.9", "Xq 0.0 0.0 0.9"))
@@ -295,8 +339,11 @@ def test_aselmdb_omol_layout(tmp_path):
   from ase.db import connect
 
   path = tmp_path / "omol.aselmdb"
-  written = [_atoms_with_calc(energy=-2000.25, seed=1), _atoms_with_calc((6, 1, 1, 1, 1), -1100.5, seed=2),
-             _atoms_with_calc((26,), -34000.0, seed=3)]
+  written = [
+    _atoms_with_calc(energy=-2000.25, seed=1),
+    _atoms_with_calc((6, 1, 1, 1, 1), -1100.5, seed=2),
+    _atoms_with_calc((26,), -34000.0, seed=3),
+  ]
   db = connect(str(path), type="aselmdb")
   db.write(written[0], data={"charge": -1, "spin": 2, "source": "omol/abc/0", "data_id": "elytes"})
   db.write(written[1], data={"charge": 0, "spin": 1, "source": "omol/def/3"})
@@ -388,8 +435,18 @@ def test_fit_element_references_recovers_known_values():
 
 def test_reference_tables():
   t = D.SPICE_ELEMENT_REFERENCES
-  assert t == {1: -16.3841057, 6: -1037.58911, 7: -1490.72485, 8: -2048.14404, 9: -2718.46191, 15: -9291.55469,
-               16: -10836.9053, 17: -12524.3545, 35: -70046.375, 53: -8102.90869}
+  assert t == {
+    1: -16.3841057,
+    6: -1037.58911,
+    7: -1490.72485,
+    8: -2048.14404,
+    9: -2718.46191,
+    15: -9291.55469,
+    16: -10836.9053,
+    17: -12524.3545,
+    35: -70046.375,
+    53: -8102.90869,
+  }
   assert D.ELEMENT_REFERENCE_TABLES["spice"] is t
   om = D.OMOL25_ELEMENT_REFERENCES
   assert len(om) == 83 and om[1] == pytest.approx(-15.9710732) and om[6] == pytest.approx(-1037.14414)

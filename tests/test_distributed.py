@@ -19,12 +19,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NUM_DEVICES = 4
 
-TINY_MODEL = {"preset": "small", "channels": 16, "num_heads": 8, "head_dim": 4, "num_layers": 1,
-              "max_neighbors": 12, "num_basis": 16, "radial_hidden": 16, "qk_hidden": 16, "type_embed_dim": 8}
+TINY_MODEL = {
+  "preset": "small",
+  "channels": 16,
+  "num_heads": 8,
+  "head_dim": 4,
+  "num_layers": 1,
+  "max_neighbors": 12,
+  "num_basis": 16,
+  "radial_hidden": 16,
+  "qk_hidden": 16,
+  "type_embed_dim": 8,
+}
 
 # float32 round-off: the global batch's sums are split into 4 partial sums then psum-ed, in another order.
 LOSS_RTOL = 1e-5
-GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-7   # Adam's first moment after one step, 0.1 * gradient
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-7  # Adam's first moment after one step, 0.1 * gradient
 # Parameters after one step: Adam's step m / (sqrt(v) + eps) is ~lr = 2e-3 per component whatever the
 # gradient's size, so on components whose gradient is near eps the round-off above is amplified; 1e-5 is
 # 0.5% of one step (measured: 2e-6).
@@ -33,20 +43,28 @@ PARAM_ATOL = 1e-5
 
 def _config(**run):
   from e2former_jax.training import config as C
-  return C.TrainConfig.from_dict(dict(
+
+  return C.TrainConfig.from_dict(
+    dict(
       model=dict(TINY_MODEL),
-      data=dict(atom_budget=20, max_structures=2, num_buckets=1, eval_atom_budget=40, prefetch=2,
-                element_references="fit"),
+      data=dict(
+        atom_budget=20, max_structures=2, num_buckets=1, eval_atom_budget=40, prefetch=2, element_references="fit"
+      ),
       loss=dict(kind="mse", energy_weight=1.0, force_weight=10.0),
       optim=dict(lr=2e-3, warmup_steps=0, clip_norm=10.0, ema_decay=0.9, weight_decay=1e-3),
-      run=dict(dict(steps=6, eval_every=3, log_every=1, keep_checkpoints=2, progress_bar=False, tensorboard=False,
-                    seed=3), **run)))
+      run=dict(
+        dict(steps=6, eval_every=3, log_every=1, keep_checkpoints=2, progress_bar=False, tensorboard=False, seed=3),
+        **run,
+      ),
+    )
+  )
 
 
 def _data():
   import numpy as np
 
   from e2former_jax import data as D
+
   train = D.load_demo("train", ["ethanol", "water_dimer"])
   valid = D.load_demo("valid", ["ethanol", "water_dimer"])
   pick = lambda frames, n: [frames[i] for i in np.linspace(0, len(frames) - 1, n).astype(int)]
@@ -61,8 +79,13 @@ def _one_step(out: dict) -> None:
 
   from e2former_jax.data.batching import Bucket, batch_from_atoms
   from e2former_jax.model import E2Former
-  from e2former_jax.training.distributed import (ShardedGraphLoader, compiled_sharded_train_step, data_mesh,
-                                                 local_copy, replicate)
+  from e2former_jax.training.distributed import (
+    ShardedGraphLoader,
+    compiled_sharded_train_step,
+    data_mesh,
+    local_copy,
+    replicate,
+  )
   from e2former_jax.training.step import compiled_train_step, host_copy, init_state, split_model
 
   cfg, data = _config(), _data()
@@ -73,8 +96,18 @@ def _one_step(out: dict) -> None:
   state0 = host_copy(init_state(params, cfg.optim, seed=0))
 
   mesh = data_mesh(NUM_DEVICES)
-  loader = ShardedGraphLoader(data["train"], mcfg.cutoff, mcfg.max_neighbors, mesh=mesh, atom_budget=20,
-                              max_structures=2, num_buckets=1, shuffle=True, seed=1, prefetch=0)
+  loader = ShardedGraphLoader(
+    data["train"],
+    mcfg.cutoff,
+    mcfg.max_neighbors,
+    mesh=mesh,
+    atom_budget=20,
+    max_structures=2,
+    num_buckets=1,
+    shuffle=True,
+    seed=1,
+    prefetch=0,
+  )
   bucket, groups = loader.plan(0)[0]
   sharded_batch = next(iter(loader.epoch(0)))
   out["per_device_shape"] = list(sharded_batch.graph.positions.shape)
@@ -93,13 +126,18 @@ def _one_step(out: dict) -> None:
   big = Bucket(NUM_DEVICES * bucket.num_atoms, NUM_DEVICES * bucket.num_graphs)
   batch1, _ = batch_from_atoms([data["train"][i] for i in flat], big, mcfg.cutoff, mcfg.max_neighbors, flat)
   step1 = compiled_train_step(mcfg, cfg.optim, cfg.loss, cfg.schedule_steps())
-  state1, metrics1 = step1(jax.device_put(state0, jax.devices()[0]), jax.device_put(elements, jax.devices()[0]),
-                           jax.device_put(batch1, jax.devices()[0]))
+  state1, metrics1 = step1(
+    jax.device_put(state0, jax.devices()[0]),
+    jax.device_put(elements, jax.devices()[0]),
+    jax.device_put(batch1, jax.devices()[0]),
+  )
 
   s4, s1 = host_copy(local_copy(state4)), host_copy(state1)
   m4, m1 = jax.device_get(metrics4), jax.device_get(metrics1)
-  out["metrics"] = {k: [float(m4[k]), float(m1[k])] for k in ("loss", "energy_loss", "force_loss", "energy_mae",
-                                                                "force_mae", "grad_norm", "atoms")}
+  out["metrics"] = {
+    k: [float(m4[k]), float(m1[k])]
+    for k in ("loss", "energy_loss", "force_loss", "energy_mae", "force_mae", "grad_norm", "atoms")
+  }
   leaves = lambda t: [np.asarray(x, np.float64) for x in jax.tree.leaves(t)]
   p4, p1, p0 = leaves(s4.params), leaves(s1.params), leaves(state0.params)
   out["param_max_abs_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(p4, p1))
@@ -155,6 +193,7 @@ def _resume(out: dict, tmp: Path) -> None:
 
 def worker(outdir: str) -> None:
   import jax
+
   out: dict = {"devices": jax.device_count()}
   _one_step(out)
   _resume(out, Path(outdir))
@@ -164,10 +203,20 @@ def worker(outdir: str) -> None:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
   outdir = tmp_path_factory.mktemp("distributed")
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(outdir)], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  proc = subprocess.run(
+    [sys.executable, str(Path(__file__).resolve()), str(outdir)],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-6000:]
   return json.loads((outdir / "result.json").read_text())
 

@@ -10,8 +10,28 @@ from e2former_jax import eaas
 S2, S3, S6 = np.sqrt(2), np.sqrt(3), np.sqrt(6)
 # MODEL.md section 4.4, exact values.
 PAPER_SOURCE = [2, 0, 0, 0, 3, 0, 1, 5, 6, 7, 0, 1, 2, 3, 0, 8, 7, 0, 5, 4]
-PAPER_WEIGHT = [1 / S3, 0, 1, 0, -1 / S2, 0, 1 / S2, np.sqrt(3 / 10), np.sqrt(2 / 5), np.sqrt(3 / 10),
-                0, 1 / S2, np.sqrt(2 / 3), 1 / S2, 0, -2 / S6, -1 / S6, 0, 1 / S6, 2 / S6]
+PAPER_WEIGHT = [
+  1 / S3,
+  0,
+  1,
+  0,
+  -1 / S2,
+  0,
+  1 / S2,
+  np.sqrt(3 / 10),
+  np.sqrt(2 / 5),
+  np.sqrt(3 / 10),
+  0,
+  1 / S2,
+  np.sqrt(2 / 3),
+  1 / S2,
+  0,
+  -2 / S6,
+  -1 / S6,
+  0,
+  1 / S6,
+  2 / S6,
+]
 
 
 def test_lmax2_table_matches_model_md_exactly():
@@ -50,9 +70,9 @@ def test_rotate_sparse_rotate_back_equals_dense_cg(lmax):
   rng = np.random.default_rng(lmax)
   h = rng.normal(size=(64, (lmax + 1) ** 2, 3))
   p = rng.normal(size=(64, 3)) * 3
-  p[0] = [0, 2.5, 0]     # on the polar axis
-  p[1] = [0, -1.5, 0]    # on the negative polar axis
-  p[2] = 0               # at the origin
+  p[0] = [0, 2.5, 0]  # on the polar axis
+  p[1] = [0, -1.5, 0]  # on the negative polar axis
+  p[2] = 0  # at the origin
   with jax.enable_x64(True):
     sparse = eaas.vector_product(jnp.asarray(h), jnp.asarray(p), lmax)
     dense = eaas.dense_vector_product(jnp.asarray(h), jnp.asarray(p), lmax)

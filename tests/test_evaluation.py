@@ -25,8 +25,14 @@ def _predictions():
   forces_pred[1] = [0.3, 0.0, -0.4]  # |dF| = 0.5
   forces_pred[2] = [0.0, 0.1, 0.0]
   forces_pred[5] = [1.0, 2.0, 2.0]  # |dF| = 3
-  return Predictions(config_type=np.array(["a", "b", "a"]), num_atoms=num_atoms, energy_pred=energy_pred,
-                     energy_ref=energy_ref, forces_pred=forces_pred, forces_ref=forces_ref)
+  return Predictions(
+    config_type=np.array(["a", "b", "a"]),
+    num_atoms=num_atoms,
+    energy_pred=energy_pred,
+    energy_ref=energy_ref,
+    forces_pred=forces_pred,
+    forces_ref=forces_ref,
+  )
 
 
 def test_error_table_numbers_and_units():
@@ -72,8 +78,23 @@ def test_eval_command_on_the_demo_checkpoint(tmp_path):
   ase.io.write(path, [_as_mace_frame(a) for a in subset], format="extxyz")
   out = tmp_path / "errors.json"
   plot = tmp_path / "parity.png"
-  assert main(["--checkpoint", str(DEMO_CHECKPOINT), "--data", str(path), "--json", str(out),
-               "--batch-atoms", "256", "--plot", str(plot)]) == 0
+  assert (
+    main(
+      [
+        "--checkpoint",
+        str(DEMO_CHECKPOINT),
+        "--data",
+        str(path),
+        "--json",
+        str(out),
+        "--batch-atoms",
+        "256",
+        "--plot",
+        str(plot),
+      ]
+    )
+    == 0
+  )
   numbers = json.loads(out.read_text())
   assert set(numbers["per_config_type"]) == set(by_type)
   assert numbers["overall"]["structures"] == len(subset)
@@ -83,7 +104,11 @@ def test_eval_command_on_the_demo_checkpoint(tmp_path):
 
 def _as_mace_frame(atoms):
   a = atoms.copy()
-  a.info = {"config_type": atoms.info["config_type"], "REF_energy": atoms.get_potential_energy(),
-            "total_charge": 0, "total_spin": 1}
+  a.info = {
+    "config_type": atoms.info["config_type"],
+    "REF_energy": atoms.get_potential_energy(),
+    "total_charge": 0,
+    "total_spin": 1,
+  }
   a.arrays["REF_forces"] = atoms.get_forces()
   return a

@@ -4,10 +4,10 @@ import ase
 import ase.build
 import numpy as np
 import pytest
+from model_helpers import TINY, predictor
 
 from e2former_jax import E2FormerCalculator, ModelConfig, get_config
 from e2former_jax.graph import graph_from_atoms
-from model_helpers import TINY, predictor
 
 
 def graph(atoms):

@@ -14,8 +14,7 @@ import pytest
 from e2former_jax.calculator import E2FormerCalculator
 from e2former_jax.checkpoint import DEMO_CHECKPOINT, load_model
 from e2former_jax.data import load_demo
-from e2former_jax.md import JaxMD, MDLog, initial_velocities, read_log, run_ase_md
-from e2former_jax.md import cli
+from e2former_jax.md import JaxMD, MDLog, cli, initial_velocities, read_log, run_ase_md
 
 TIMESTEP_FS = 0.5
 NVE_STEPS = 400  # 200 fs
@@ -65,9 +64,11 @@ def jax_nve(model, start):
 
 def _report(name, rows, n_atoms, seconds_per_step):
   spread = np.ptp(rows["total"])
-  print(f"\n{name}: {len(rows['step']) - 1} steps, total-energy spread {1e3 * spread:.3f} meV "
-        f"({1e3 * spread / n_atoms:.4f} meV/atom), drift {1e3 * (rows['total'][-1] - rows['total'][0]):.3f} meV, "
-        f"T {rows['temperature'].min():.0f}-{rows['temperature'].max():.0f} K, {1e3 * seconds_per_step:.1f} ms/step")
+  print(
+    f"\n{name}: {len(rows['step']) - 1} steps, total-energy spread {1e3 * spread:.3f} meV "
+    f"({1e3 * spread / n_atoms:.4f} meV/atom), drift {1e3 * (rows['total'][-1] - rows['total'][0]):.3f} meV, "
+    f"T {rows['temperature'].min():.0f}-{rows['temperature'].max():.0f} K, {1e3 * seconds_per_step:.1f} ms/step"
+  )
   return spread
 
 
@@ -111,12 +112,23 @@ def test_jax_final_state_matches_a_fresh_evaluation(jax_nve, calculator):
 
 def test_ase_langevin_runs_heats_and_writes(start, calculator, tmp_path):
   import ase.io
+
   atoms = start.copy()
   atoms.set_momenta(np.zeros((len(atoms), 3)))
   atoms.calc = calculator
   log = MDLog(tmp_path / "nvt.log", {"run": "ASE Langevin"})
-  rows = run_ase_md(atoms, 20, timestep_fs=TIMESTEP_FS, ensemble="nvt", temperature_K=600.0, friction_per_fs=0.1,
-                    seed=1, interval=5, trajectory=tmp_path / "nvt.extxyz", log=log)
+  rows = run_ase_md(
+    atoms,
+    20,
+    timestep_fs=TIMESTEP_FS,
+    ensemble="nvt",
+    temperature_K=600.0,
+    friction_per_fs=0.1,
+    seed=1,
+    interval=5,
+    trajectory=tmp_path / "nvt.extxyz",
+    log=log,
+  )
   log.close()
   assert np.all(np.isfinite(rows["total"]))
   assert rows["temperature"][0] == 0.0 and rows["temperature"][-1] > 50.0  # the bath heats it from rest
@@ -132,12 +144,28 @@ def test_ase_langevin_runs_heats_and_writes(start, calculator, tmp_path):
 
 def test_cli_jax_driver_writes_trajectory_and_log(tmp_path, model, start, monkeypatch):
   import ase.io
+
   structure = tmp_path / "aspirin.xyz"
   ase.io.write(structure, start)
   monkeypatch.setattr(cli, "_load_model", lambda opts: (model, str(DEMO_CHECKPOINT)))  # compiled already
   traj, log = tmp_path / "md.extxyz", tmp_path / "md.log"
-  code = cli.main([str(structure), "--checkpoint", str(DEMO_CHECKPOINT), "--driver", "jax", "--steps", "100",
-                   "--interval", str(CHUNK), "--trajectory", str(traj), "--log", str(log)])
+  code = cli.main(
+    [
+      str(structure),
+      "--checkpoint",
+      str(DEMO_CHECKPOINT),
+      "--driver",
+      "jax",
+      "--steps",
+      "100",
+      "--interval",
+      str(CHUNK),
+      "--trajectory",
+      str(traj),
+      "--log",
+      str(log),
+    ]
+  )
   assert code == 0
   frames = ase.io.read(traj, index=":")
   assert len(frames) == 3 and all(len(f) == len(start) for f in frames)

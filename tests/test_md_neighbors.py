@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from md_helpers import water_box
 
 from e2former_jax.data import load_demo
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.md import neighbor_list as nl
-from md_helpers import water_box
 
 CUTOFF, K = 5.0, 24
 
@@ -84,8 +84,9 @@ def test_triclinic_cell_matches_host_builder():
 
 
 def test_cell_smaller_than_cutoff_has_self_images():
-  atoms = ase.Atoms("CO", positions=[[0, 0, 0], [1.1, 0.3, 0.2]], cell=[[3.0, 0, 0], [0.5, 3.2, 0], [0, 0.4, 3.4]],
-                    pbc=True)
+  atoms = ase.Atoms(
+    "CO", positions=[[0, 0, 0], [1.1, 0.3, 0.2]], cell=[[3.0, 0, 0], [0.5, 3.2, 0], [0, 0.4, 3.4]], pbc=True
+  )
   spec, beyond = assert_same_slots(atoms, k=64)
   assert len(spec.images) == 125 and beyond == 0  # two images each way along every axis
   _, idx, mask, shift, _ = device_slots(atoms, spec, 32)

@@ -7,11 +7,11 @@ in-cutoff pairs beyond the model's K slots (liquid water has more neighbours wit
 
 import numpy as np
 import pytest
+from md_helpers import water_box
 
 from e2former_jax.checkpoint import DEMO_CHECKPOINT, load_model
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.md import JaxMD, initial_velocities
-from md_helpers import water_box
 
 STEPS = 40
 
@@ -21,8 +21,17 @@ def water_nvt():
   model = load_model(DEMO_CHECKPOINT)
   box = water_box(3, seed=0)  # 27 molecules, 81 atoms, 9.3 A cube, 1 g/cm^3
   initial_velocities(box, 300.0, seed=0)
-  sim = JaxMD(model, box, timestep_fs=0.5, ensemble="nvt", temperature_K=300.0, friction_per_fs=0.02, seed=0,
-              capacity=model.config.max_neighbors, steps_per_call=20)
+  sim = JaxMD(
+    model,
+    box,
+    timestep_fs=0.5,
+    ensemble="nvt",
+    temperature_K=300.0,
+    friction_per_fs=0.02,
+    seed=0,
+    capacity=model.config.max_neighbors,
+    steps_per_call=20,
+  )
   with pytest.warns(UserWarning, match="beyond|more than K"):
     rows = sim.run(STEPS)
   return model, sim, rows
@@ -31,9 +40,11 @@ def water_nvt():
 @pytest.mark.slow
 def test_water_box_nvt_runs_and_reallocates(water_nvt):
   model, sim, rows = water_nvt
-  print(f"\nwater box NVT: {sim.reallocations} reallocation(s), capacity {sim.spec.capacity}, "
-        f"{int(rows['builds'][-1])} builds in {STEPS} steps, T {rows['temperature'][-1]:.0f} K, "
-        f"beyond K={model.config.max_neighbors}: {int(rows['beyond_k'][-1])} pairs")
+  print(
+    f"\nwater box NVT: {sim.reallocations} reallocation(s), capacity {sim.spec.capacity}, "
+    f"{int(rows['builds'][-1])} builds in {STEPS} steps, T {rows['temperature'][-1]:.0f} K, "
+    f"beyond K={model.config.max_neighbors}: {int(rows['beyond_k'][-1])} pairs"
+  )
   assert sim.reallocations >= 1 and sim.spec.capacity > model.config.max_neighbors
   assert not bool(sim.state.neighbors.overflow)
   np.testing.assert_array_equal(rows["step"], np.arange(STEPS + 1))
@@ -46,8 +57,9 @@ def test_water_box_slots_match_host_builder_at_the_end(water_nvt):
   model, sim, rows = water_nvt
   cfg = model.config
   atoms = sim.atoms
-  host, beyond = graph_from_atoms([atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=sim.template.num_atoms,
-                                  num_graphs=2)
+  host, beyond = graph_from_atoms(
+    [atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=sim.template.num_atoms, num_graphs=2
+  )
   idx, mask, shift, device_beyond = sim.neighbor_slots()
   np.testing.assert_array_equal(mask, np.asarray(host.neighbor_mask))
   np.testing.assert_array_equal(idx, np.asarray(host.neighbors))

@@ -4,19 +4,29 @@ import ase.build
 import numpy as np
 import pytest
 from flax import nnx
+from model_helpers import (
+  NUM_ATOMS,
+  NUM_GRAPHS,
+  TINY,
+  evaluate,
+  molecules,
+  predictor,
+  random_rotation,
+  relative,
+  transformed,
+)
 
 from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
-from model_helpers import (NUM_ATOMS, NUM_GRAPHS, TINY, evaluate, molecules, predictor, random_rotation, relative,
-                           transformed)
 
 # float32 tolerances of the issue: energy 1e-6 and forces 1e-5 relative (max|diff| / max|reference|).
 ENERGY_TOL, FORCE_TOL = 1e-6, 1e-5
 
 
-@pytest.mark.parametrize("gate, backbone", [("QK_alpha", 23_793_920), ("QKdot_alpha", 25_636_096),
-                                            ("QKdotS_alpha", 24_059_308)])
+@pytest.mark.parametrize(
+  "gate, backbone", [("QK_alpha", 23_793_920), ("QKdot_alpha", 25_636_096), ("QKdotS_alpha", 24_059_308)]
+)
 def test_parameter_counts_match_model_md(gate, backbone):
   cfg = get_config("paper_spice", gate=gate)
   model = nnx.eval_shape(lambda: E2Former(cfg, rngs=nnx.Rngs(0)))
@@ -31,8 +41,12 @@ def test_rotation_translation_permutation_invariance():
   mols = molecules()
   ref = evaluate(mols)
   rot = random_rotation(5)
-  moved = [transformed(a, rot, translation=np.array([100.0, -100.0, 50.0]),
-                       permutation=np.random.default_rng(i).permutation(len(a))) for i, a in enumerate(mols)]
+  moved = [
+    transformed(
+      a, rot, translation=np.array([100.0, -100.0, 50.0]), permutation=np.random.default_rng(i).permutation(len(a))
+    )
+    for i, a in enumerate(mols)
+  ]
   out = evaluate(moved)
   assert relative(out["energy"], ref["energy"]) <= ENERGY_TOL
   for i, a in enumerate(mols):
@@ -55,7 +69,7 @@ def test_padding_and_batching_do_not_change_results():
   batched = evaluate(mols)
   for i, a in enumerate(mols):
     alone = evaluate([a], num_atoms=len(a) + 1, num_graphs=2)
-    assert relative(alone["energy"], batched["energy"][i:i + 1]) <= ENERGY_TOL
+    assert relative(alone["energy"], batched["energy"][i : i + 1]) <= ENERGY_TOL
     assert relative(alone["forces"][0], batched["forces"][i]) <= FORCE_TOL
 
 

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import evaluate, molecules, predictor, random_rotation, relative, transformed
 
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import predict
-from model_helpers import evaluate, molecules, predictor, random_rotation, relative, transformed
 
 TOL64 = 1e-10  # symmetries in float64: round-off of a few hundred operations on O(10) values
 FD_TOL = 1e-7  # central differences, h = 2e-5 A: truncation ~1e-9, round-off ~1e-9 relative
@@ -74,10 +74,12 @@ def test_rotation_translation_permutation_float64():
   mols = molecules()
   ref = evaluate(mols, **f64())
   rot = random_rotation(11)
-  out = evaluate([transformed(a, rot, translation=np.array([100.0, 3.0, -40.0]), permutation=np.arange(len(a))[::-1])
-                  for a in mols], **f64())
+  out = evaluate(
+    [transformed(a, rot, translation=np.array([100.0, 3.0, -40.0]), permutation=np.arange(len(a))[::-1]) for a in mols],
+    **f64(),
+  )
   assert relative(out["energy"], ref["energy"]) <= TOL64
-  for i, a in enumerate(mols):
+  for i, _a in enumerate(mols):
     assert relative(out["forces"][i], ref["forces"][i][::-1] @ rot.T) <= TOL64
 
 
@@ -92,7 +94,9 @@ PERIODIC = dict(cutoff=3.0, max_neighbors=16)
 
 def test_stress_equals_strain_derivative():
   from ase.calculators.fd import calculate_numerical_stress
+
   from e2former_jax import E2FormerCalculator
+
   _, model, _ = predictor(**f64(**PERIODIC))
   atoms = copper()
   atoms.calc = E2FormerCalculator(model=model)
@@ -103,7 +107,10 @@ def test_supercell_wrapping_and_small_box():
   cell = copper()
   base = evaluate([cell], num_atoms=40, num_graphs=2, **f64(**PERIODIC))["energy"][0]
   supercell = cell.repeat((2, 2, 1))
-  assert abs(evaluate([supercell], num_atoms=40, num_graphs=2, **f64(**PERIODIC))["energy"][0] - 4 * base) <= 1e-9 * abs(base) * 4
+  assert (
+    abs(evaluate([supercell], num_atoms=40, num_graphs=2, **f64(**PERIODIC))["energy"][0] - 4 * base)
+    <= 1e-9 * abs(base) * 4
+  )
   wrapped = cell.copy()
   wrapped.positions[1] += wrapped.cell[0] - 2 * wrapped.cell[2]
   out = evaluate([wrapped], num_atoms=40, num_graphs=2, **f64(**PERIODIC))
@@ -113,8 +120,12 @@ def test_supercell_wrapping_and_small_box():
   cfg, model, _ = predictor(**f64(**PERIODIC))
   graph, _ = graph_from_atoms([cell], cfg.cutoff, cfg.max_neighbors, 40, 2, np.float64)
   periodic_atoms = np.asarray(model(graph)["atom_energy"])[:4]
-  images = [cell.positions + np.array([i, j, k]) @ cell.cell.array
-            for i in range(-3, 4) for j in range(-3, 4) for k in range(-3, 4)]
+  images = [
+    cell.positions + np.array([i, j, k]) @ cell.cell.array
+    for i in range(-3, 4)
+    for j in range(-3, 4)
+    for k in range(-3, 4)
+  ]
   positions = np.concatenate(images)
   # Atomic energies see (layers + 1) cutoffs: the edge-degree embedding plus one cutoff per block.
   radius = (cfg.num_layers + 1) * cfg.cutoff + 0.5

@@ -37,9 +37,9 @@ TOLERANCE = {"forward": 1e-5, "vjp": 2e-5, "vjp_of_vjp": 5e-5}
 
 # name: (N, K, H, d, C, R, num_shift_rows or 0 for no shifts, softmax_max, forward block_n)
 CONFIGS = {
-    "valid": (21, 6, 4, 4, 8, 5, 0, "valid", 4),
-    "all_slots_shifts": (21, 6, 4, 4, 8, 5, 3, "all_slots", 4),
-    "paper_rows_shifts": (19, 8, 8, 8, 16, 29, 9, "valid", 2),  # R=29 -> 58 flat rows padded to 64
+  "valid": (21, 6, 4, 4, 8, 5, 0, "valid", 4),
+  "all_slots_shifts": (21, 6, 4, 4, 8, 5, 3, "all_slots", 4),
+  "paper_rows_shifts": (19, 8, 8, 8, 16, 29, 9, "valid", 2),  # R=29 -> 58 flat rows padded to 64
 }
 
 
@@ -53,11 +53,19 @@ def _inputs(rng, n, k, h, d, c, r, s):
   neighbors[::3, 1] = neighbors[::3, 0]
   neighbors = np.where(valid, neighbors, n - 1)
   f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
-  arrays = dict(q=f32(n, h, d), k=f32(n, h, d), gate=f32(n, k, h), edge_scale=f32(n, k, h),
-                envelope=rng.uniform(0.05, 1.0, size=(n, k)).astype(np.float32), rows=f32(n, r, c),
-                shifts=f32(n, k, 3) if s else None)
+  arrays = dict(
+    q=f32(n, h, d),
+    k=f32(n, h, d),
+    gate=f32(n, k, h),
+    edge_scale=f32(n, k, h),
+    envelope=rng.uniform(0.05, 1.0, size=(n, k)).astype(np.float32),
+    rows=f32(n, r, c),
+    shifts=f32(n, k, 3) if s else None,
+  )
   return {key: None if v is None else jnp.asarray(v) for key, v in arrays.items()}, (
-      jnp.asarray(valid), jnp.asarray(neighbors, jnp.int32))
+    jnp.asarray(valid),
+    jnp.asarray(neighbors, jnp.int32),
+  )
 
 
 def _derivatives(fn, diff, cotangent_rng):
@@ -118,15 +126,17 @@ def test_float64_inputs_accumulate_in_float64():
   jax.config.update("jax_enable_x64", True)
   try:
     arrays, (valid, neighbors) = _inputs(np.random.default_rng([SEED, 64]), n, k, h, d, c, r, s)
-    diff = tuple(arrays[key].astype(jnp.float64)
-                 for key in ("q", "k", "gate", "edge_scale", "envelope", "rows", "shifts"))
+    diff = tuple(
+      arrays[key].astype(jnp.float64) for key in ("q", "k", "gate", "edge_scale", "envelope", "rows", "shifts")
+    )
 
     def loss(impl, *x, **extra):
       out = impl(*x[:5], valid, neighbors, *x[5:], num_shift_rows=s, softmax_max=softmax_max, **extra)
       return sum(jnp.sum(jnp.sin(o)) for o in out)
 
-    got = jax.jit(jax.value_and_grad(lambda *x: loss(node_attention, *x, interpret=True, block_n=block_n),
-                                     argnums=tuple(range(7))))(*diff)
+    got = jax.jit(
+      jax.value_and_grad(lambda *x: loss(node_attention, *x, interpret=True, block_n=block_n), argnums=tuple(range(7)))
+    )(*diff)
     want = jax.value_and_grad(lambda *x: loss(node_attention_ref, *x), argnums=tuple(range(7)))(*diff)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert g.dtype == jnp.float64
@@ -140,9 +150,18 @@ def test_forward_mode_fails_with_clear_message():
   arrays, (valid, neighbors) = _inputs(np.random.default_rng(SEED), n, k, h, d, c, r, s)
 
   def energy(q):
-    out = node_attention(q, arrays["k"], arrays["gate"], arrays["edge_scale"], arrays["envelope"], valid,
-                         neighbors, arrays["rows"], interpret=True)
-    return jnp.sum(out ** 2)
+    out = node_attention(
+      q,
+      arrays["k"],
+      arrays["gate"],
+      arrays["edge_scale"],
+      arrays["envelope"],
+      valid,
+      neighbors,
+      arrays["rows"],
+      interpret=True,
+    )
+    return jnp.sum(out**2)
 
   with pytest.raises(TypeError, match="attention_impl='jnp_node'"):
     jax.jvp(energy, (arrays["q"],), (arrays["q"],))
@@ -154,8 +173,9 @@ def test_forward_mode_fails_with_clear_message():
 # CUDA lowering on the CPU host (an abstract H100): Pallas-to-Triton errors fail here, not on the GPU.
 # ---------------------------------------------------------------------------------------------------------
 
-H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
+H100 = AbstractMesh(
+  (1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+)
 TRITON_CALL = "__gpu$xla.gpu.triton"
 PAPER = dict(h=128, d=8, c=256, r=29, k=32)
 
@@ -168,9 +188,17 @@ def _lower_for_cuda(fn, *args) -> str:
 
 def _abstract_inputs(n, k, h, d, c, r, s):
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  return (f32(n, h, d), f32(n, h, d), f32(n, k, h), f32(n, k, h), f32(n, k),
-          jax.ShapeDtypeStruct((n, k), jnp.bool_), jax.ShapeDtypeStruct((n, k), jnp.int32), f32(n, r, c),
-          f32(n, k, 3) if s else None)
+  return (
+    f32(n, h, d),
+    f32(n, h, d),
+    f32(n, k, h),
+    f32(n, k, h),
+    f32(n, k),
+    jax.ShapeDtypeStruct((n, k), jnp.bool_),
+    jax.ShapeDtypeStruct((n, k), jnp.int32),
+    f32(n, r, c),
+    f32(n, k, 3) if s else None,
+  )
 
 
 def _kernel_names(text: str) -> set[str]:
@@ -184,9 +212,10 @@ def test_every_kernel_lowers_for_cuda(softmax_max, s):
   args = _abstract_inputs(64, **PAPER, s=s)
 
   def loss(q, k, gate, scale, env, rows, shifts, valid, neighbors):
-    out = node_attention(q, k, gate, scale, env, valid, neighbors, rows, shifts, num_shift_rows=s,
-                         softmax_max=softmax_max, interpret=False)
-    return sum(jnp.sum(o ** 2) for o in jax.tree.leaves(out))
+    out = node_attention(
+      q, k, gate, scale, env, valid, neighbors, rows, shifts, num_shift_rows=s, softmax_max=softmax_max, interpret=False
+    )
+    return sum(jnp.sum(o**2) for o in jax.tree.leaves(out))
 
   def everything(q, k, gate, scale, env, valid, neighbors, rows, shifts):
     diff = (q, k, gate, scale, env, rows, shifts)

@@ -20,8 +20,9 @@ def execute(name: str, timeout: int = 600, env: dict | None = None) -> nbformat.
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   try:
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+      nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
   finally:
     for k, v in saved.items():
       if v is None:
@@ -32,13 +33,19 @@ def execute(name: str, timeout: int = 600, env: dict | None = None) -> nbformat.
 
 
 def text_of(nb) -> str:
-  return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                   if o.output_type == "stream")
+  return "\n".join(
+    o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"
+  )
 
 
 def figures(nb) -> int:
-  return sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
-             if o.output_type == "display_data" and "image/png" in o.get("data", {}))
+  return sum(
+    1
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.outputs
+    if o.output_type == "display_data" and "image/png" in o.get("data", {})
+  )
 
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "performance.ipynb"])
@@ -83,10 +90,21 @@ def test_performance_says_so_without_numbers(tmp_path):
 def test_performance_parses_a_table(tmp_path):
   """A table in the kernel engineer's layout: every row becomes a point, units and thousands separators read."""
   table = tmp_path / "RESULTS.md"
-  table.write_text("\n".join([
-      "## run", "", "| N | impl | case | ms | GiB | floor |", "|---|---|---|---|---|---|",
-      "| 1,024 | pallas | forward | 0.5 | 0.10 | 12.0% |", "| 8,192 | pallas | forward | 3.0 | 0.80 | 15% |",
-      "| 1,024 | jnp_node | forward | 2.0 | 1.00 | 3% |", "| 8,192 | jnp_node | forward | failed | - | - |", ""]))
+  table.write_text(
+    "\n".join(
+      [
+        "## run",
+        "",
+        "| N | impl | case | ms | GiB | floor |",
+        "|---|---|---|---|---|---|",
+        "| 1,024 | pallas | forward | 0.5 | 0.10 | 12.0% |",
+        "| 8,192 | pallas | forward | 3.0 | 0.80 | 15% |",
+        "| 1,024 | jnp_node | forward | 2.0 | 1.00 | 3% |",
+        "| 8,192 | jnp_node | forward | failed | - | - |",
+        "",
+      ]
+    )
+  )
   nb = execute("performance.ipynb", env={"E2FORMER_RESULTS_MD": str(table)})
   text = text_of(nb)
   assert "3 rows, N = [1024, 8192]" in text and "paths ['jnp_node', 'pallas']" in text

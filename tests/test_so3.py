@@ -25,6 +25,7 @@ def test_component_harmonics_match_model_md_values():
 def test_integral_normalisation_and_addition_theorem():
   """Orthonormality implies sum_m Y_lm(a) Y_lm(b) = (2l+1)/(4 pi) P_l(a.b) (scipy's Legendre oracle)."""
   from scipy.special import eval_legendre
+
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(2, 3))
   with jax.enable_x64(True):
@@ -33,7 +34,7 @@ def test_integral_normalisation_and_addition_theorem():
   assert abs(ya[0] - 1 / np.sqrt(4 * np.pi)) < 1e-14
   cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
   for l in range(5):
-    lhs = float(ya[l * l:(l + 1) ** 2] @ yb[l * l:(l + 1) ** 2])
+    lhs = float(ya[l * l : (l + 1) ** 2] @ yb[l * l : (l + 1) ** 2])
     assert abs(lhs - (2 * l + 1) / (4 * np.pi) * eval_legendre(l, cos)) < 1e-13
 
 
@@ -43,8 +44,8 @@ def test_wigner_d_is_an_orthogonal_representation(l):
     r1, r2 = random_rotation(1), random_rotation(2)
     d1, d2, d12 = (so3.wigner_d(jnp.asarray(r), l) for r in (r1, r2, r1 @ r2))
     x = jnp.asarray(np.random.default_rng(l).normal(size=3))
-    y = so3.spherical_harmonics(x, l)[l * l:]
-    np.testing.assert_allclose(so3.spherical_harmonics(jnp.asarray(r1) @ x, l)[l * l:], d1 @ y, atol=1e-13)
+    y = so3.spherical_harmonics(x, l)[l * l :]
+    np.testing.assert_allclose(so3.spherical_harmonics(jnp.asarray(r1) @ x, l)[l * l :], d1 @ y, atol=1e-13)
     np.testing.assert_allclose(d1 @ d1.T, np.eye(2 * l + 1), atol=1e-13)
     np.testing.assert_allclose(d12, d1 @ d2, atol=1e-13)
 
@@ -53,17 +54,18 @@ def test_frame_maps_vector_to_y_including_poles_and_origin():
   vectors = np.array([[0.3, -1.2, 2.0], [0, 2.0, 0], [0, -3.0, 0], [1e-9, -1, 0], [0, 0, 0], [-1, 1e-12, 0]])
   with jax.enable_x64(True):
     rot = so3.rotation_to_y(jnp.asarray(vectors))
-    np.testing.assert_allclose(np.einsum("nij,nkj->nik", rot, rot), np.broadcast_to(np.eye(3), rot.shape),
-                               atol=1e-14)
+    np.testing.assert_allclose(np.einsum("nij,nkj->nik", rot, rot), np.broadcast_to(np.eye(3), rot.shape), atol=1e-14)
     np.testing.assert_allclose(np.linalg.det(rot), 1.0, atol=1e-14)
     nonzero = np.linalg.norm(vectors, axis=1) > 0
     mapped = np.einsum("nij,nj->ni", rot, vectors)[nonzero]
-    np.testing.assert_allclose(mapped, np.linalg.norm(vectors[nonzero], axis=1)[:, None] * [0, 1, 0],
-                               atol=1e-12)
+    np.testing.assert_allclose(mapped, np.linalg.norm(vectors[nonzero], axis=1)[:, None] * [0, 1, 0], atol=1e-12)
     # D Y(u) = Y(y): only the m = 0 entry of each degree survives (MODEL.md section 2).
     d = so3.block_diagonal_wigner(rot[0], (0, 1, 2))
-    np.testing.assert_allclose(d @ so3.spherical_harmonics(jnp.asarray(vectors[0]), 2),
-                               so3.spherical_harmonics(jnp.array([0.0, 1.0, 0.0]), 2), atol=1e-13)
+    np.testing.assert_allclose(
+      d @ so3.spherical_harmonics(jnp.asarray(vectors[0]), 2),
+      so3.spherical_harmonics(jnp.array([0.0, 1.0, 0.0]), 2),
+      atol=1e-13,
+    )
 
 
 def test_clebsch_gordan_intertwines_rotations():

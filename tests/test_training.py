@@ -19,25 +19,34 @@ from e2former_jax.checkpoint import Checkpointer, flatten, load_model, read_meta
 from e2former_jax.config import get_config
 from e2former_jax.model import E2Former
 from e2former_jax.training import config as C
-from e2former_jax.training.losses import loss_terms
 from e2former_jax.training.loop import train
+from e2former_jax.training.losses import loss_terms
 from e2former_jax.training.optim import decay_mask, learning_rate, lr_factor, make_optimizer, warmup_steps
 from e2former_jax.training.step import compiled_train_step, init_state, split_model
 
-TINY_MODEL = {"preset": "small", "channels": 16, "num_heads": 8, "num_layers": 1, "max_neighbors": 12,
-              "num_basis": 16, "radial_hidden": 16, "qk_hidden": 16, "type_embed_dim": 8}
+TINY_MODEL = {
+  "preset": "small",
+  "channels": 16,
+  "num_heads": 8,
+  "num_layers": 1,
+  "max_neighbors": 12,
+  "num_basis": 16,
+  "radial_hidden": 16,
+  "qk_hidden": 16,
+  "type_embed_dim": 8,
+}
 
 
 def tiny_config(**sections) -> C.TrainConfig:
   base = dict(
-      model=dict(TINY_MODEL),
-      data=dict(atom_budget=40, max_structures=4, num_buckets=1, eval_atom_budget=40, prefetch=2,
-                element_references="fit"),
-      loss=dict(kind="mse", energy_weight=1.0, force_weight=10.0),
-      # a fixed schedule length: runs of any length share one compiled step (it is a static argument)
-      optim=dict(lr=2e-3, warmup_steps=2, clip_norm=10.0, ema_decay=0.9, weight_decay=1e-3, schedule_steps=6),
-      run=dict(steps=6, eval_every=3, log_every=1, keep_checkpoints=2, progress_bar=False, tensorboard=True,
-               seed=3),
+    model=dict(TINY_MODEL),
+    data=dict(
+      atom_budget=40, max_structures=4, num_buckets=1, eval_atom_budget=40, prefetch=2, element_references="fit"
+    ),
+    loss=dict(kind="mse", energy_weight=1.0, force_weight=10.0),
+    # a fixed schedule length: runs of any length share one compiled step (it is a static argument)
+    optim=dict(lr=2e-3, warmup_steps=2, clip_norm=10.0, ema_decay=0.9, weight_decay=1e-3, schedule_steps=6),
+    run=dict(steps=6, eval_every=3, log_every=1, keep_checkpoints=2, progress_bar=False, tensorboard=True, seed=3),
   )
   for name, values in sections.items():
     base.setdefault(name, {}).update(values)
@@ -132,11 +141,11 @@ def test_losses_match_their_definitions(kind):
   norms = np.linalg.norm(df, axis=1)
   huber = lambda x, d: np.where(np.abs(x) <= d, 0.5 * x**2, d * (np.abs(x) - 0.5 * d))
   expected = {
-      "atoml2mae": (np.mean(np.abs(de_atom)), np.mean(norms)),
-      "l2mae": (np.mean(np.abs(de)), norms.sum() / 2),
-      "mse": (np.mean(de_atom**2), np.mean(df**2)),
-      "huber": (np.mean(huber(de_atom, 0.5)), np.mean(huber(df, 0.5))),
-      "mae": (np.mean(np.abs(de_atom)), np.mean(np.abs(df))),
+    "atoml2mae": (np.mean(np.abs(de_atom)), np.mean(norms)),
+    "l2mae": (np.mean(np.abs(de)), norms.sum() / 2),
+    "mse": (np.mean(de_atom**2), np.mean(df**2)),
+    "huber": (np.mean(huber(de_atom, 0.5)), np.mean(huber(df, 0.5))),
+    "mae": (np.mean(np.abs(de_atom)), np.mean(np.abs(df))),
   }[kind]
   np.testing.assert_allclose(float(out["energy_loss"]), expected[0], rtol=1e-5)
   np.testing.assert_allclose(float(out["force_loss"]), expected[1], rtol=1e-5)
@@ -148,8 +157,11 @@ def test_norm_losses_have_finite_gradients_at_zero_error():
   pe, e, em, sm, na, pf, f, fm = _loss_inputs()
   f = pf.copy()  # zero force error everywhere
   for kind in ("atoml2mae", "l2mae"):
-    g = jax.grad(lambda x: loss_terms(*map(jnp.asarray, (pe, e, em, sm, na)), x, jnp.asarray(f), jnp.asarray(fm),
-                                      C.LossConfig(kind=kind))["loss"])(jnp.asarray(pf))
+    g = jax.grad(
+      lambda x: loss_terms(
+        *map(jnp.asarray, (pe, e, em, sm, na)), x, jnp.asarray(f), jnp.asarray(fm), C.LossConfig(kind=kind)
+      )["loss"]
+    )(jnp.asarray(pf))
     assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -284,8 +296,9 @@ def test_nan_batch_in_the_loop_is_skipped_counted_and_logged(tiny_data, tmp_path
 def test_init_from_strict_and_unstrict(full_run, tiny_data, tmp_path):
   workdir, _ = full_run
   source = load_model(workdir)
-  cfg = tiny_config(run={"steps": 1, "eval_every": 1}, init={"checkpoint": str(workdir)},
-                    data={"element_references": "init"})
+  cfg = tiny_config(
+    run={"steps": 1, "eval_every": 1}, init={"checkpoint": str(workdir)}, data={"element_references": "init"}
+  )
   result = train(cfg, tmp_path / "strict", datasets=tiny_data, verbose=False)
   assert result.step == 1
   meta = read_meta(tmp_path / "strict")
@@ -293,9 +306,11 @@ def test_init_from_strict_and_unstrict(full_run, tiny_data, tmp_path):
   # a different head count changes some shapes: strict refuses, unstrict keeps what matches
   other = dict(TINY_MODEL, num_heads=4)
   with pytest.raises(ValueError, match="strict parameter load failed"):
-    train(tiny_config(model=other, init={"checkpoint": str(workdir)}), tmp_path / "s2", datasets=tiny_data,
-          verbose=False)
+    train(
+      tiny_config(model=other, init={"checkpoint": str(workdir)}), tmp_path / "s2", datasets=tiny_data, verbose=False
+    )
   from e2former_jax.checkpoint import assign_params, read_params
+
   target = E2Former(get_config("small", **{k: v for k, v in other.items() if k != "preset"}), rngs=nnx.Rngs(1))
   report = assign_params(target, read_params(workdir), strict=False)
   assert report["loaded"] and report["mismatched"] and not report["unexpected"]
@@ -311,11 +326,16 @@ def test_init_from_strict_and_unstrict(full_run, tiny_data, tmp_path):
 
 def _write_xyz(path, frames):
   import ase.io
+
   out = []
   for a in frames:
     b = a.copy()
-    b.info = {"config_type": a.info["config_type"], "REF_energy": a.get_potential_energy(), "total_charge": 0,
-              "total_spin": 1}
+    b.info = {
+      "config_type": a.info["config_type"],
+      "REF_energy": a.get_potential_energy(),
+      "total_charge": 0,
+      "total_spin": 1,
+    }
     b.arrays["REF_forces"] = a.get_forces()
     out.append(b)
   ase.io.write(path, out, format="extxyz")
@@ -335,8 +355,10 @@ def test_sigkilled_train_py_resumes_bit_for_bit(tiny_data, tmp_path):
   _write_xyz(tmp_path / "train.xyz", tiny_data["train"])
   _write_xyz(tmp_path / "valid.xyz", tiny_data["valid"])
   # the module's tiny run (same compiled step), read from files, a synchronous checkpoint after every step
-  cfg = tiny_config(data={"train": str(tmp_path / "train.xyz"), "valid": str(tmp_path / "valid.xyz"), "test": None},
-                    run={"checkpoint_every": 1, "async_checkpointing": False, "progress_bar": False})
+  cfg = tiny_config(
+    data={"train": str(tmp_path / "train.xyz"), "valid": str(tmp_path / "valid.xyz"), "test": None},
+    run={"checkpoint_every": 1, "async_checkpointing": False, "progress_bar": False},
+  )
   C.dump_config(cfg, tmp_path / "run.yaml")
   reference = train(cfg, tmp_path / "reference", verbose=False)
   assert reference.step == 6

@@ -16,8 +16,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def test_config_files_are_the_presets(name):
   path = CONFIGS / f"{name}.yaml"
   assert path.exists(), f"configs/{name}.yaml is missing"
-  assert C.load_config(path) == C.get_train_config(name), C.diff_configs(C.get_train_config(name),
-                                                                          C.load_config(path))
+  assert C.load_config(path) == C.get_train_config(name), C.diff_configs(C.get_train_config(name), C.load_config(path))
 
 
 def test_paper_presets_follow_the_authors_scripts():
@@ -43,8 +42,10 @@ def test_paper_presets_follow_the_authors_scripts():
 
 
 def test_overrides_and_validation(tmp_path):
-  cfg = C.load_config(CONFIGS / "paper_spice.yaml", ["optim.lr=2e-4", "run.steps=10", "data.reader={energy_key: E}",
-                                                     "model.channels=32", "model.num_heads=16"])
+  cfg = C.load_config(
+    CONFIGS / "paper_spice.yaml",
+    ["optim.lr=2e-4", "run.steps=10", "data.reader={energy_key: E}", "model.channels=32", "model.num_heads=16"],
+  )
   assert cfg.optim.lr == 2e-4 and cfg.run.steps == 10 and cfg.data.reader == {"energy_key": "E"}
   assert cfg.model_config() == get_config("paper_spice", channels=32, num_heads=16)
   # a new preset replaces the model section, other model overrides apply on top
@@ -67,6 +68,7 @@ def test_overrides_and_validation(tmp_path):
   C.dump_config(cfg, tmp_path / "resolved.yaml")
   assert C.load_config(tmp_path / "resolved.yaml") == cfg
   import dataclasses
+
   shorter = cfg.replace(run=dataclasses.replace(cfg.run, steps=5))
   assert C.diff_configs(cfg, shorter) == ["run.steps: 1400000 -> 5"]
 

@@ -64,8 +64,9 @@ def _round_up(x: int, multiple: int) -> int:
   return int(math.ceil(x / multiple) * multiple)
 
 
-def make_buckets(sizes: Sequence[int], atom_budget: int, max_structures: int | None = None, num_buckets: int = 4,
-                 multiple: int = 8) -> list[Bucket]:
+def make_buckets(
+  sizes: Sequence[int], atom_budget: int, max_structures: int | None = None, num_buckets: int = 4, multiple: int = 8
+) -> list[Bucket]:
   """A fixed list of bucket shapes for structures of the given sizes packed up to ``atom_budget`` atoms.
 
   Atom caps are evenly spaced fractions of the budget (plus one padding slot, rounded up to ``multiple``);
@@ -93,8 +94,9 @@ def make_buckets(sizes: Sequence[int], atom_budget: int, max_structures: int | N
   return sorted(buckets)
 
 
-def pack(sizes: Sequence[int], order: Sequence[int], atom_budget: int, max_structures: int | None = None
-         ) -> list[list[int]]:
+def pack(
+  sizes: Sequence[int], order: Sequence[int], atom_budget: int, max_structures: int | None = None
+) -> list[list[int]]:
   """Greedy packing in the given order: a batch is closed when the next structure would exceed
   ``atom_budget`` atoms or ``max_structures`` structures. Every index appears exactly once."""
   batches, current, atoms = [], [], 0
@@ -120,12 +122,19 @@ def choose_bucket(buckets: Sequence[Bucket], atoms: int, graphs: int) -> Bucket:
   raise ValueError(f"no bucket fits {atoms} atoms in {graphs} structures (buckets: {list(buckets)})")
 
 
-def batch_from_atoms(structures: Sequence[ase.Atoms], bucket: Bucket, cutoff: float, max_neighbors: int,
-                     indices: Sequence[int] | None = None, dtype=np.float32) -> tuple[Batch, int]:
+def batch_from_atoms(
+  structures: Sequence[ase.Atoms],
+  bucket: Bucket,
+  cutoff: float,
+  max_neighbors: int,
+  indices: Sequence[int] | None = None,
+  dtype=np.float32,
+) -> tuple[Batch, int]:
   """One padded ``Batch`` (graph + labels) in the given bucket; returns it and the count of in-cutoff
   neighbours beyond K."""
-  graph, beyond = graph_from_atoms(structures, cutoff, max_neighbors, num_atoms=bucket.num_atoms,
-                                   num_graphs=bucket.num_graphs, dtype=dtype)
+  graph, beyond = graph_from_atoms(
+    structures, cutoff, max_neighbors, num_atoms=bucket.num_atoms, num_graphs=bucket.num_graphs, dtype=dtype
+  )
   energy = np.zeros(bucket.num_graphs, dtype)
   energy_mask = np.zeros(bucket.num_graphs, bool)
   forces = np.zeros((bucket.num_atoms, 3), dtype)
@@ -139,12 +148,18 @@ def batch_from_atoms(structures: Sequence[ase.Atoms], bucket: Bucket, cutoff: fl
       energy[g] = results["energy"]
       energy_mask[g] = True
     if "forces" in results:
-      forces[offset:offset + n] = results["forces"]
-      forces_mask[offset:offset + n] = True
+      forces[offset : offset + n] = results["forces"]
+      forces_mask[offset : offset + n] = True
     structure_index[g] = g if indices is None else indices[g]
     offset += n
-  return Batch(graph=graph, energy=energy, forces=forces, energy_mask=energy_mask, forces_mask=forces_mask,
-               structure_index=structure_index), beyond
+  return Batch(
+    graph=graph,
+    energy=energy,
+    forces=forces,
+    energy_mask=energy_mask,
+    forces_mask=forces_mask,
+    structure_index=structure_index,
+  ), beyond
 
 
 def _num_atoms(dataset, i: int) -> int:
@@ -170,9 +185,11 @@ class PaddingStats:
 
   def __str__(self) -> str:
     buckets = ", ".join(f"{b.num_atoms}x{b.num_graphs}: {c}" for b, c in sorted(self.per_bucket.items()))
-    return (f"{self.batches} batches, {self.real_atoms} atoms in {self.atom_slots} slots "
-            f"({100 * self.atom_overhead:.1f}% padding), {self.real_structures} structures in "
-            f"{self.structure_slots} slots; batches per bucket (atoms x structures): {buckets}")
+    return (
+      f"{self.batches} batches, {self.real_atoms} atoms in {self.atom_slots} slots "
+      f"({100 * self.atom_overhead:.1f}% padding), {self.real_structures} structures in "
+      f"{self.structure_slots} slots; batches per bucket (atoms x structures): {buckets}"
+    )
 
 
 class GraphLoader:
@@ -191,10 +208,21 @@ class GraphLoader:
     dtype: floating dtype of positions and labels.
   """
 
-  def __init__(self, dataset: Sequence[ase.Atoms], cutoff: float, max_neighbors: int, atom_budget: int = 2048,
-               max_structures: int | None = None, buckets: Sequence[Bucket] | None = None,
-               num_buckets: int = 4, shuffle: bool = True, seed: int = 0, prefetch: int = 4,
-               device_put: bool = False, dtype=np.float32):
+  def __init__(
+    self,
+    dataset: Sequence[ase.Atoms],
+    cutoff: float,
+    max_neighbors: int,
+    atom_budget: int = 2048,
+    max_structures: int | None = None,
+    buckets: Sequence[Bucket] | None = None,
+    num_buckets: int = 4,
+    shuffle: bool = True,
+    seed: int = 0,
+    prefetch: int = 4,
+    device_put: bool = False,
+    dtype=np.float32,
+  ):
     self.dataset = dataset
     self.cutoff = float(cutoff)
     self.max_neighbors = int(max_neighbors)
@@ -206,8 +234,11 @@ class GraphLoader:
     self.device_put = device_put
     self.dtype = dtype
     self.sizes = np.array([_num_atoms(dataset, i) for i in range(len(dataset))], dtype=np.int64)
-    self.buckets = sorted(buckets) if buckets is not None else make_buckets(
-        self.sizes, self.atom_budget, max_structures, num_buckets)
+    self.buckets = (
+      sorted(buckets)
+      if buckets is not None
+      else make_buckets(self.sizes, self.atom_budget, max_structures, num_buckets)
+    )
     largest = self.buckets[-1]
     if largest.num_atoms <= self.atom_budget:
       raise ValueError(f"the largest bucket {largest} cannot hold a full batch of {self.atom_budget} atoms")
@@ -235,9 +266,13 @@ class GraphLoader:
     for b, _ in plan:
       per_bucket[b] = per_bucket.get(b, 0) + 1
     return PaddingStats(
-        batches=len(plan), real_atoms=int(sum(self.sizes[g].sum() for _, g in plan)),
-        atom_slots=sum(b.num_atoms for b, _ in plan), real_structures=sum(len(g) for _, g in plan),
-        structure_slots=sum(b.num_graphs for b, _ in plan), per_bucket=per_bucket)
+      batches=len(plan),
+      real_atoms=int(sum(self.sizes[g].sum() for _, g in plan)),
+      atom_slots=sum(b.num_atoms for b, _ in plan),
+      real_structures=sum(len(g) for _, g in plan),
+      structure_slots=sum(b.num_graphs for b, _ in plan),
+      per_bucket=per_bucket,
+    )
 
   def num_batches(self, epoch: int = 0) -> int:
     return len(self.plan(epoch))
@@ -249,8 +284,11 @@ class GraphLoader:
       self.neighbors_beyond_k += beyond
       if not self._warned_beyond_k:
         self._warned_beyond_k = True
-        warnings.warn(f"{beyond} in-cutoff neighbour(s) beyond K={self.max_neighbors} dropped in a batch "
-                      "(K-truncation; see loader.neighbors_beyond_k for the running count)", stacklevel=2)
+        warnings.warn(
+          f"{beyond} in-cutoff neighbour(s) beyond K={self.max_neighbors} dropped in a batch "
+          "(K-truncation; see loader.neighbors_beyond_k for the running count)",
+          stacklevel=2,
+        )
     if self.device_put:
       batch = jax.device_put(batch)
     return batch

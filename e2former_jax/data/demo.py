@@ -16,8 +16,9 @@ def demo_data_path(split: str = "train") -> Path:
     raise ValueError(f"unknown demo split {split!r}; choose from {DEMO_SPLITS}")
   path = Path(__file__).resolve().parent.parent / "demo_data" / f"{split}.xyz"
   if not path.exists():
-    raise FileNotFoundError(f"{path} is missing: the package was installed without its data files "
-                            "(regenerate with scripts/make_demo_data.py)")
+    raise FileNotFoundError(
+      f"{path} is missing: the package was installed without its data files (regenerate with scripts/make_demo_data.py)"
+    )
   return path
 
 

@@ -16,9 +16,9 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ase
 import numpy as np
@@ -31,12 +31,12 @@ MAX_ATOMIC_NUMBER = 118
 
 FORMATS = ("spice", "extxyz", "aselmdb")
 _EXTENSIONS = {
-    ".h5": "spice",
-    ".hdf5": "spice",
-    ".xyz": "extxyz",
-    ".extxyz": "extxyz",
-    ".aselmdb": "aselmdb",
-    ".lmdb": "aselmdb",
+  ".h5": "spice",
+  ".hdf5": "spice",
+  ".xyz": "extxyz",
+  ".extxyz": "extxyz",
+  ".aselmdb": "aselmdb",
+  ".lmdb": "aselmdb",
 }
 
 
@@ -84,8 +84,9 @@ def _check_numbers(path, record, numbers) -> np.ndarray:
   numbers = numbers.astype(np.int64)
   bad = (numbers < 1) | (numbers > MAX_ATOMIC_NUMBER)
   if bad.any():
-    raise DataFormatError(path, record,
-                          f"unknown element: atomic number(s) {sorted(set(numbers[bad].tolist()))} outside 1..118")
+    raise DataFormatError(
+      path, record, f"unknown element: atomic number(s) {sorted(set(numbers[bad].tolist()))} outside 1..118"
+    )
   return numbers
 
 
@@ -108,8 +109,23 @@ def _check_int(path, record, name, value) -> int:
   return int(round(f))
 
 
-def _make_atoms(path, record, numbers, positions, energy, forces, *, charge=0, spin=1, config_type=None,
-                source=None, cell=None, pbc=None, stress=None, extra_info=None) -> ase.Atoms:
+def _make_atoms(
+  path,
+  record,
+  numbers,
+  positions,
+  energy,
+  forces,
+  *,
+  charge=0,
+  spin=1,
+  config_type=None,
+  source=None,
+  cell=None,
+  pbc=None,
+  stress=None,
+  extra_info=None,
+) -> ase.Atoms:
   numbers = _check_numbers(path, record, numbers)
   n = numbers.shape[0]
   positions = _check_array(path, record, "positions", positions, (n, 3))
@@ -235,8 +251,10 @@ class Dataset(Sequence):
   def _report_skipped(self) -> None:
     if self.skipped:
       first = "; ".join(f"record {r}: {p}" for r, p in self.skipped[:3])
-      warnings.warn(f"{self.path}: skipped {len(self.skipped)} bad record(s) ({first}"
-                    f"{'; ...' if len(self.skipped) > 3 else ''})", stacklevel=3)
+      warnings.warn(
+        f"{self.path}: skipped {len(self.skipped)} bad record(s) ({first}{'; ...' if len(self.skipped) > 3 else ''})",
+        stacklevel=3,
+      )
 
   def _validate_all(self) -> None:
     """Reads every record once, leaving out (and counting) those that fail."""
@@ -275,8 +293,15 @@ class SpiceDataset(Dataset):
 
   format = "spice"
 
-  def __init__(self, path, energy: str = "dft_total_energy", gradient: str = "dft_total_gradient",
-               require_labels: bool = True, on_error: str = "raise", validate: bool = False):
+  def __init__(
+    self,
+    path,
+    energy: str = "dft_total_energy",
+    gradient: str = "dft_total_gradient",
+    require_labels: bool = True,
+    on_error: str = "raise",
+    validate: bool = False,
+  ):
     super().__init__(path, on_error)
     import h5py
 
@@ -328,9 +353,12 @@ class SpiceDataset(Dataset):
     m = conf.shape[0]
     units = conf.attrs.get("units")
     if units is not None and _as_str(units).lower() not in ("bohr", "bohrs"):
-      raise DataFormatError(self.path, name,
-                            f"conformations are in {_as_str(units)!r}, expected 'bohr' (a SPICE generation input "
-                            "file rather than the released data set?)")
+      raise DataFormatError(
+        self.path,
+        name,
+        f"conformations are in {_as_str(units)!r}, expected 'bohr' (a SPICE generation input "
+        "file rather than the released data set?)",
+      )
     if self.require_labels:
       e = g[self.energy_key]
       if e.shape != (m,):
@@ -368,9 +396,19 @@ class SpiceDataset(Dataset):
         forces = -np.asarray(g[self.gradient_key][k], dtype=np.float64) * HARTREE_PER_BOHR_TO_EV_PER_ANGSTROM
     except (OSError, RuntimeError) as err:
       raise DataFormatError(self.path, record, f"unreadable data (truncated or corrupt file?): {err}") from None
-    return _make_atoms(self.path, record, meta["numbers"], pos, energy, forces, charge=meta["charge"], spin=1,
-                       config_type=meta["subset"], source=f"spice:{record}",
-                       extra_info={"smiles": meta["smiles"]})
+    return _make_atoms(
+      self.path,
+      record,
+      meta["numbers"],
+      pos,
+      energy,
+      forces,
+      charge=meta["charge"],
+      spin=1,
+      config_type=meta["subset"],
+      source=f"spice:{record}",
+      extra_info={"smiles": meta["smiles"]},
+    )
 
   def close(self) -> None:
     f = getattr(self, "_file", None)
@@ -390,13 +428,30 @@ class ExtxyzDataset(Dataset):
 
   format = "extxyz"
 
-  def __init__(self, path, energy_key: str = "REF_energy", forces_key: str = "REF_forces",
-               config_type_key: str = "config_type", charge_key: str = "total_charge",
-               spin_key: str = "total_spin", source_key: str = "source", stress_key: str | None = "REF_stress",
-               require_labels: bool = True, on_error: str = "raise", validate: bool = False):
+  def __init__(
+    self,
+    path,
+    energy_key: str = "REF_energy",
+    forces_key: str = "REF_forces",
+    config_type_key: str = "config_type",
+    charge_key: str = "total_charge",
+    spin_key: str = "total_spin",
+    source_key: str = "source",
+    stress_key: str | None = "REF_stress",
+    require_labels: bool = True,
+    on_error: str = "raise",
+    validate: bool = False,
+  ):
     super().__init__(path, on_error)
-    self.keys = dict(energy=energy_key, forces=forces_key, config_type=config_type_key, charge=charge_key,
-                     spin=spin_key, source=source_key, stress=stress_key)
+    self.keys = dict(
+      energy=energy_key,
+      forces=forces_key,
+      config_type=config_type_key,
+      charge=charge_key,
+      spin=spin_key,
+      source=source_key,
+      stress=stress_key,
+    )
     self.require_labels = require_labels
     self._index = []
     self._lock = threading.Lock()
@@ -423,16 +478,20 @@ class ExtxyzDataset(Dataset):
           raise ValueError
       except ValueError:
         # frame boundaries are lost from here on: this cannot be skipped
-        raise DataFormatError(self.path, frame,
-                              f"expected an atom count line, got {line.strip()[:60]!r} (corrupt file?)") from None
+        raise DataFormatError(
+          self.path, frame, f"expected an atom count line, got {line.strip()[:60]!r} (corrupt file?)"
+        ) from None
       lines = 0
       while lines < n + 1:
         if not fh.readline():
           break
         lines += 1
       if lines < n + 1:
-        self._skip_or_raise(DataFormatError(
-            self.path, frame, f"truncated: {n} atoms announced, file ends after {max(lines - 1, 0)} atom lines"))
+        self._skip_or_raise(
+          DataFormatError(
+            self.path, frame, f"truncated: {n} atoms announced, file ends after {max(lines - 1, 0)} atom lines"
+          )
+        )
         break
       self._index.append((frame, start, fh.tell(), n))
       frame += 1
@@ -483,11 +542,22 @@ class ExtxyzDataset(Dataset):
     spin = 1 if spin is None else _check_int(self.path, frame, self.keys["spin"], spin)
     used = {v for v in self.keys.values() if v}
     extra = {k: v for k, v in atoms.info.items() if k not in used}
-    return _make_atoms(self.path, frame, atoms.numbers, atoms.positions, energy, forces, charge=charge, spin=spin,
-                       config_type=None if config_type is None else str(config_type),
-                       source=str(source) if source is not None else f"{self.path.name}:{frame}",
-                       cell=atoms.cell.array if atoms.pbc.any() or atoms.cell.rank else None,
-                       pbc=atoms.pbc, stress=stress, extra_info=extra)
+    return _make_atoms(
+      self.path,
+      frame,
+      atoms.numbers,
+      atoms.positions,
+      energy,
+      forces,
+      charge=charge,
+      spin=spin,
+      config_type=None if config_type is None else str(config_type),
+      source=str(source) if source is not None else f"{self.path.name}:{frame}",
+      cell=atoms.cell.array if atoms.pbc.any() or atoms.cell.rank else None,
+      pbc=atoms.pbc,
+      stress=stress,
+      extra_info=extra,
+    )
 
 
 class AselmdbDataset(Dataset):
@@ -501,9 +571,17 @@ class AselmdbDataset(Dataset):
 
   format = "aselmdb"
 
-  def __init__(self, path, charge_key: str = "charge", spin_key: str = "spin", source_key: str = "source",
-               config_type_keys: Sequence[str] = ("config_type", "data_id"), require_labels: bool = True,
-               on_error: str = "raise", validate: bool = False):
+  def __init__(
+    self,
+    path,
+    charge_key: str = "charge",
+    spin_key: str = "spin",
+    source_key: str = "source",
+    config_type_keys: Sequence[str] = ("config_type", "data_id"),
+    require_labels: bool = True,
+    on_error: str = "raise",
+    validate: bool = False,
+  ):
     super().__init__(path, on_error)
     try:
       import ase_db_backends.aselmdb  # noqa: F401  (registers nothing; checks the package is there)
@@ -519,10 +597,15 @@ class AselmdbDataset(Dataset):
       self.row_ids = list(self._db.ids)
     except Exception as err:
       if "already open" in str(err):
-        raise DataFormatError(self.path, None, "already open in this process (LMDB allows one environment per "
-                              "file and process): close the other dataset or reuse it") from None
-      raise DataFormatError(self.path, None, f"cannot open as aselmdb (truncated or corrupt file?): "
-                            f"{type(err).__name__}: {err}") from None
+        raise DataFormatError(
+          self.path,
+          None,
+          "already open in this process (LMDB allows one environment per "
+          "file and process): close the other dataset or reuse it",
+        ) from None
+      raise DataFormatError(
+        self.path, None, f"cannot open as aselmdb (truncated or corrupt file?): {type(err).__name__}: {err}"
+      ) from None
     self._index = list(self.row_ids)
     if validate or on_error == "skip":
       self._validate_all()
@@ -559,10 +642,22 @@ class AselmdbDataset(Dataset):
     numbers = np.asarray(row.get("numbers"))
     pbc = np.asarray(row.get("pbc", [False] * 3), dtype=bool)
     cell = np.asarray(row.get("cell")) if row.get("cell") is not None else None
-    return _make_atoms(self.path, row_id, numbers, row.get("positions"), energy, forces, charge=charge, spin=spin,
-                       config_type=None if config_type is None else str(config_type),
-                       source=str(source) if source is not None else f"{self.path.name}:{row_id}",
-                       cell=cell, pbc=pbc, stress=row.get("stress"), extra_info=extra)
+    return _make_atoms(
+      self.path,
+      row_id,
+      numbers,
+      row.get("positions"),
+      energy,
+      forces,
+      charge=charge,
+      spin=spin,
+      config_type=None if config_type is None else str(config_type),
+      source=str(source) if source is not None else f"{self.path.name}:{row_id}",
+      cell=cell,
+      pbc=pbc,
+      stress=row.get("stress"),
+      extra_info=extra,
+    )
 
   def close(self) -> None:
     db = getattr(self, "_db", None)
@@ -575,9 +670,9 @@ class AselmdbDataset(Dataset):
 
 
 _DATASETS: dict[str, Callable[..., Dataset]] = {
-    "spice": SpiceDataset,
-    "extxyz": ExtxyzDataset,
-    "aselmdb": AselmdbDataset,
+  "spice": SpiceDataset,
+  "extxyz": ExtxyzDataset,
+  "aselmdb": AselmdbDataset,
 }
 
 

@@ -34,8 +34,16 @@ class MDLog:
       self._file.write("# " + " ".join(f"{c:>14}" for c in self.COLUMNS) + "\n")
       self._file.flush()
 
-  def row(self, step: int, time_fs: float, epot: float, ekin: float, temperature: float, beyond_k: int = 0,
-          wall: float | None = None) -> float:
+  def row(
+    self,
+    step: int,
+    time_fs: float,
+    epot: float,
+    ekin: float,
+    temperature: float,
+    beyond_k: int = 0,
+    wall: float | None = None,
+  ) -> float:
     """Writes one row; returns the ns/day since the previous row (nan for the first)."""
     wall = time.perf_counter() if wall is None else wall
     rate = float("nan")
@@ -44,8 +52,9 @@ class MDLog:
     self._last = (wall, time_fs)
     if self._file is not None:
       values = (step, time_fs * 1e-3, epot, ekin, epot + ekin, temperature, beyond_k, rate)
-      self._file.write("  " + " ".join(f"{v:>14d}" if isinstance(v, (int, np.integer)) else f"{v:>14.6f}"
-                                       for v in values) + "\n")
+      self._file.write(
+        "  " + " ".join(f"{v:>14d}" if isinstance(v, (int, np.integer)) else f"{v:>14.6f}" for v in values) + "\n"
+      )
       self._file.flush()
     return rate
 
@@ -80,14 +89,17 @@ def beyond_k(atoms: ase.Atoms, calc) -> int:
   if config is None:
     return -1
   from e2former_jax.neighbors import k_nearest_neighbors
-  return k_nearest_neighbors(atoms.get_positions(), config.cutoff, config.max_neighbors, atoms.cell.array,
-                             atoms.pbc).num_beyond_k
+
+  return k_nearest_neighbors(
+    atoms.get_positions(), config.cutoff, config.max_neighbors, atoms.cell.array, atoms.pbc
+  ).num_beyond_k
 
 
 def initial_velocities(atoms: ase.Atoms, temperature_K: float, seed: int = 0) -> None:
   """Maxwell-Boltzmann momenta at ``temperature_K`` (seeded), centre-of-mass motion removed, and for a
   molecule (no periodic axis) the rigid rotation too; the temperature is rescaled back after each removal."""
   from ase.md import velocitydistribution as vd
+
   rng = np.random.default_rng(seed)
   if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29
     vd.thermalize_momenta(atoms, temperature_K=temperature_K, rng=rng)
@@ -98,8 +110,14 @@ def initial_velocities(atoms: ase.Atoms, temperature_K: float, seed: int = 0) ->
     vd.ZeroRotation(atoms)
 
 
-def make_dynamics(atoms: ase.Atoms, timestep_fs: float = 0.5, ensemble: str = "nve",
-                  temperature_K: float | None = None, friction_per_fs: float = 0.01, seed: int = 0):
+def make_dynamics(
+  atoms: ase.Atoms,
+  timestep_fs: float = 0.5,
+  ensemble: str = "nve",
+  temperature_K: float | None = None,
+  friction_per_fs: float = 0.01,
+  seed: int = 0,
+):
   """ASE ``VelocityVerlet`` (NVE) or ``Langevin`` (NVT, ``fixcm=False``) for ``atoms`` (calculator attached)."""
   if ensemble not in ENSEMBLES:
     raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
@@ -108,13 +126,29 @@ def make_dynamics(atoms: ase.Atoms, timestep_fs: float = 0.5, ensemble: str = "n
     return VelocityVerlet(atoms, timestep=dt)
   if temperature_K is None:
     raise ValueError("ensemble='nvt' needs temperature_K")
-  return Langevin(atoms, timestep=dt, temperature_K=temperature_K, friction=friction_per_fs / ase.units.fs,
-                  fixcm=False, rng=np.random.default_rng(seed))
+  return Langevin(
+    atoms,
+    timestep=dt,
+    temperature_K=temperature_K,
+    friction=friction_per_fs / ase.units.fs,
+    fixcm=False,
+    rng=np.random.default_rng(seed),
+  )
 
 
-def run_ase_md(atoms: ase.Atoms, steps: int, *, timestep_fs: float = 0.5, ensemble: str = "nve",
-               temperature_K: float | None = None, friction_per_fs: float = 0.01, seed: int = 0,
-               interval: int = 10, trajectory=None, log: MDLog | None = None) -> dict[str, np.ndarray]:
+def run_ase_md(
+  atoms: ase.Atoms,
+  steps: int,
+  *,
+  timestep_fs: float = 0.5,
+  ensemble: str = "nve",
+  temperature_K: float | None = None,
+  friction_per_fs: float = 0.01,
+  seed: int = 0,
+  interval: int = 10,
+  trajectory=None,
+  log: MDLog | None = None,
+) -> dict[str, np.ndarray]:
   """Runs ASE MD on ``atoms`` (its calculator attached, e.g. ``E2FormerCalculator``).
 
   Records every step; writes a trajectory frame (extxyz, appended) and a log row every ``interval`` steps

@@ -25,24 +25,40 @@ import numpy as np
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="e2former-md", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="e2former-md", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("structure", help="xyz/extxyz (or any ASE-readable) file with the starting structure")
   p.add_argument("--index", default="0", help="frame of the file to start from (ASE index, default 0)")
   model = p.add_mutually_exclusive_group(required=True)
   model.add_argument("--checkpoint", help="training run directory or checkpoint step directory")
-  model.add_argument("--random-model", metavar="PRESET",
-                     help="a randomly initialised model of this preset (for testing the machinery only)")
-  p.add_argument("--driver", choices=("ase", "jax"), default="ase",
-                 help="ase: ASE integrators with E2FormerCalculator; jax: jitted JAX loop (default ase)")
-  p.add_argument("--ensemble", choices=("nve", "nvt"), default="nve",
-                 help="nve: velocity Verlet; nvt: Langevin (ASE Langevin / JAX BAOAB)")
+  model.add_argument(
+    "--random-model",
+    metavar="PRESET",
+    help="a randomly initialised model of this preset (for testing the machinery only)",
+  )
+  p.add_argument(
+    "--driver",
+    choices=("ase", "jax"),
+    default="ase",
+    help="ase: ASE integrators with E2FormerCalculator; jax: jitted JAX loop (default ase)",
+  )
+  p.add_argument(
+    "--ensemble",
+    choices=("nve", "nvt"),
+    default="nve",
+    help="nve: velocity Verlet; nvt: Langevin (ASE Langevin / JAX BAOAB)",
+  )
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
   p.add_argument("--temperature", type=float, default=None, help="bath temperature in K (nvt)")
-  p.add_argument("--init-temperature", type=float, default=None,
-                 help="draw Maxwell-Boltzmann velocities at this temperature (K); default: --temperature "
-                      "for nvt, else the file's momenta (zero when it has none)")
+  p.add_argument(
+    "--init-temperature",
+    type=float,
+    default=None,
+    help="draw Maxwell-Boltzmann velocities at this temperature (K); default: --temperature "
+    "for nvt, else the file's momenta (zero when it has none)",
+  )
   p.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs (default 0.01)")
   p.add_argument("--seed", type=int, default=0, help="seed of the velocities and the Langevin noise")
   p.add_argument("--interval", type=int, default=10, help="steps between trajectory frames and log rows")
@@ -51,30 +67,38 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--charge", type=int, default=None, help="total charge (default: the file's, else 0)")
   p.add_argument("--spin", type=int, default=None, help="spin multiplicity 2S+1 (default: the file's, else 1)")
   p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in A (jax driver)")
-  p.add_argument("--x64", action="store_true",
-                 help="jax driver: float64 integrator state (the model keeps its dtype)")
+  p.add_argument("--x64", action="store_true", help="jax driver: float64 integrator state (the model keeps its dtype)")
   return p
 
 
 def _load_model(opts):
   if opts.checkpoint:
     from e2former_jax.checkpoint import load_model
+
     return load_model(opts.checkpoint), str(Path(opts.checkpoint).resolve())
   from flax import nnx
 
   from e2former_jax.config import get_config
   from e2former_jax.model import E2Former
+
   return E2Former(get_config(opts.random_model), rngs=nnx.Rngs(opts.seed)), f"random {opts.random_model}"
 
 
 def _prepare(atoms: ase.Atoms, opts) -> ase.Atoms:
   from e2former_jax.md.ase_driver import initial_velocities
+
   source = atoms
   # A clean copy: the input's labels (reference energies, forces) must not travel into the trajectory.
-  atoms = ase.Atoms(source.numbers, positions=source.positions, cell=source.cell, pbc=source.pbc,
-                    momenta=source.get_momenta(),
-                    info={k: source.info[k] for k in ("charge", "spin", "total_charge", "total_spin",
-                                                      "config_type") if k in source.info})
+  atoms = ase.Atoms(
+    source.numbers,
+    positions=source.positions,
+    cell=source.cell,
+    pbc=source.pbc,
+    momenta=source.get_momenta(),
+    info={
+      k: source.info[k] for k in ("charge", "spin", "total_charge", "total_spin", "config_type") if k in source.info
+    },
+  )
   if opts.charge is not None:
     atoms.info["charge"] = opts.charge
   elif "charge" not in atoms.info and "total_charge" in atoms.info:
@@ -101,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   if opts.x64:
     import jax
+
     jax.config.update("jax_enable_x64", True)
   import jax
 
@@ -120,54 +145,83 @@ def main(argv: Sequence[str] | None = None) -> int:
       os.remove(path)
   device = jax.devices()[0]
   header = {
-      "e2former-md": " ".join(sys.argv[1:]) if argv is None else " ".join(argv),
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "host": f"{platform.node()} ({platform.machine()}), jax {jax.__version__} on {device.platform} "
-              f"{device.device_kind}",
-      "structure": f"{opts.structure}[{opts.index}] {atoms.get_chemical_formula()} ({len(atoms)} atoms), "
-                   f"pbc {atoms.pbc.tolist()}",
-      "model": f"{model_name}: cutoff {cfg.cutoff} A, K {cfg.max_neighbors}, forces {cfg.forces}, dtype "
-               f"{cfg.dtype}",
-      "dynamics": f"{opts.driver} driver, {opts.ensemble}, dt {opts.timestep} fs, {opts.steps} steps"
-                  + (f", T {opts.temperature} K, friction {opts.friction} 1/fs" if opts.ensemble == "nvt" else ""),
-      "units": "energies eV, temperature K, time ps; ns_per_day over the wall time since the previous row",
+    "e2former-md": " ".join(sys.argv[1:]) if argv is None else " ".join(argv),
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "host": f"{platform.node()} ({platform.machine()}), jax {jax.__version__} on {device.platform} "
+    f"{device.device_kind}",
+    "structure": f"{opts.structure}[{opts.index}] {atoms.get_chemical_formula()} ({len(atoms)} atoms), "
+    f"pbc {atoms.pbc.tolist()}",
+    "model": f"{model_name}: cutoff {cfg.cutoff} A, K {cfg.max_neighbors}, forces {cfg.forces}, dtype {cfg.dtype}",
+    "dynamics": f"{opts.driver} driver, {opts.ensemble}, dt {opts.timestep} fs, {opts.steps} steps"
+    + (f", T {opts.temperature} K, friction {opts.friction} 1/fs" if opts.ensemble == "nvt" else ""),
+    "units": "energies eV, temperature K, time ps; ns_per_day over the wall time since the previous row",
   }
   log = MDLog(opts.log, header)
   tic = time.perf_counter()
   if opts.driver == "ase":
     from e2former_jax.calculator import E2FormerCalculator
+
     atoms.calc = E2FormerCalculator(model=model)
-    rows = run_ase_md(atoms, opts.steps, timestep_fs=opts.timestep, ensemble=opts.ensemble,
-                      temperature_K=opts.temperature, friction_per_fs=opts.friction, seed=opts.seed,
-                      interval=opts.interval, trajectory=opts.trajectory, log=log)
+    rows = run_ase_md(
+      atoms,
+      opts.steps,
+      timestep_fs=opts.timestep,
+      ensemble=opts.ensemble,
+      temperature_K=opts.temperature,
+      friction_per_fs=opts.friction,
+      seed=opts.seed,
+      interval=opts.interval,
+      trajectory=opts.trajectory,
+      log=log,
+    )
     per_step = rows["seconds"][2:] if len(rows["seconds"]) > 2 else rows["seconds"][1:]
     rate = opts.timestep * 1e-6 / (float(np.median(per_step)) / 86400.0) if len(per_step) else float("nan")
     extra = ""
   else:
     from e2former_jax.md.jax_driver import JaxMD
-    sim = JaxMD(model, atoms, timestep_fs=opts.timestep, ensemble=opts.ensemble,
-                temperature_K=opts.temperature, friction_per_fs=opts.friction, seed=opts.seed,
-                skin=opts.skin, steps_per_call=opts.interval)
+
+    sim = JaxMD(
+      model,
+      atoms,
+      timestep_fs=opts.timestep,
+      ensemble=opts.ensemble,
+      temperature_K=opts.temperature,
+      friction_per_fs=opts.friction,
+      seed=opts.seed,
+      skin=opts.skin,
+      steps_per_call=opts.interval,
+    )
 
     def on_chunk(sim, chunk):
       now = time.perf_counter()
       for i, step in enumerate(chunk["step"]):
         if step % opts.interval == 0:
-          log.row(int(step), float(chunk["time_fs"][i]), float(chunk["potential"][i]),
-                  float(chunk["kinetic"][i]), float(chunk["temperature"][i]), int(chunk["beyond_k"][i]), wall=now)
+          log.row(
+            int(step),
+            float(chunk["time_fs"][i]),
+            float(chunk["potential"][i]),
+            float(chunk["kinetic"][i]),
+            float(chunk["temperature"][i]),
+            int(chunk["beyond_k"][i]),
+            wall=now,
+          )
       if sim.step_count % opts.interval == 0 and opts.trajectory:
         write_frame(opts.trajectory, sim.atoms)
 
     rows = sim.run(opts.steps, callback=on_chunk)
     rate = sim.ns_per_day()
-    extra = (f", neighbour list {sim.spec.method} (capacity {sim.spec.capacity}, {int(rows['builds'][-1])} "
-             f"builds, {sim.reallocations} reallocations)")
+    extra = (
+      f", neighbour list {sim.spec.method} (capacity {sim.spec.capacity}, {int(rows['builds'][-1])} "
+      f"builds, {sim.reallocations} reallocations)"
+    )
   wall = time.perf_counter() - tic
   spread = float(np.ptp(rows["total"])) if len(rows["total"]) else 0.0
   if "beyond_k" in rows:
     extra = f", at most {int(np.max(rows['beyond_k']))} in-cutoff pairs beyond K" + extra
-  summary = (f"{opts.steps} steps ({opts.steps * opts.timestep / 1000:.3f} ps) in {wall:.1f} s; {rate:.4g} ns/day "
-             f"after compilation; total-energy spread {1000 * spread / len(atoms):.3f} meV/atom{extra}")
+  summary = (
+    f"{opts.steps} steps ({opts.steps * opts.timestep / 1000:.3f} ps) in {wall:.1f} s; {rate:.4g} ns/day "
+    f"after compilation; total-energy spread {1000 * spread / len(atoms):.3f} meV/atom{extra}"
+  )
   log.comment(summary)
   log.close()
   print(summary)

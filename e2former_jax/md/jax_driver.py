@@ -21,7 +21,7 @@ import functools
 import time
 import warnings
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import ase
 import ase.units
@@ -69,7 +69,7 @@ def _kinetic(velocities, masses):
   return 0.5 * jnp.sum(masses[:, None] * velocities**2)
 
 
-_CHUNKS: "weakref.WeakKeyDictionary[E2Former, Callable]" = weakref.WeakKeyDictionary()
+_CHUNKS: weakref.WeakKeyDictionary[E2Former, Callable] = weakref.WeakKeyDictionary()
 
 
 def chunk_fn(model: E2Former):
@@ -84,8 +84,20 @@ def chunk_fn(model: E2Former):
   return _CHUNKS[model]
 
 
-def _chunk(graphdef, params, spec: nl.NeighborListSpec, ensemble: str, state: MDState, template: AtomGraph,
-           masses, cell, dts, active, gamma, kT):
+def _chunk(
+  graphdef,
+  params,
+  spec: nl.NeighborListSpec,
+  ensemble: str,
+  state: MDState,
+  template: AtomGraph,
+  masses,
+  cell,
+  dts,
+  active,
+  gamma,
+  kT,
+):
   """Steps of velocity Verlet or BAOAB of lengths ``dts`` where ``active`` (inactive ones leave the state as
   it is and cost nothing); returns the final state and per-step observables."""
   model = nnx.merge(graphdef, params)
@@ -99,8 +111,9 @@ def _chunk(graphdef, params, spec: nl.NeighborListSpec, ensemble: str, state: MD
     idx, mask, shift, beyond, neighbors = nl.nearest_slots(spec, neighbors, positions, cell)
     centre = jnp.sum(jnp.where(atom_mask[:, None], positions, 0.0), axis=0) / count
     centred = jnp.where(atom_mask[:, None], positions - centre, 0.0)
-    graph = template.replace(positions=centred.astype(model_dtype), neighbors=idx, neighbor_mask=mask,
-                             neighbor_shift=shift.astype(model_dtype))
+    graph = template.replace(
+      positions=centred.astype(model_dtype), neighbors=idx, neighbor_mask=mask, neighbor_shift=shift.astype(model_dtype)
+    )
     out = predict(model, graph)
     forces = jnp.where(atom_mask[:, None], out["forces"].astype(positions.dtype), 0.0)
     return forces, out["energy"][0].astype(positions.dtype), beyond, neighbors
@@ -121,15 +134,15 @@ def _chunk(graphdef, params, spec: nl.NeighborListSpec, ensemble: str, state: MD
       x = s.positions + dt * v
     forces, energy, beyond, neighbors = forces_at(x, s.neighbors)
     v = v + 0.5 * dt * forces * inv_mass
-    new = MDState(positions=x, velocities=v, forces=forces, potential_energy=energy, neighbors=neighbors,
-                  key=key)
+    new = MDState(positions=x, velocities=v, forces=forces, potential_energy=energy, neighbors=neighbors, key=key)
     return new, beyond
 
   def maybe_step(s: MDState, xs):
     dt, active = xs
     s, beyond = jax.lax.cond(active, step, lambda s, dt: (s, jnp.zeros((), jnp.int32)), s, dt)
-    observed = dict(potential=s.potential_energy, kinetic=_kinetic(s.velocities, masses), beyond_k=beyond,
-                    builds=s.neighbors.builds)
+    observed = dict(
+      potential=s.potential_energy, kinetic=_kinetic(s.velocities, masses), beyond_k=beyond, builds=s.neighbors.builds
+    )
     return s, observed
 
   return jax.lax.scan(maybe_step, state, (dts, active))
@@ -158,10 +171,23 @@ class JaxMD:
     pad_to: atom slots are padded to a multiple of this, as in ``E2FormerCalculator``.
   """
 
-  def __init__(self, model: E2Former, atoms: ase.Atoms, *, timestep_fs: float = 0.5, ensemble: str = "nve",
-               temperature_K: float | None = None, friction_per_fs: float = 0.01, seed: int = 0,
-               skin: float = 0.5, method: str = "auto", capacity: int | None = None,
-               cell_capacity: int | None = None, steps_per_call: int = 20, pad_to: int = 32):
+  def __init__(
+    self,
+    model: E2Former,
+    atoms: ase.Atoms,
+    *,
+    timestep_fs: float = 0.5,
+    ensemble: str = "nve",
+    temperature_K: float | None = None,
+    friction_per_fs: float = 0.01,
+    seed: int = 0,
+    skin: float = 0.5,
+    method: str = "auto",
+    capacity: int | None = None,
+    cell_capacity: int | None = None,
+    steps_per_call: int = 20,
+    pad_to: int = 32,
+  ):
     if ensemble not in ENSEMBLES:
       raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
     if ensemble == "nvt" and temperature_K is None:
@@ -182,20 +208,33 @@ class JaxMD:
     self.num_real = len(atoms)
     num_atoms = (len(atoms) // pad_to + 1) * pad_to
     model_dtype = np.float64 if cfg.dtype == "float64" else np.float32
-    self.template, _ = graph_from_atoms([atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=num_atoms,
-                                        num_graphs=2, dtype=model_dtype)
+    self.template, _ = graph_from_atoms(
+      [atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=num_atoms, num_graphs=2, dtype=model_dtype
+    )
     dtype = state_dtype()
     self.dtype = dtype
-    self.spec = nl.plan(atoms.get_positions(), atoms.cell.array, atoms.pbc, cfg.cutoff, cfg.max_neighbors,
-                        skin=skin, method=method, capacity=capacity, cell_capacity=cell_capacity)
+    self.spec = nl.plan(
+      atoms.get_positions(),
+      atoms.cell.array,
+      atoms.pbc,
+      cfg.cutoff,
+      cfg.max_neighbors,
+      skin=skin,
+      method=method,
+      capacity=capacity,
+      cell_capacity=cell_capacity,
+    )
     pad = lambda a, fill=0.0: np.concatenate([a, np.full((num_atoms - len(atoms),) + a.shape[1:], fill)])
     self.masses = jnp.asarray(pad(atoms.get_masses(), 1.0), dtype)
     self.cell = jnp.asarray(self._cell if self.template.periodic else np.zeros((3, 3)), dtype)
     self.state = MDState(
-        positions=jnp.asarray(pad(atoms.get_positions()), dtype),
-        velocities=jnp.asarray(pad(atoms.get_velocities()), dtype),
-        forces=jnp.zeros((num_atoms, 3), dtype), potential_energy=jnp.zeros((), dtype),
-        neighbors=nl.empty_state(self.spec, num_atoms, dtype), key=jax.random.key(seed))
+      positions=jnp.asarray(pad(atoms.get_positions()), dtype),
+      velocities=jnp.asarray(pad(atoms.get_velocities()), dtype),
+      forces=jnp.zeros((num_atoms, 3), dtype),
+      potential_energy=jnp.zeros((), dtype),
+      neighbors=nl.empty_state(self.spec, num_atoms, dtype),
+      key=jax.random.key(seed),
+    )
     self.gamma = jnp.asarray(friction_per_fs / ase.units.fs if ensemble == "nvt" else 0.0, dtype)
     self.kT = jnp.asarray(ase.units.kB * (temperature_K or 0.0), dtype)
     self.initialised = False
@@ -212,25 +251,41 @@ class JaxMD:
     """One chunk, rerun with larger buffers as long as the neighbour list overflows."""
     start = self.state
     while True:
-      new, observed = self._chunk(self.params, spec=self.spec, ensemble=self.ensemble, state=start,
-                                  template=self.template, masses=self.masses, cell=self.cell,
-                                  dts=jnp.asarray(dts, self.dtype), active=jnp.asarray(active),
-                                  gamma=self.gamma, kT=self.kT)
+      new, observed = self._chunk(
+        self.params,
+        spec=self.spec,
+        ensemble=self.ensemble,
+        state=start,
+        template=self.template,
+        masses=self.masses,
+        cell=self.cell,
+        dts=jnp.asarray(dts, self.dtype),
+        active=jnp.asarray(active),
+        gamma=self.gamma,
+        kT=self.kT,
+      )
       neighbors = new.neighbors
       if bool(neighbors.too_close):
-        raise ValueError(f"two atoms came closer than {nl.MIN_DISTANCE} A during MD steps "
-                         f"{self.step_count}..{self.step_count + int(np.sum(active))}")
+        raise ValueError(
+          f"two atoms came closer than {nl.MIN_DISTANCE} A during MD steps "
+          f"{self.step_count}..{self.step_count + int(np.sum(active))}"
+        )
       if not np.all(np.isfinite(np.asarray(new.positions))):
-        raise FloatingPointError(f"non-finite positions during MD steps {self.step_count}.."
-                                 f"{self.step_count + int(np.sum(active))}")
+        raise FloatingPointError(
+          f"non-finite positions during MD steps {self.step_count}..{self.step_count + int(np.sum(active))}"
+        )
       if not bool(neighbors.overflow):
         return new, observed
       self.spec = nl.grown(self.spec, neighbors)
       self.reallocations += 1
       fresh = nl.empty_state(self.spec, start.positions.shape[0], self.dtype)
-      start = start.replace(neighbors=fresh.replace(builds=start.neighbors.builds,
-                                                    max_candidates=start.neighbors.max_candidates,
-                                                    max_cell_count=start.neighbors.max_cell_count))
+      start = start.replace(
+        neighbors=fresh.replace(
+          builds=start.neighbors.builds,
+          max_candidates=start.neighbors.max_candidates,
+          max_cell_count=start.neighbors.max_cell_count,
+        )
+      )
 
   def _advance(self, dts: np.ndarray, active: np.ndarray, steps: np.ndarray) -> dict[str, np.ndarray]:
     tic = time.perf_counter()
@@ -247,9 +302,12 @@ class JaxMD:
     rows["total"] = rows["potential"] + rows["kinetic"]
     rows["temperature"] = 2.0 * rows["kinetic"] / (3 * self.num_real * ase.units.kB)
     if not self._warned_truncation and np.any(rows["beyond_k"] > 0):
-      warnings.warn(f"{int(np.max(rows['beyond_k']))} neighbour pairs within the cutoff were dropped because "
-                    f"atoms have more than K={self.model.config.max_neighbors} neighbours (the model's "
-                    "definition); consider a larger max_neighbors for condensed phases", stacklevel=3)
+      warnings.warn(
+        f"{int(np.max(rows['beyond_k']))} neighbour pairs within the cutoff were dropped because "
+        f"atoms have more than K={self.model.config.max_neighbors} neighbours (the model's "
+        "definition); consider a larger max_neighbors for condensed phases",
+        stacklevel=3,
+      )
       self._warned_truncation = True
     return rows
 
@@ -304,20 +362,27 @@ class JaxMD:
   def atoms(self) -> ase.Atoms:
     """The current structure: positions, velocities, and energy and forces as a single-point calculator."""
     n = self.num_real
-    atoms = ase.Atoms(self._symbols, positions=np.asarray(self.state.positions[:n], np.float64),
-                      cell=self._cell, pbc=self._pbc, info=dict(self._info))
+    atoms = ase.Atoms(
+      self._symbols,
+      positions=np.asarray(self.state.positions[:n], np.float64),
+      cell=self._cell,
+      pbc=self._pbc,
+      info=dict(self._info),
+    )
     atoms.set_velocities(np.asarray(self.state.velocities[:n], np.float64))
     if self.initialised:
-      atoms.calc = SinglePointCalculator(atoms, energy=float(self.state.potential_energy),
-                                         forces=np.asarray(self.state.forces[:n], np.float64))
+      atoms.calc = SinglePointCalculator(
+        atoms, energy=float(self.state.potential_energy), forces=np.asarray(self.state.forces[:n], np.float64)
+      )
     return atoms
 
   def neighbor_slots(self):
     """(neighbors, mask, shift, beyond_k) of the current positions, from the device list (for tests and
     inspection); builds the list when it is stale."""
     positions = self.state.positions
-    state = nl.update(self.spec, self.state.neighbors, positions, self.cell, self.template.atom_mask,
-                      self.template.periodic)
+    state = nl.update(
+      self.spec, self.state.neighbors, positions, self.cell, self.template.atom_mask, self.template.periodic
+    )
     if bool(state.overflow):
       raise RuntimeError("neighbour buffer overflow; run a step to reallocate")
     idx, mask, shift, beyond, _ = nl.nearest_slots(self.spec, state, positions, self.cell)

@@ -113,9 +113,17 @@ def _cell_ids(frac: np.ndarray, grid) -> np.ndarray:
   return (idx[:, 0] * g[1] + idx[:, 1]) * g[2] + idx[:, 2]
 
 
-def plan(positions: np.ndarray, cell: np.ndarray | None, pbc, cutoff: float, max_neighbors: int,
-         skin: float = 0.5, method: str = "auto", capacity: int | None = None,
-         cell_capacity: int | None = None) -> NeighborListSpec:
+def plan(
+  positions: np.ndarray,
+  cell: np.ndarray | None,
+  pbc,
+  cutoff: float,
+  max_neighbors: int,
+  skin: float = 0.5,
+  method: str = "auto",
+  capacity: int | None = None,
+  cell_capacity: int | None = None,
+) -> NeighborListSpec:
   """Chooses the search method and sizes the buffers from the current positions (on the host).
 
   Args:
@@ -145,11 +153,14 @@ def plan(positions: np.ndarray, cell: np.ndarray | None, pbc, cutoff: float, max
   if method == "auto":
     method = "cell_list" if periodic and min(grid) >= 3 else "all_pairs"
   if method == "cell_list" and (not periodic or min(grid) < 3):
-    raise ValueError(f"the cell list needs a periodic cell at least 3 x {radius} A wide along every lattice "
-                     f"vector (grid {grid}); use method='all_pairs'")
+    raise ValueError(
+      f"the cell list needs a periodic cell at least 3 x {radius} A wide along every lattice "
+      f"vector (grid {grid}); use method='all_pairs'"
+    )
   if capacity is None:
     i, _ = vesin.NeighborList(cutoff=radius, full_list=True).compute(
-        points=positions, box=box, periodic=periodic, quantities="ij")
+      points=positions, box=box, periodic=periodic, quantities="ij"
+    )
     most = int(np.bincount(np.asarray(i, np.int64), minlength=len(positions)).max()) if len(i) else 0
     capacity = int(most * GROWTH) + 8
   capacity = max(int(capacity), max_neighbors)
@@ -162,9 +173,16 @@ def plan(positions: np.ndarray, cell: np.ndarray | None, pbc, cutoff: float, max
     cell_capacity = int(cell_capacity)
   else:
     grid, cell_capacity = (1, 1, 1), 0
-  return NeighborListSpec(cutoff=float(cutoff), max_neighbors=int(max_neighbors), skin=float(skin),
-                          capacity=capacity, method=method, images=images, grid=tuple(grid),
-                          cell_capacity=cell_capacity)
+  return NeighborListSpec(
+    cutoff=float(cutoff),
+    max_neighbors=int(max_neighbors),
+    skin=float(skin),
+    capacity=capacity,
+    method=method,
+    images=images,
+    grid=tuple(grid),
+    cell_capacity=cell_capacity,
+  )
 
 
 def grown(spec: NeighborListSpec, state: NeighborState) -> NeighborListSpec:
@@ -183,13 +201,16 @@ def grown(spec: NeighborListSpec, state: NeighborState) -> NeighborListSpec:
 def empty_state(spec: NeighborListSpec, num_atoms: int, dtype) -> NeighborState:
   """A state that forces a build at the first update."""
   return NeighborState(
-      candidates=jnp.full((num_atoms, spec.capacity), num_atoms - 1, jnp.int32),
-      candidate_image=jnp.zeros((num_atoms, spec.capacity, 3), jnp.int32),
-      candidate_mask=jnp.zeros((num_atoms, spec.capacity), bool),
-      reference=jnp.full((num_atoms, 3), jnp.inf, dtype),
-      overflow=jnp.zeros((), bool), max_candidates=jnp.zeros((), jnp.int32),
-      max_cell_count=jnp.zeros((), jnp.int32), builds=jnp.zeros((), jnp.int32),
-      too_close=jnp.zeros((), bool))
+    candidates=jnp.full((num_atoms, spec.capacity), num_atoms - 1, jnp.int32),
+    candidate_image=jnp.zeros((num_atoms, spec.capacity, 3), jnp.int32),
+    candidate_mask=jnp.zeros((num_atoms, spec.capacity), bool),
+    reference=jnp.full((num_atoms, 3), jnp.inf, dtype),
+    overflow=jnp.zeros((), bool),
+    max_candidates=jnp.zeros((), jnp.int32),
+    max_cell_count=jnp.zeros((), jnp.int32),
+    builds=jnp.zeros((), jnp.int32),
+    too_close=jnp.zeros((), bool),
+  )
 
 
 def _compact(within: jax.Array, capacity: int, *values: jax.Array):
@@ -227,8 +248,12 @@ def _all_pairs(spec: NeighborListSpec, positions, cell, atom_mask, periodic: boo
   is_self = (source == jnp.arange(n)[:, None, None]) & jnp.all(image == 0, axis=-1)
   pair_ok = atom_mask[:, None, None] & atom_mask[None, :, None] & ~is_self
   within = pair_ok & (d2 < spec.search_radius**2)
-  return (within.reshape(n, n * m), source.reshape(n, n * m),
-          image.reshape(n, n * m, 3).astype(jnp.int32), jnp.zeros((), jnp.int32))
+  return (
+    within.reshape(n, n * m),
+    source.reshape(n, n * m),
+    image.reshape(n, n * m, 3).astype(jnp.int32),
+    jnp.zeros((), jnp.int32),
+  )
 
 
 def _cell_list(spec: NeighborListSpec, positions, cell, atom_mask):
@@ -267,8 +292,14 @@ def _cell_list(spec: NeighborListSpec, positions, cell, atom_mask):
   return within, source, image, max_cell
 
 
-def build(spec: NeighborListSpec, state: NeighborState, positions: jax.Array, cell: jax.Array,
-          atom_mask: jax.Array, periodic: bool) -> NeighborState:
+def build(
+  spec: NeighborListSpec,
+  state: NeighborState,
+  positions: jax.Array,
+  cell: jax.Array,
+  atom_mask: jax.Array,
+  periodic: bool,
+) -> NeighborState:
   """Rebuilds the candidate buffer at ``positions`` (traceable; flags overflow instead of dropping pairs)."""
   if spec.method == "cell_list":
     within, source, image, max_cell = _cell_list(spec, positions, cell, atom_mask)
@@ -276,21 +307,30 @@ def build(spec: NeighborListSpec, state: NeighborState, positions: jax.Array, ce
   else:
     within, source, image, max_cell = _all_pairs(spec, positions, cell, atom_mask, periodic)
     cell_overflow = jnp.zeros((), bool)
-  counts, (candidates, candidate_image, candidate_mask) = _compact(within, spec.capacity, source, image,
-                                                                   within)
+  counts, (candidates, candidate_image, candidate_mask) = _compact(within, spec.capacity, source, image, within)
   n = positions.shape[0]
   most = jnp.max(counts)
   return NeighborState(
-      candidates=jnp.where(candidate_mask, candidates, n - 1).astype(jnp.int32),
-      candidate_image=candidate_image, candidate_mask=candidate_mask, reference=positions,
-      overflow=state.overflow | (most > spec.capacity) | cell_overflow,
-      max_candidates=jnp.maximum(state.max_candidates, most),
-      max_cell_count=jnp.maximum(state.max_cell_count, max_cell),
-      builds=state.builds + 1, too_close=state.too_close)
+    candidates=jnp.where(candidate_mask, candidates, n - 1).astype(jnp.int32),
+    candidate_image=candidate_image,
+    candidate_mask=candidate_mask,
+    reference=positions,
+    overflow=state.overflow | (most > spec.capacity) | cell_overflow,
+    max_candidates=jnp.maximum(state.max_candidates, most),
+    max_cell_count=jnp.maximum(state.max_cell_count, max_cell),
+    builds=state.builds + 1,
+    too_close=state.too_close,
+  )
 
 
-def update(spec: NeighborListSpec, state: NeighborState, positions: jax.Array, cell: jax.Array,
-           atom_mask: jax.Array, periodic: bool) -> NeighborState:
+def update(
+  spec: NeighborListSpec,
+  state: NeighborState,
+  positions: jax.Array,
+  cell: jax.Array,
+  atom_mask: jax.Array,
+  periodic: bool,
+) -> NeighborState:
   """Rebuilds when some real atom has moved more than skin / 2 since the last build (or never built)."""
   moved = jnp.sum((positions - state.reference) ** 2, axis=-1)
   stale = jnp.any(atom_mask & ~(moved <= (0.5 * spec.skin) ** 2))
@@ -317,5 +357,10 @@ def nearest_slots(spec: NeighborListSpec, state: NeighborState, positions: jax.A
   shift = jnp.where(mask[..., None], jnp.take_along_axis(shifts, slot[..., None], axis=1), 0.0)
   beyond = jnp.sum(jnp.maximum(jnp.sum(inside, axis=1) - spec.max_neighbors, 0))
   close = jnp.any(inside & (d2 < MIN_DISTANCE**2))
-  return neighbors.astype(jnp.int32), mask, shift, beyond.astype(jnp.int32), state.replace(
-      too_close=state.too_close | close)
+  return (
+    neighbors.astype(jnp.int32),
+    mask,
+    shift,
+    beyond.astype(jnp.int32),
+    state.replace(too_close=state.too_close | close),
+  )

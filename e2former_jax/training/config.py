@@ -144,8 +144,9 @@ class DataConfig:
 
   def __post_init__(self):
     if self.element_references not in ELEMENT_REFERENCE_CHOICES:
-      raise ValueError(f"data.element_references must be one of {ELEMENT_REFERENCE_CHOICES}, "
-                       f"got {self.element_references!r}")
+      raise ValueError(
+        f"data.element_references must be one of {ELEMENT_REFERENCE_CHOICES}, got {self.element_references!r}"
+      )
     if self.atom_budget < 1 or self.num_buckets < 1:
       raise ValueError("data.atom_budget and data.num_buckets must be >= 1")
     if not 0.0 <= self.valid_fraction < 1.0:
@@ -238,7 +239,7 @@ class TrainConfig:
     return out
 
   @classmethod
-  def from_dict(cls, values: dict) -> "TrainConfig":
+  def from_dict(cls, values: dict) -> TrainConfig:
     values = copy.deepcopy(values or {})
     unknown = sorted(set(values) - {"model", *SECTIONS})
     if unknown:
@@ -264,7 +265,7 @@ class TrainConfig:
     cfg.model_config()  # validates the model section
     return cfg
 
-  def replace(self, **sections) -> "TrainConfig":
+  def replace(self, **sections) -> TrainConfig:
     return dataclasses.replace(self, **sections)
 
 
@@ -321,13 +322,30 @@ def _preset_demo() -> TrainConfig:
   # The CPU run that `python train.py` starts (README main job; numbers measured in the README): 20 epochs of
   # the demo data in batches of at most 48 atoms, chosen by the sweeps in benchmarks/RESULTS.md (2026-12-02/04).
   return TrainConfig(
-      model={"preset": "small"},
-      data=DataConfig(train="demo:train", valid="demo:valid", test="demo:test", in_memory=True, atom_budget=48,
-                      num_buckets=1, eval_atom_budget=256, element_references="fit", prefetch=4),
-      loss=LossConfig(kind="atoml2mae", energy_weight=10.0, force_weight=100.0),
-      optim=OptimConfig(lr=1e-3, weight_decay=0.0, clip_norm=10.0, warmup_steps=4000, warmup_factor=0.2,
-                        lr_min_factor=0.01, max_warmup_fraction=0.1, ema_decay=0.995),
-      run=RunConfig(steps=8640, seed=0, eval_every=2160, log_every=10, keep_checkpoints=2, best_metric="loss"),
+    model={"preset": "small"},
+    data=DataConfig(
+      train="demo:train",
+      valid="demo:valid",
+      test="demo:test",
+      in_memory=True,
+      atom_budget=48,
+      num_buckets=1,
+      eval_atom_budget=256,
+      element_references="fit",
+      prefetch=4,
+    ),
+    loss=LossConfig(kind="atoml2mae", energy_weight=10.0, force_weight=100.0),
+    optim=OptimConfig(
+      lr=1e-3,
+      weight_decay=0.0,
+      clip_norm=10.0,
+      warmup_steps=4000,
+      warmup_factor=0.2,
+      lr_min_factor=0.01,
+      max_warmup_fraction=0.1,
+      ema_decay=0.995,
+    ),
+    run=RunConfig(steps=8640, seed=0, eval_every=2160, log_every=10, keep_checkpoints=2, best_metric="loss"),
   )
 
 
@@ -336,13 +354,20 @@ def _preset_paper_spice() -> TrainConfig:
   # Adam lr 4e-4, clip 100, 200k steps, 64 molecules per GPU (8 GPUs there; one device here), SPICE element
   # references. The MACE-OFF split has no validation file: 5% of train is held out. Put the files under data/.
   return TrainConfig(
-      model={"preset": "paper_spice"},
-      data=DataConfig(train="data/spice/train_large_neut_no_bad_clean.xyz", valid=None, valid_fraction=0.05,
-                      test="data/spice/test_large_neut_all.xyz", atom_budget=4096, max_structures=64,
-                      num_buckets=4, element_references="spice"),
-      loss=LossConfig(kind="atoml2mae", energy_weight=0.2, force_weight=0.9),
-      optim=OptimConfig(lr=4e-4, weight_decay=0.0, clip_norm=100.0),
-      run=RunConfig(steps=200_000, eval_every=5000, log_every=100, keep_checkpoints=3),
+    model={"preset": "paper_spice"},
+    data=DataConfig(
+      train="data/spice/train_large_neut_no_bad_clean.xyz",
+      valid=None,
+      valid_fraction=0.05,
+      test="data/spice/test_large_neut_all.xyz",
+      atom_budget=4096,
+      max_structures=64,
+      num_buckets=4,
+      element_references="spice",
+    ),
+    loss=LossConfig(kind="atoml2mae", energy_weight=0.2, force_weight=0.9),
+    optim=OptimConfig(lr=4e-4, weight_decay=0.0, clip_norm=100.0),
+    run=RunConfig(steps=200_000, eval_every=5000, log_every=100, keep_checkpoints=3),
   )
 
 
@@ -350,12 +375,18 @@ def _preset_paper_omol25_stage1() -> TrainConfig:
   # main:scripts/pretrain_omol25_stage1.sh: 6 A, QKdot_alpha, direct forces, atoml2mae w_E 1 w_F 30,
   # AdamW lr 8e-4 wd 1e-3, clip 100, 1.4M steps, 2,048 atoms per GPU, OMol25 element references.
   return TrainConfig(
-      model={"preset": "paper_omol25_stage1"},
-      data=DataConfig(train="data/omol25/train", valid="data/omol25/val", test=None, atom_budget=2048,
-                      num_buckets=4, element_references="omol25"),
-      loss=LossConfig(kind="atoml2mae", energy_weight=1.0, force_weight=30.0),
-      optim=OptimConfig(lr=8e-4, weight_decay=1e-3, clip_norm=100.0),
-      run=RunConfig(steps=1_400_000, eval_every=10_000, log_every=100, keep_checkpoints=3),
+    model={"preset": "paper_omol25_stage1"},
+    data=DataConfig(
+      train="data/omol25/train",
+      valid="data/omol25/val",
+      test=None,
+      atom_budget=2048,
+      num_buckets=4,
+      element_references="omol25",
+    ),
+    loss=LossConfig(kind="atoml2mae", energy_weight=1.0, force_weight=30.0),
+    optim=OptimConfig(lr=8e-4, weight_decay=1e-3, clip_norm=100.0),
+    run=RunConfig(steps=1_400_000, eval_every=10_000, log_every=100, keep_checkpoints=3),
   )
 
 
@@ -366,21 +397,27 @@ def _preset_paper_omol25_stage2() -> TrainConfig:
   # its warmup override is rejected by the authors' scheduler, so the default 4,000 steps stay. The run
   # length is not in the script: 1.4M steps as stage 1 (our choice).
   return TrainConfig(
-      model={"preset": "paper_omol25_stage2"},
-      data=DataConfig(train="data/omol25/train", valid="data/omol25/val", test=None, atom_budget=1024,
-                      num_buckets=4, element_references="omol25"),
-      loss=LossConfig(kind="l2mae", energy_weight=20.0, force_weight=2.0),
-      optim=OptimConfig(lr=4e-4, weight_decay=0.0, clip_norm=100.0, schedule_steps=100_000_000),
-      run=RunConfig(steps=1_400_000, eval_every=10_000, log_every=100, keep_checkpoints=3),
-      init=InitConfig(checkpoint=None, strict=False),
+    model={"preset": "paper_omol25_stage2"},
+    data=DataConfig(
+      train="data/omol25/train",
+      valid="data/omol25/val",
+      test=None,
+      atom_budget=1024,
+      num_buckets=4,
+      element_references="omol25",
+    ),
+    loss=LossConfig(kind="l2mae", energy_weight=20.0, force_weight=2.0),
+    optim=OptimConfig(lr=4e-4, weight_decay=0.0, clip_norm=100.0, schedule_steps=100_000_000),
+    run=RunConfig(steps=1_400_000, eval_every=10_000, log_every=100, keep_checkpoints=3),
+    init=InitConfig(checkpoint=None, strict=False),
   )
 
 
 PRESETS = {
-    "demo": _preset_demo,
-    "paper_spice": _preset_paper_spice,
-    "paper_omol25_stage1": _preset_paper_omol25_stage1,
-    "paper_omol25_stage2": _preset_paper_omol25_stage2,
+  "demo": _preset_demo,
+  "paper_spice": _preset_paper_spice,
+  "paper_omol25_stage1": _preset_paper_omol25_stage1,
+  "paper_omol25_stage2": _preset_paper_omol25_stage2,
 }
 
 

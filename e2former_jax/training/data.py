@@ -68,7 +68,7 @@ def _expand(spec) -> list[Path]:
   for s in specs:
     s = str(s)
     if s.startswith(DEMO_PREFIX):
-      paths.append(demo_data_path(s[len(DEMO_PREFIX):]))
+      paths.append(demo_data_path(s[len(DEMO_PREFIX) :]))
       continue
     p = Path(s).expanduser()
     if p.is_dir():
@@ -79,15 +79,17 @@ def _expand(spec) -> list[Path]:
     elif p.exists():
       paths.append(p)
     else:
-      raise FileNotFoundError(f"{p}: no such data file or directory (set the data paths in the config, "
-                              "e.g. --set data.train=PATH)")
+      raise FileNotFoundError(
+        f"{p}: no such data file or directory (set the data paths in the config, e.g. --set data.train=PATH)"
+      )
   if not paths:
     raise ValueError(f"no data files in {spec!r}")
   return paths
 
 
-def read_structures(spec, fmt: str | None = None, reader: dict | None = None, in_memory: bool = False,
-                    limit: int | None = None) -> Sequence[ase.Atoms]:
+def read_structures(
+  spec, fmt: str | None = None, reader: dict | None = None, in_memory: bool = False, limit: int | None = None
+) -> Sequence[ase.Atoms]:
   """The structures of a path, a list of paths, a directory of data files, or ``demo:<split>``.
 
   ``in_memory`` reads everything now (a list); otherwise the files stay open and records are read when
@@ -117,8 +119,9 @@ def split_validation(data: Sequence, fraction: float, seed: int) -> tuple[Sequen
   return Subset(data, train), Subset(data, valid)
 
 
-def element_references(choice: str, train: Sequence[ase.Atoms], max_fit_structures: int = 200_000,
-                       seed: int = 0) -> dict[int, float]:
+def element_references(
+  choice: str, train: Sequence[ase.Atoms], max_fit_structures: int = 200_000, seed: int = 0
+) -> dict[int, float]:
   """Per-element energies (eV): ``fit`` (least squares on up to ``max_fit_structures`` training structures),
   a published table (``spice``, ``omol25``) or ``none`` (empty)."""
   if choice == "none":
@@ -128,8 +131,11 @@ def element_references(choice: str, train: Sequence[ase.Atoms], max_fit_structur
   if choice != "fit":
     raise ValueError(f"element references {choice!r} are not resolved here")
   n = len(train)
-  idx = np.arange(n) if n <= max_fit_structures else np.sort(
-      np.random.default_rng(seed).choice(n, max_fit_structures, replace=False))
+  idx = (
+    np.arange(n)
+    if n <= max_fit_structures
+    else np.sort(np.random.default_rng(seed).choice(n, max_fit_structures, replace=False))
+  )
   structures = [train[int(i)] for i in idx]
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -139,8 +145,9 @@ def element_references(choice: str, train: Sequence[ase.Atoms], max_fit_structur
   return refs
 
 
-def net_force_check(dataset: Sequence[ase.Atoms], sample: int = 200, seed: int = 0,
-                    threshold: float = 0.1) -> str | None:
+def net_force_check(
+  dataset: Sequence[ase.Atoms], sample: int = 200, seed: int = 0, threshold: float = 0.1
+) -> str | None:
   """A warning message when the labelled forces of (a sample of) ``dataset`` do not sum to zero.
 
   Forces of any translation-invariant energy sum to zero over a structure (the reference methods' own
@@ -165,7 +172,9 @@ def net_force_check(dataset: Sequence[ase.Atoms], sample: int = 200, seed: int =
   median = float(np.median(nets))
   if median <= threshold:
     return None
-  return (f"the labelled forces do not sum to zero: median |sum_i F_i| = {median:.3g} eV/A over {len(nets)} "
-          "structures (a translation-invariant energy gives 0). Conservative models cannot fit the net part; "
-          "were the labels written with an MD constraint applied (e.g. ASE FixCom; use "
-          "atoms.get_forces(apply_constraint=False))?")
+  return (
+    f"the labelled forces do not sum to zero: median |sum_i F_i| = {median:.3g} eV/A over {len(nets)} "
+    "structures (a translation-invariant energy gives 0). Conservative models cannot fit the net part; "
+    "were the labels written with an MD constraint applied (e.g. ASE FixCom; use "
+    "atoms.get_forces(apply_constraint=False))?"
+  )

@@ -29,7 +29,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from e2former_jax.config import ModelConfig
 from e2former_jax.data.batching import Batch, Bucket, GraphLoader, PaddingStats
@@ -46,8 +47,11 @@ def initialize_distributed() -> bool:
   """
   addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if addr:
-    jax.distributed.initialize(coordinator_address=addr, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(
+      coordinator_address=addr,
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
     return True
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     jax.distributed.initialize()  # JAX's own cluster detection (SLURM, Open MPI)
@@ -115,12 +119,14 @@ class ShardedGraphLoader(GraphLoader):
     d, h, hosts = self.num_devices, self.process_index, self.process_count
     steps = []
     for s in range(len(per_device) // d):
-      group = per_device[s * d:(s + 1) * d]
+      group = per_device[s * d : (s + 1) * d]
       bucket = Bucket(max(b.num_atoms for b, _ in group), max(b.num_graphs for b, _ in group))
       steps.append((bucket, [indices for _, indices in group[h::hosts]]))
     if not steps and per_device:
-      raise ValueError(f"an epoch has {len(per_device)} batch(es) of {self.atom_budget} atoms, fewer than the "
-                       f"{d} devices: lower data.atom_budget or use fewer devices")
+      raise ValueError(
+        f"an epoch has {len(per_device)} batch(es) of {self.atom_budget} atoms, fewer than the "
+        f"{d} devices: lower data.atom_budget or use fewer devices"
+      )
     return steps
 
   def padding_stats(self, epoch: int = 0) -> PaddingStats:
@@ -130,7 +136,7 @@ class ShardedGraphLoader(GraphLoader):
     per_bucket: dict = {}
     real_atoms = atom_slots = real_structures = structure_slots = 0
     for s in range(len(per_device) // d):
-      group = per_device[s * d:(s + 1) * d]
+      group = per_device[s * d : (s + 1) * d]
       bucket = Bucket(max(b.num_atoms for b, _ in group), max(b.num_graphs for b, _ in group))
       per_bucket[bucket] = per_bucket.get(bucket, 0) + d
       for _, indices in group:
@@ -138,28 +144,35 @@ class ShardedGraphLoader(GraphLoader):
         real_structures += len(indices)
         atom_slots += bucket.num_atoms
         structure_slots += bucket.num_graphs
-    return PaddingStats(batches=sum(per_bucket.values()), real_atoms=real_atoms, atom_slots=atom_slots,
-                        real_structures=real_structures, structure_slots=structure_slots, per_bucket=per_bucket)
+    return PaddingStats(
+      batches=sum(per_bucket.values()),
+      real_atoms=real_atoms,
+      atom_slots=atom_slots,
+      real_structures=real_structures,
+      structure_slots=structure_slots,
+      per_bucket=per_bucket,
+    )
 
   def _build(self, bucket: Bucket, groups: list[list[int]]) -> Batch:
     local = stack_batches([GraphLoader._build(self, bucket, indices) for indices in groups])
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharding, x), local)
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_sharded_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, loss_cfg: LossConfig,
-                                total_steps: int, mesh: Mesh):
+@functools.cache
+def compiled_sharded_train_step(
+  model_cfg: ModelConfig, optim_cfg: OptimConfig, loss_cfg: LossConfig, total_steps: int, mesh: Mesh
+):
   """``step(state, elements, batch) -> (state, metrics)`` over ``mesh``: state and elements replicated, the
   batch's leading device axis split over ``"data"``, gradients and loss terms ``psum``-ed; jitted with the
   state donated."""
-  fn = functools.partial(train_step_fn, model_cfg=model_cfg, optim_cfg=optim_cfg, loss_cfg=loss_cfg,
-                         total_steps=total_steps, axis_name=AXIS)
+  fn = functools.partial(
+    train_step_fn, model_cfg=model_cfg, optim_cfg=optim_cfg, loss_cfg=loss_cfg, total_steps=total_steps, axis_name=AXIS
+  )
 
   def per_device(state, elements, batch):
     return fn(state, elements, jax.tree.map(lambda x: x[0], batch))
 
   # check_vma off: gradients with respect to the replicated parameters stay per-device until the explicit
   # psum in train_step_fn (with it on, JAX would insert that reduction itself).
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P()),
-                          check_vma=False)
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,))

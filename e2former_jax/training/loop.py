@@ -22,16 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from e2former_jax.checkpoint import (Checkpointer, assign_params, make_meta, read_meta, read_params,
-                                     resolve_step_dir)
+from e2former_jax.checkpoint import Checkpointer, assign_params, make_meta, read_meta, read_params, resolve_step_dir
 from e2former_jax.config import get_config
 from e2former_jax.data.batching import GraphLoader
 from e2former_jax.evaluation import Predictions, error_table, predict_dataset
 from e2former_jax.model import E2Former
 from e2former_jax.training.config import TrainConfig, diff_configs, dump_config, load_config
 from e2former_jax.training.data import element_references, net_force_check, read_structures, split_validation
-from e2former_jax.training.distributed import (ShardedGraphLoader, compiled_sharded_train_step, data_mesh,
-                                               local_copy, replicate)
+from e2former_jax.training.distributed import (
+  ShardedGraphLoader,
+  compiled_sharded_train_step,
+  data_mesh,
+  local_copy,
+  replicate,
+)
 from e2former_jax.training.losses import loss_terms
 from e2former_jax.training.metrics import MetricsLogger
 from e2former_jax.training.step import compiled_train_step, eval_params, init_state, split_model
@@ -66,18 +70,26 @@ def validation_metrics(p: Predictions, cfg: TrainConfig) -> dict:
   """The training loss and MAEs over a whole validation set (same loss function as the steps)."""
   e_ok = np.isfinite(p.energy_ref)
   f_ok = np.all(np.isfinite(p.forces_ref), axis=1)
-  terms = loss_terms(jnp.asarray(p.energy_pred), jnp.asarray(np.where(e_ok, p.energy_ref, 0.0)), jnp.asarray(e_ok),
-                     jnp.ones(len(e_ok), bool), jnp.asarray(p.num_atoms), jnp.asarray(p.forces_pred),
-                     jnp.asarray(np.where(f_ok[:, None], p.forces_ref, 0.0)), jnp.asarray(f_ok), cfg.loss)
+  terms = loss_terms(
+    jnp.asarray(p.energy_pred),
+    jnp.asarray(np.where(e_ok, p.energy_ref, 0.0)),
+    jnp.asarray(e_ok),
+    jnp.ones(len(e_ok), bool),
+    jnp.asarray(p.num_atoms),
+    jnp.asarray(p.forces_pred),
+    jnp.asarray(np.where(f_ok[:, None], p.forces_ref, 0.0)),
+    jnp.asarray(f_ok),
+    cfg.loss,
+  )
   table = error_table(p)["overall"]
   return {
-      "loss": float(terms["loss"]),
-      "energy_loss": float(terms["energy_loss"]),
-      "force_loss": float(terms["force_loss"]),
-      "energy_mae": table["energy_mae_meV_per_atom"] / 1e3,
-      "force_mae": table["force_mae_meV_per_A"] / 1e3,
-      "energy_rmse": table["energy_rmse_meV_per_atom"] / 1e3,
-      "force_rmse": table["force_rmse_meV_per_A"] / 1e3,
+    "loss": float(terms["loss"]),
+    "energy_loss": float(terms["energy_loss"]),
+    "force_loss": float(terms["force_loss"]),
+    "energy_mae": table["energy_mae_meV_per_atom"] / 1e3,
+    "force_mae": table["force_mae_meV_per_A"] / 1e3,
+    "energy_rmse": table["energy_rmse_meV_per_atom"] / 1e3,
+    "force_rmse": table["force_rmse_meV_per_A"] / 1e3,
   }
 
 
@@ -99,14 +111,22 @@ def _prepare_workdir(cfg: TrainConfig, workdir: Path, resume: bool) -> None:
       raise ValueError(f"--resume needs the run's own config; it differs from {path} in: " + "; ".join(diffs))
     return
   if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").rglob("meta")):
-    raise FileExistsError(f"{workdir} already holds checkpoints: pass --resume to continue that run, or choose "
-                          "another --workdir")
+    raise FileExistsError(
+      f"{workdir} already holds checkpoints: pass --resume to continue that run, or choose another --workdir"
+    )
   dump_config(cfg, path)
 
 
-def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_after: int | None = None,
-          datasets: dict[str, Sequence] | None = None, verbose: bool = True,
-          devices: int | None = None) -> TrainResult:
+def train(
+  cfg: TrainConfig,
+  workdir: str | Path,
+  *,
+  resume: bool = False,
+  stop_after: int | None = None,
+  datasets: dict[str, Sequence] | None = None,
+  verbose: bool = True,
+  devices: int | None = None,
+) -> TrainResult:
   """Runs (or with ``resume`` continues) the training run ``cfg`` in ``workdir``.
 
   Args:
@@ -164,8 +184,10 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
     resumed_meta = read_meta(ckpt.root / "last" / str(ckpt.latest_step()))
     refs = {int(z): v for z, v in resumed_meta["element_references"].items()}
     if int(resumed_meta.get("devices", 1)) != num_devices:
-      raise ValueError(f"--resume: the run trained on {resumed_meta.get('devices', 1)} device(s), not "
-                       f"{num_devices} (the global batches depend on it); pass --devices accordingly")
+      raise ValueError(
+        f"--resume: the run trained on {resumed_meta.get('devices', 1)} device(s), not "
+        f"{num_devices} (the global batches depend on it); pass --devices accordingly"
+      )
   elif dcfg.element_references == "init":
     if not cfg.init.checkpoint:
       raise ValueError("data.element_references=init needs init.checkpoint (--init-from)")
@@ -176,8 +198,10 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
   if cfg.init.checkpoint and not resume:
     report = assign_params(model, read_params(cfg.init.checkpoint), strict=cfg.init.strict)
     if verbose:
-      _say(f"init from {cfg.init.checkpoint}: loaded {len(report['loaded'])} parameter arrays"
-           + "".join(f", {k} {len(v)}" for k, v in report.items() if k != "loaded" and v))
+      _say(
+        f"init from {cfg.init.checkpoint}: loaded {len(report['loaded'])} parameter arrays"
+        + "".join(f", {k} {len(v)}" for k, v in report.items() if k != "loaded" and v)
+      )
 
   _, params, elements, _ = split_model(model)
   state = init_state(params, cfg.optim, run.seed)
@@ -189,8 +213,15 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
     best = dict(meta["best"])
   step = int(state.step)
 
-  loader_args = dict(atom_budget=dcfg.atom_budget, max_structures=dcfg.max_structures,
-                     num_buckets=dcfg.num_buckets, shuffle=True, seed=run.seed, prefetch=dcfg.prefetch, dtype=dtype)
+  loader_args = dict(
+    atom_budget=dcfg.atom_budget,
+    max_structures=dcfg.max_structures,
+    num_buckets=dcfg.num_buckets,
+    shuffle=True,
+    seed=run.seed,
+    prefetch=dcfg.prefetch,
+    dtype=dtype,
+  )
   eval_budget = dcfg.eval_atom_budget or dcfg.atom_budget
   if mesh is None:
     loader = GraphLoader(train_data, model_cfg.cutoff, model_cfg.max_neighbors, **loader_args)
@@ -206,24 +237,40 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
   logger = MetricsLogger(log_dir, tensorboard=run.tensorboard, resume_step=step if resume else None)
   if verbose:
     nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    _say(f"{workdir}: {'resuming at step ' + str(step) if resume else 'new run'}; model {model_cfg_name(cfg)} "
-         f"({nparams:,} parameters, forces {model_cfg.forces}); {len(train_data)} train / {len(valid_data)} valid"
-         f"{'' if test_data is None else ' / ' + str(len(test_data)) + ' test'} structures; "
-         f"{loader.padding_stats(epoch)}"
-         + ("" if mesh is None else f"; data-parallel on {num_devices} devices ({jax.process_count()} "
-            f"process(es)), global batch {num_devices} x {dcfg.atom_budget} atoms, {loader.num_batches(epoch)} "
-            "steps per epoch"))
+    _say(
+      f"{workdir}: {'resuming at step ' + str(step) if resume else 'new run'}; model {model_cfg_name(cfg)} "
+      f"({nparams:,} parameters, forces {model_cfg.forces}); {len(train_data)} train / {len(valid_data)} valid"
+      f"{'' if test_data is None else ' / ' + str(len(test_data)) + ' test'} structures; "
+      f"{loader.padding_stats(epoch)}"
+      + (
+        ""
+        if mesh is None
+        else f"; data-parallel on {num_devices} devices ({jax.process_count()} "
+        f"process(es)), global batch {num_devices} x {dcfg.atom_budget} atoms, {loader.num_batches(epoch)} "
+        "steps per epoch"
+      )
+    )
 
   def base_meta(valid_metrics=None):
-    return make_meta(model_cfg, refs, step=step, params="ema" if cfg.optim.ema_decay is not None else "raw",
-                     train_config=cfg.to_dict(), data_position={"epoch": epoch, "batch": position},
-                     best=best, valid=valid_metrics or {}, devices=num_devices)
+    return make_meta(
+      model_cfg,
+      refs,
+      step=step,
+      params="ema" if cfg.optim.ema_decay is not None else "raw",
+      train_config=cfg.to_dict(),
+      data_position={"epoch": epoch, "batch": position},
+      best=best,
+      valid=valid_metrics or {},
+      devices=num_devices,
+    )
 
   bar = None
   if verbose and run.progress_bar:
     from tqdm import tqdm
-    bar = tqdm(total=run.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
-               mininterval=1.0)
+
+    bar = tqdm(
+      total=run.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=1.0
+    )
   pending: list = []
   window_t, window_atoms = time.time(), 0
   last_valid: dict = {}
@@ -254,29 +301,39 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
           rate = (window_atoms + atoms) / max(now - window_t, 1e-9)
           window_t, window_atoms = now, 0
           bad = [v for v in values if not bool(v["finite"])]
-          row = {k: float(np.mean([float(v[k]) for v in values if bool(v["finite"])] or [math.nan]))
-                 for k in ("loss", "energy_loss", "force_loss", "energy_mae", "force_mae", "grad_norm")}
-          row.update(lr=float(values[-1]["lr"]), atoms_per_s=rate, epoch=epoch,
-                     skipped=int(jax.device_get(state.skipped)))
+          row = {
+            k: float(np.mean([float(v[k]) for v in values if bool(v["finite"])] or [math.nan]))
+            for k in ("loss", "energy_loss", "force_loss", "energy_mae", "force_mae", "grad_norm")
+          }
+          row.update(
+            lr=float(values[-1]["lr"]), atoms_per_s=rate, epoch=epoch, skipped=int(jax.device_get(state.skipped))
+          )
           logger.log("train", step, row)
           if bad and verbose:
-            _say(f"step {step}: {len(bad)} step(s) skipped in the last {len(values)} (non-finite loss or "
-                 f"gradients); {row['skipped']} skipped so far", bar)
+            _say(
+              f"step {step}: {len(bad)} step(s) skipped in the last {len(values)} (non-finite loss or "
+              f"gradients); {row['skipped']} skipped so far",
+              bar,
+            )
           if bar is not None:
-            bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}", atoms_s=f"{rate:.0f}",
-                            refresh=False)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}", atoms_s=f"{rate:.0f}", refresh=False)
         if bar is not None:
           bar.update(1)
         if stop_after is not None and step >= stop_after and step < run.steps:
           interrupted = True
           break
         at_eval = step % run.eval_every == 0 or step == run.steps
-        at_ckpt = at_eval if run.checkpoint_every is None else (step % run.checkpoint_every == 0
-                                                                or step == run.steps)
+        at_ckpt = at_eval if run.checkpoint_every is None else (step % run.checkpoint_every == 0 or step == run.steps)
         if at_eval:
-          preds = predict_dataset(model_cfg, local(eval_params(state)), local(elements), valid_data,
-                                  atom_budget=eval_budget,
-                                  num_buckets=1, prefetch=dcfg.prefetch)
+          preds = predict_dataset(
+            model_cfg,
+            local(eval_params(state)),
+            local(elements),
+            valid_data,
+            atom_budget=eval_budget,
+            num_buckets=1,
+            prefetch=dcfg.prefetch,
+          )
           last_valid = validation_metrics(preds, cfg)
           logger.log("valid", step, last_valid)
           value = last_valid[run.best_metric]
@@ -284,11 +341,19 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
           if improved:
             best = {"metric": run.best_metric, "value": value, "step": step}
           if verbose:
-            _say(f"step {step}: valid loss {last_valid['loss']:.4g}, E MAE {1e3 * last_valid['energy_mae']:.2f} "
-                 f"meV/atom, F MAE {1e3 * last_valid['force_mae']:.1f} meV/A"
-                 + (" (best)" if improved else ""), bar)
-          ckpt.save(step, params=local(eval_params(state)), state=local(state), meta=base_meta(last_valid),
-                    best=improved, last=at_ckpt)
+            _say(
+              f"step {step}: valid loss {last_valid['loss']:.4g}, E MAE {1e3 * last_valid['energy_mae']:.2f} "
+              f"meV/atom, F MAE {1e3 * last_valid['force_mae']:.1f} meV/A" + (" (best)" if improved else ""),
+              bar,
+            )
+          ckpt.save(
+            step,
+            params=local(eval_params(state)),
+            state=local(state),
+            meta=base_meta(last_valid),
+            best=improved,
+            last=at_ckpt,
+          )
         elif at_ckpt:
           ckpt.save(step, params=local(eval_params(state)), state=local(state), meta=base_meta())
         if step >= run.steps:
@@ -307,17 +372,31 @@ def train(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, stop_a
     assign_params(test_model, read_params(resolve_step_dir(source)), strict=True)
     test_model.set_element_energies(refs)
     _, tparams, telements, _ = split_model(test_model)
-    preds = predict_dataset(model_cfg, tparams, telements, test_data, atom_budget=eval_budget, num_buckets=1,
-                            prefetch=dcfg.prefetch)
+    preds = predict_dataset(
+      model_cfg, tparams, telements, test_data, atom_budget=eval_budget, num_buckets=1, prefetch=dcfg.prefetch
+    )
     test_table = error_table(preds)
-    (workdir / "test_errors.json").write_text(json.dumps(
-        {"checkpoint": str(resolve_step_dir(source)), "step": best["step"], **test_table}, indent=1))
+    (workdir / "test_errors.json").write_text(
+      json.dumps({"checkpoint": str(resolve_step_dir(source)), "step": best["step"], **test_table}, indent=1)
+    )
   wall = time.time() - t_start
   if verbose and not interrupted:
-    _say(f"{step} steps ({skipped} skipped) in {wall:.0f} s; best {best['metric']} {best['value']:.4g} at step "
-         f"{best['step']}" if best["value"] is not None else f"{step} steps in {wall:.0f} s")
-  return TrainResult(workdir=workdir, step=step, skipped=skipped, valid=last_valid, best=best,
-                     test_table=test_table, wall_s=wall, interrupted=interrupted)
+    _say(
+      f"{step} steps ({skipped} skipped) in {wall:.0f} s; best {best['metric']} {best['value']:.4g} at step "
+      f"{best['step']}"
+      if best["value"] is not None
+      else f"{step} steps in {wall:.0f} s"
+    )
+  return TrainResult(
+    workdir=workdir,
+    step=step,
+    skipped=skipped,
+    valid=last_valid,
+    best=best,
+    test_table=test_table,
+    wall_s=wall,
+    interrupted=interrupted,
+  )
 
 
 def model_cfg_name(cfg: TrainConfig) -> str:

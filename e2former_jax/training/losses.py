@@ -30,8 +30,18 @@ def _global_count(mask, dtype, axis_name):
   return n if axis_name is None else jax.lax.psum(n, axis_name)
 
 
-def loss_terms(pred_energy, energy, energy_mask, structure_mask, num_atoms, pred_forces, forces, forces_mask,
-               cfg: LossConfig, axis_name=None) -> dict:
+def loss_terms(
+  pred_energy,
+  energy,
+  energy_mask,
+  structure_mask,
+  num_atoms,
+  pred_forces,
+  forces,
+  forces_mask,
+  cfg: LossConfig,
+  axis_name=None,
+) -> dict:
   """The loss and its parts.
 
   Args:
@@ -77,9 +87,9 @@ def loss_terms(pred_energy, energy, energy_mask, structure_mask, num_atoms, pred
   # With no label of a kind in the batch, its term is exactly 0 (the sums are empty).
   loss = cfg.energy_weight * e_loss + cfg.force_weight * f_loss
   return {
-      "loss": loss,
-      "energy_loss": e_loss,
-      "force_loss": f_loss,
-      "energy_mae": jnp.sum(jnp.abs(de_atom)) / num_e,
-      "force_mae": jnp.sum(jnp.abs(df)) / (3.0 * num_f),
+    "loss": loss,
+    "energy_loss": e_loss,
+    "force_loss": f_loss,
+    "energy_mae": jnp.sum(jnp.abs(de_atom)) / num_e,
+    "force_mae": jnp.sum(jnp.abs(df)) / (3.0 * num_f),
   }

@@ -29,8 +29,10 @@ class MetricsLogger:
     self.tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(self.workdir / "tensorboard"),
-                              purge_step=None if resume_step is None else resume_step + 1)
+
+      self.tb = SummaryWriter(
+        str(self.workdir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+      )
 
   @staticmethod
   def _truncate(path: Path, step: int) -> None:

@@ -52,7 +52,7 @@ def split_model(model: E2Former):
   return graphdef, params, elements, constants
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_template(cfg: ModelConfig):
   """The graph definition and constant index tables (numpy) of a model of this config; its parameters are
   dropped. A real model is built because ``nnx.eval_shape`` would turn the numpy tables into shapes."""
@@ -68,8 +68,14 @@ def merge_model(cfg: ModelConfig, params, elements) -> E2Former:
 def init_state(params, cfg: OptimConfig, seed: int) -> TrainState:
   opt_state = make_optimizer(cfg).init(params)
   ema = jax.tree.map(jnp.copy, params) if cfg.ema_decay is not None else None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, ema=ema,
-                    rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=opt_state,
+    ema=ema,
+    rng=jax.random.key_data(jax.random.key(seed)),
+    skipped=jnp.zeros((), jnp.int32),
+  )
 
 
 def batch_loss(params, elements, batch: Batch, model_cfg: ModelConfig, loss_cfg: LossConfig, axis_name=None):
@@ -78,9 +84,18 @@ def batch_loss(params, elements, batch: Batch, model_cfg: ModelConfig, loss_cfg:
   model = merge_model(model_cfg, params, elements)
   out = predict(model, batch.graph)
   g = batch.graph
-  terms = loss_terms(out["energy"], batch.energy, batch.energy_mask & g.graph_mask, g.graph_mask,
-                     g.atoms_per_graph(), out["forces"], batch.forces, batch.forces_mask & g.atom_mask, loss_cfg,
-                     axis_name=axis_name)
+  terms = loss_terms(
+    out["energy"],
+    batch.energy,
+    batch.energy_mask & g.graph_mask,
+    g.graph_mask,
+    g.atoms_per_graph(),
+    out["forces"],
+    batch.forces,
+    batch.forces_mask & g.atom_mask,
+    loss_cfg,
+    axis_name=axis_name,
+  )
   return terms["loss"], terms
 
 
@@ -95,8 +110,17 @@ def ema_decay_at(count, decay: float):
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
-def train_step_fn(state: TrainState, elements, batch: Batch, *, model_cfg: ModelConfig, optim_cfg: OptimConfig,
-                  loss_cfg: LossConfig, total_steps: int, axis_name=None):
+def train_step_fn(
+  state: TrainState,
+  elements,
+  batch: Batch,
+  *,
+  model_cfg: ModelConfig,
+  optim_cfg: OptimConfig,
+  loss_cfg: LossConfig,
+  total_steps: int,
+  axis_name=None,
+):
   """One step: returns the new state and the step's metrics. A step whose loss or gradients are not finite
   leaves parameters, optimizer state and EMA unchanged and increments ``skipped``.
 
@@ -105,8 +129,9 @@ def train_step_fn(state: TrainState, elements, batch: Batch, *, model_cfg: Model
   so every device applies the same update, that of the whole global batch."""
   tx = make_optimizer(optim_cfg)
   rng, _step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-  (loss, terms), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, elements, batch, model_cfg,
-                                                                       loss_cfg, axis_name)
+  (loss, terms), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+    state.params, elements, batch, model_cfg, loss_cfg, axis_name
+  )
   atoms = jnp.sum(batch.graph.atom_mask.astype(jnp.int32))
   if axis_name is not None:
     grads, terms, atoms = jax.lax.psum((grads, terms, atoms), axis_name)
@@ -125,19 +150,25 @@ def train_step_fn(state: TrainState, elements, batch: Batch, *, model_cfg: Model
     applied = state.step - state.skipped
     d = ema_decay_at(applied, optim_cfg.ema_decay)
     ema = keep(jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params), ema)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                         rng=jax.random.key_data(rng), skipped=state.skipped + (~finite).astype(jnp.int32))
+  new_state = TrainState(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    ema=ema,
+    rng=jax.random.key_data(rng),
+    skipped=state.skipped + (~finite).astype(jnp.int32),
+  )
   metrics = dict(terms)
-  metrics.update(lr=lr, grad_norm=optax.tree.norm(safe_grads), finite=finite,
-                 atoms=atoms)
+  metrics.update(lr=lr, grad_norm=optax.tree.norm(safe_grads), finite=finite, atoms=atoms)
   return new_state, metrics
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, loss_cfg: LossConfig, total_steps: int):
   """``step(state, elements, batch) -> (state, metrics)``, jitted with the state donated."""
-  fn = functools.partial(train_step_fn, model_cfg=model_cfg, optim_cfg=optim_cfg, loss_cfg=loss_cfg,
-                         total_steps=total_steps)
+  fn = functools.partial(
+    train_step_fn, model_cfg=model_cfg, optim_cfg=optim_cfg, loss_cfg=loss_cfg, total_steps=total_steps
+  )
   return jax.jit(fn, donate_argnums=(0,))
 
 

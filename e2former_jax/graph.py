@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e2former_jax.neighbors import k_nearest_neighbors
+from e2former_jax.neighbors.host import k_nearest_neighbors
 
 MAX_ATOMIC_NUMBER = 118
 

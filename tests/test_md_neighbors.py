@@ -12,7 +12,7 @@ from md_helpers import water_box
 
 from e2former_jax.data import load_demo
 from e2former_jax.graph import graph_from_atoms
-from e2former_jax.md import neighbor_list as nl
+from e2former_jax.neighbors import skin as nl
 
 CUTOFF, K = 5.0, 24
 

@@ -2,7 +2,7 @@
 
 - ``run_ase_md``: ASE ``VelocityVerlet`` / ``Langevin`` driving ``E2FormerCalculator``.
 - ``JaxMD``: velocity Verlet / BAOAB Langevin jitted on the device (``lax.scan`` over steps), with the
-  neighbour list of ``e2former_jax.md.neighbor_list``.
+  neighbour list of ``e2former_jax.neighbors.skin``.
 - ``e2former-md``: the console script (``e2former_jax.md.cli:main``).
 """
 

@@ -88,7 +88,7 @@ def beyond_k(atoms: ase.Atoms, calc) -> int:
   config = getattr(calc, "config", None)
   if config is None:
     return -1
-  from e2former_jax.neighbors import k_nearest_neighbors
+  from e2former_jax.neighbors.host import k_nearest_neighbors
 
   return k_nearest_neighbors(
     atoms.get_positions(), config.cutoff, config.max_neighbors, atoms.cell.array, atoms.pbc

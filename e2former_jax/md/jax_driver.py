@@ -1,7 +1,7 @@
 """Molecular dynamics fully in JAX: velocity Verlet (NVE) and BAOAB Langevin (NVT), jitted on the device.
 
 Steps run in chunks of ``steps_per_call`` under one ``lax.scan``; the neighbour list lives on the device
-(``e2former_jax.md.neighbor_list``) and is rebuilt inside the scan when atoms have moved more than half the
+(``e2former_jax.neighbors.skin``) and is rebuilt inside the scan when atoms have moved more than half the
 skin. After each chunk the host checks the neighbour buffers: on an overflow it grows them, recompiles and
 reruns the chunk from its saved start, so no neighbour is ever dropped.
 
@@ -33,8 +33,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx
 
 from e2former_jax.graph import AtomGraph, graph_from_atoms
-from e2former_jax.md import neighbor_list as nl
 from e2former_jax.model import E2Former, predict
+from e2former_jax.neighbors import skin as nl
 
 ENSEMBLES = ("nve", "nvt")
 
@@ -165,7 +165,7 @@ class JaxMD:
     temperature_K, friction_per_fs: Langevin bath (NVT only).
     seed: PRNG seed of the Langevin noise.
     skin: Verlet skin of the neighbour list (Angstrom).
-    method, capacity, cell_capacity: neighbour search (see ``neighbor_list.plan``); the defaults size the
+    method, capacity, cell_capacity: neighbour search (see ``skin.plan``); the defaults size the
       buffers from the starting structure, and overflows grow them.
     steps_per_call: steps per compiled chunk (one host round trip, trajectory frames at chunk ends).
     pad_to: atom slots are padded to a multiple of this, as in ``E2FormerCalculator``.

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import vesin
 
-from e2former_jax.neighbors import MIN_DISTANCE
+from e2former_jax.neighbors.host import MIN_DISTANCE
 
 METHODS = ("auto", "all_pairs", "cell_list")
 GROWTH = 1.25  # reallocation factor over the largest count seen

@@ -6,7 +6,7 @@ A ``torch.save`` file (torch >= 1.6) is a zip archive with one top folder ``<pre
   ``torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks)`` and
   every storage a persistent id ``("storage", <storage class>, key, location, numel)``;
 * ``data/<key>``: the raw bytes of storage ``key`` (``numel`` elements of the storage's dtype);
-* ``byteorder``: ``little`` or ``big`` (absent in files of torch < 1.10, which are little-endian);
+* ``byteorder``: ``little`` or ``big`` (absent in files of older torch versions; read as little-endian);
 * ``version`` and a few bookkeeping records.
 
 ``read_pt`` unpickles ``data.pkl`` with an unpickler that resolves only the globals a state dict needs (table
@@ -202,7 +202,7 @@ def _archive_prefix(archive: zipfile.ZipFile) -> str:
 
 
 def _byte_order(archive: zipfile.ZipFile, prefix: str) -> str:
-  """``<`` or ``>`` from the ``byteorder`` record; files without one (torch < 1.10) are little-endian."""
+  """``<`` or ``>`` from the ``byteorder`` record; files without one (older torch versions) are little-endian."""
   if f"{prefix}byteorder" not in archive.namelist():
     return "<"
   order = _read_member(archive, f"{prefix}byteorder").decode("ascii", errors="replace").strip()

@@ -1,9 +1,9 @@
 """Attention core alone at the paper's sizes: the fused Pallas kernel against XLA baselines.
 
 Implementations (float32, the same inputs for all):
-  pallas    ``pallas_kernels.node_attention.node_attention`` (fused forward; backward kernels + XLA softmax)
-  jnp_node  ``node_attention_ref`` under XLA (what ``attention_impl="jnp_node"`` runs)
-  jnp_edge  per-edge stand-in: the softmax of ``node_attention_ref``, then sum_j beta_ij (v_j (x) r_ij) with the
+  pallas    ``pallas_kernels.pallas.pallas_node_attention`` (fused forward; backward kernels + XLA softmax)
+  jnp_node  ``jnp_node_attention`` under XLA (what ``attention_impl="jnp_node"`` runs)
+  jnp_edge  per-edge stand-in: the softmax of ``jnp_node_attention``, then sum_j beta_ij (v_j (x) r_ij) with the
             product of every edge by a dense [9, 3, 20] coupling einsum, the contraction
             ``e2former_jax.eaas.dense_vector_product`` uses. The coupling is a fixed random tensor (the model
             package needs e3x, which the GPU image lacks; values do not change the cost). The node paths'
@@ -37,8 +37,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.node_attention import node_attention  # noqa: E402
-from pallas_kernels.node_attention_ref import attention_logits, attention_weights, node_attention_ref, per_channel  # noqa: E402
+from pallas_kernels.jnp_node import attention_logits, attention_weights, jnp_node_attention, per_channel  # noqa: E402
+from pallas_kernels.pallas import pallas_node_attention  # noqa: E402
 
 H, D, C, K, V_ROWS, PRODUCT_ROWS = 128, 8, 256, 32, 9, 20
 R = PRODUCT_ROWS + V_ROWS
@@ -110,8 +110,8 @@ def implementations(coupling, tiling=None):
   """name -> (function, names of its arguments in ``make_inputs``)."""
   tiling = tiling or {}
   return {
-    "pallas": (lambda *a: node_attention(*a, **tiling), NODE_ARGS),
-    "jnp_node": (node_attention_ref, NODE_ARGS),
+    "pallas": (lambda *a: pallas_node_attention(*a, **tiling), NODE_ARGS),
+    "jnp_node": (jnp_node_attention, NODE_ARGS),
     "jnp_edge": (functools.partial(edge_message, coupling=coupling), EDGE_ARGS),
   }
 
@@ -234,8 +234,8 @@ def check_derivatives(n: int, seed: int):
       grads, pullback2 = jax.vjp(first, *diff)
       return out, grads, pullback2(draw(grads, 2))
 
-    got = jax.jit(lambda: derivatives(node_attention))()
-    want = jax.jit(lambda: derivatives(node_attention_ref))()
+    got = jax.jit(lambda: derivatives(pallas_node_attention))()
+    want = jax.jit(lambda: derivatives(jnp_node_attention))()
     for order, g, w in zip(("forward", "vjp", "vjp_of_vjp"), got, want):
       errors[f"{softmax_max}_shifts{num_shift_rows}_{order}"] = rel_error(g, w)
   print(json.dumps(dict(n=n, derivative_checks=errors)), flush=True)
@@ -277,7 +277,7 @@ def sweep(n: int, seed: int, bandwidth: float):
 def breakdown(n: int, seed: int):
   """Seconds of each piece of the kernel backward at the paper's sizes: the by-source list and the five kernel
   calls of a first-order backward (the rest of forward+backward is the forward kernel and XLA's softmax)."""
-  from pallas_kernels import node_attention as kernels  # the backward's building blocks
+  from pallas_kernels import pallas as kernels  # the backward's building blocks
 
   inputs, _ = make_inputs(n, seed)
   rng = np.random.default_rng(seed + 2)

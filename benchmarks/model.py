@@ -50,9 +50,10 @@ from flax import nnx
 from e2former_jax.config import get_config
 from e2former_jax.data.batching import Bucket, batch_from_atoms
 from e2former_jax.graph import graph_from_atoms
-from e2former_jax.model import E2Former, predict
+from e2former_jax.model import E2Former
+from e2former_jax.predict import predict, split_model
 from e2former_jax.training.config import get_train_config
-from e2former_jax.training.step import compiled_train_step, init_state, split_model
+from e2former_jax.training.step import compiled_train_step, init_state
 
 
 def random_structure(num_atoms: int, density: float = 0.1, seed: int = 0) -> ase.Atoms:

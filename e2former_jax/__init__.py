@@ -1,16 +1,17 @@
 """E2Former-V2 in JAX/Flax NNX: an equivariant transformer for energies and forces of atomistic systems."""
 
 from e2former_jax.calculator import E2FormerCalculator
-from e2former_jax.config import PRESETS, ModelConfig, get_config
+from e2former_jax.config import MODEL_PRESETS, ModelConfig, get_config
 from e2former_jax.graph import AtomGraph, graph_from_atoms
-from e2former_jax.model import E2Former, make_predict_fn, predict
+from e2former_jax.model import E2Former
+from e2former_jax.predict import make_predict_fn, predict
 
 __all__ = [
   "AtomGraph",
   "E2Former",
   "E2FormerCalculator",
   "ModelConfig",
-  "PRESETS",
+  "MODEL_PRESETS",
   "get_config",
   "graph_from_atoms",
   "make_predict_fn",

@@ -11,7 +11,8 @@ from flax import nnx
 
 from e2former_jax.config import ModelConfig, get_config
 from e2former_jax.graph import graph_from_atoms
-from e2former_jax.model import E2Former, make_predict_fn
+from e2former_jax.model import E2Former
+from e2former_jax.predict import make_predict_fn
 
 
 class E2FormerCalculator(Calculator):

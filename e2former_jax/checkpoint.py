@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,11 @@ from e2former_jax.config import ModelConfig
 from e2former_jax.model import E2Former
 
 FORMAT = "e2former-jax-checkpoint"
-VERSION = 1
+VERSION = 2
+"""Version history of the parameter names (read back by migrating older names):
+  1: the gate's parameters directly under ``blocks/<i>/attention/``;
+  2: under ``blocks/<i>/attention/gate/`` (the ``Gate`` module)."""
+_GATE_PARAMETERS = re.compile(r"(blocks/\d+/attention/)(edge_mlp|direction_proj|direction_mlp|direction_gate|rho_mlp)/")
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
 """The shipped demo model (the ``small`` preset trained by ``python train.py``; see its ``CARD.md``)."""
 
@@ -149,7 +154,9 @@ class Checkpointer:
     )
     if restored.state is None:
       raise FileNotFoundError(f"{self.root / 'last' / str(step)} holds no training state")
-    return {k: np.asarray(v) for k, v in dict(restored.state).items()}, dict(restored.meta)
+    meta = dict(restored.meta)
+    flat = {k: np.asarray(v) for k, v in dict(restored.state).items()}
+    return migrate_names(flat, int(meta.get("version", 1))), meta
 
   def restore(self, template_state, step: int | None = None):
     """(state, meta) of a "last" step (default: the newest); ``template_state`` gives the structure."""
@@ -189,6 +196,14 @@ def resolve_step_dir(path: str | Path) -> Path:
   )
 
 
+def migrate_names(flat: dict[str, Any], version: int) -> dict[str, Any]:
+  """Flat arrays named as checkpoint format ``version`` wrote them, renamed to this version's names (the names
+  may carry prefixes, such as the optimizer state's)."""
+  if version < 2:
+    flat = {_GATE_PARAMETERS.sub(r"\1gate/\2/", name): value for name, value in flat.items()}
+  return flat
+
+
 def read_meta(path: str | Path) -> dict:
   step_dir = resolve_step_dir(path)
   with open(step_dir / "meta" / "metadata") as fh:
@@ -203,8 +218,9 @@ def read_meta(path: str | Path) -> dict:
 def read_params(path: str | Path) -> dict[str, np.ndarray]:
   """The named flat parameter arrays of a checkpoint."""
   step_dir = resolve_step_dir(path)
+  version = int(read_meta(step_dir).get("version", 1))
   with ocp.StandardCheckpointer() as ckptr:
-    return {k: np.asarray(v) for k, v in ckptr.restore(step_dir / "params").items()}
+    return migrate_names({k: np.asarray(v) for k, v in ckptr.restore(step_dir / "params").items()}, version)
 
 
 def assign_params(model: E2Former, flat: dict[str, np.ndarray], strict: bool = True) -> dict[str, list[str]]:
@@ -324,6 +340,7 @@ __all__ = [
   "make_meta",
   "flatten",
   "unflatten",
+  "migrate_names",
   "element_references_of",
 ]
 

@@ -109,7 +109,7 @@ class ModelConfig:
     return cls().replace(**values)
 
 
-PRESETS: dict[str, ModelConfig] = {
+MODEL_PRESETS: dict[str, ModelConfig] = {
   # The authors' `main` SPICE run (main:scripts/spice/spice.sh): QKdot_alpha, 5 A, direct forces,
   # charge path on, multiplicity fed as 0. Their PaiNN force head is not implemented (linear head instead).
   "paper_spice": ModelConfig(cutoff=5.0, gate="QKdot_alpha", forces="direct", spin_input="zero"),
@@ -138,9 +138,9 @@ PRESETS: dict[str, ModelConfig] = {
 def get_config(config: str | ModelConfig = "small", **overrides) -> ModelConfig:
   """Resolves a preset name or a ``ModelConfig`` and applies field overrides."""
   if isinstance(config, str):
-    if config not in PRESETS:
-      raise ValueError(f"unknown preset {config!r}; presets: {sorted(PRESETS)}")
-    config = PRESETS[config]
+    if config not in MODEL_PRESETS:
+      raise ValueError(f"unknown preset {config!r}; presets: {sorted(MODEL_PRESETS)}")
+    config = MODEL_PRESETS[config]
   elif not isinstance(config, ModelConfig):
     raise TypeError(f"config must be a preset name or a ModelConfig, got {type(config).__name__}")
   return config.replace(**overrides) if overrides else config

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -26,20 +25,11 @@ import numpy as np
 
 from e2former_jax.config import ModelConfig
 from e2former_jax.data.batching import GraphLoader
-from e2former_jax.model import E2Former, predict
+from e2former_jax.data.sources import read_structures
+from e2former_jax.model import E2Former
+from e2former_jax.predict import compiled_predict, split_model
 
 NO_CONFIG_TYPE = "(none)"
-
-
-@functools.cache
-def compiled_predict(model_cfg: ModelConfig, compute_stress: bool = False):
-  """``f(params, elements, graph) -> predict(...)``, jitted once per model config."""
-  from e2former_jax.training.step import merge_model
-
-  def fn(params, elements, graph):
-    return predict(merge_model(model_cfg, params, elements), graph, compute_stress)
-
-  return jax.jit(fn)
 
 
 @dataclasses.dataclass
@@ -132,8 +122,6 @@ def predict_dataset(
 
 def evaluate_model(model: E2Former, structures: Sequence[ase.Atoms], **kwargs) -> Predictions:
   """``predict_dataset`` for an ``E2Former`` (e.g. from ``checkpoint.load_model``)."""
-  from e2former_jax.training.step import split_model
-
   _, params, elements, _ = split_model(model)
   return predict_dataset(model.config, params, elements, structures, **kwargs)
 
@@ -294,7 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
 
   from e2former_jax.checkpoint import load_model, resolve_step_dir
-  from e2former_jax.training.data import read_structures
 
   t0 = time.time()
   step_dir = resolve_step_dir(args.checkpoint)

@@ -1,4 +1,4 @@
-"""Building blocks of E2Former-V2 in Flax NNX: linear maps on spherical features, norms, radial MLPs.
+"""Building blocks of E2Former-V2 in Flax NNX: linear maps on spherical features, radial MLPs, the gated FFN.
 
 Spherical features have shape [..., (L+1)^2, C] (rows l^2 + m + l, channels last).
 """
@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from e2former_jax import so3
+from e2former_jax.norms import LayerNorm
 
 # e3nn's normalize2mom constants (MODEL.md section 3.10).
 SILU_2MOM = 1.6791767923989418
@@ -53,19 +54,6 @@ class Embedding(nnx.Module):
 
   def __call__(self, index: jax.Array) -> jax.Array:
     return self.embedding[...][index]
-
-
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis (eps 1e-5, PyTorch's default), weight 1, bias 0."""
-
-  def __init__(self, features: int, *, dtype):
-    self.scale = nnx.Param(jnp.ones((features,), dtype))
-    self.bias = nnx.Param(jnp.zeros((features,), dtype))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...] + self.bias[...]
 
 
 class RadialProfile(nnx.Module):
@@ -115,27 +103,6 @@ class SO3Linear(nnx.Module):
     return y
 
 
-class RMSNormSH(nnx.Module):
-  """Equivariant RMS norm of spherical features (MODEL.md section 3.11).
-
-  The l=0 row is centred over channels; one sigma per atom averages, with equal weight per degree, the
-  mean square over m of every channel; rows are scaled per (degree, channel); a bias is added to l=0.
-  """
-
-  def __init__(self, lmax: int, channels: int, *, dtype):
-    self.scale = nnx.Param(jnp.ones((lmax + 1, channels), dtype))
-    self.bias = nnx.Param(jnp.zeros((channels,), dtype))
-    self.degrees = so3.degree_of_rows(lmax)
-    self.lmax = lmax
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.at[..., 0, :].add(-jnp.mean(x[..., 0, :], axis=-1, keepdims=True))
-    row_weight = 1.0 / ((self.lmax + 1) * (2 * self.degrees + 1.0))  # 1/(L+1) * mean over m
-    sigma2 = jnp.mean(jnp.sum(x**2 * jnp.asarray(row_weight, x.dtype)[:, None], axis=-2), axis=-1)
-    y = x * jax.lax.rsqrt(sigma2 + 1e-5)[..., None, None] * self.scale[...][self.degrees]
-    return y.at[..., 0, :].add(self.bias[...])
-
-
 class GatedFeedForward(nnx.Module):
   """The "s3" FFN: SO3Linear, scalar-gated activation (SiLU for l=0, sigmoid gates for l>0), SO3Linear."""
 
@@ -152,16 +119,3 @@ class GatedFeedForward(nnx.Module):
     scalar = SILU_2MOM * jax.nn.silu(g[..., :1, :])
     gate = SIGMOID_2MOM * jax.nn.sigmoid(g[..., 1:, :])[..., self.degrees[1:] - 1, :]
     return self.linear_out(jnp.concatenate([scalar, gate * h[..., 1:, :]], axis=-2))
-
-
-def gaussian_basis(distance: jax.Array, cutoff: float, num_basis: int, width: float) -> jax.Array:
-  """rbf_k(d) = exp(-(d - mu_k)^2 / (2 (width * delta)^2)), mu_k = linspace(0, cutoff, num_basis)."""
-  mu = jnp.linspace(0.0, cutoff, num_basis, dtype=distance.dtype)
-  sigma = width * cutoff / (num_basis - 1)
-  return jnp.exp(-((distance[..., None] - mu) ** 2) / (2 * sigma**2))
-
-
-def polynomial_envelope(distance: jax.Array, cutoff: float) -> jax.Array:
-  """phi(d) = max(1 - 6 t^5 + 15 t^4 - 10 t^3, 0), t = d / cutoff."""
-  t = distance / cutoff
-  return jnp.maximum(1 - 6 * t**5 + 15 * t**4 - 10 * t**3, 0.0)

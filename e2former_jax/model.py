@@ -1,26 +1,18 @@
-"""The E2Former-V2 network (MODEL.md section 3) and its energy, force and stress predictions."""
+"""The E2Former-V2 network (docs/model.md): edge-degree embedding, transformer blocks, energy and force heads."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from e2former_jax import so3
-from e2former_jax.attention import E2Attention, EdgeGeometry
+from e2former_jax.attention import E2Attention
 from e2former_jax.config import ModelConfig
+from e2former_jax.geometry import EdgeGeometry, edge_geometry
 from e2former_jax.graph import AtomGraph
-from e2former_jax.layers import (
-  Dense,
-  Embedding,
-  GatedFeedForward,
-  RadialProfile,
-  RMSNormSH,
-  gaussian_basis,
-  polynomial_envelope,
-)
+from e2former_jax.layers import Dense, Embedding, GatedFeedForward, RadialProfile
+from e2former_jax.norms import RMSNormSH
 
 MAX_ABS_CHARGE = 10
 MAX_SPIN_INDEX = 20
@@ -34,17 +26,6 @@ def model_dtype(cfg: ModelConfig):
       )
     return jnp.float64
   return jnp.float32
-
-
-def edge_geometry(graph: AtomGraph, cfg: ModelConfig) -> EdgeGeometry:
-  """Per-slot vectors, distances, validity, envelope and radial basis."""
-  vectors = graph.positions[:, None, :] - graph.positions[graph.neighbors] - graph.neighbor_shift
-  squared = jnp.sum(vectors**2, axis=-1)
-  valid = graph.neighbor_mask & (squared <= cfg.cutoff**2) & (squared > 0)
-  distance = jnp.sqrt(jnp.where(valid, squared, 1.0))
-  envelope = jnp.where(valid, polynomial_envelope(distance, cfg.cutoff), 0.0)
-  rbf = gaussian_basis(distance, cfg.cutoff, cfg.num_basis, cfg.basis_width)
-  return EdgeGeometry(vectors=vectors, distance=distance, valid=valid, envelope=envelope, rbf=rbf)
 
 
 class EdgeDegreeEmbedding(nnx.Module):
@@ -178,67 +159,3 @@ class E2Former(nnx.Module):
     if return_attention:
       out["attention"] = attention
     return out
-
-
-def total_energy(model: E2Former, graph: AtomGraph, return_attention: bool = False) -> tuple[jax.Array, dict]:
-  """Energies [G] (eV, 0 for padding structures) and the per-atom outputs."""
-  out = model(graph, return_attention)
-  energy = jax.ops.segment_sum(out["atom_energy"], graph.graph_index, graph.num_graphs)
-  return jnp.where(graph.graph_mask, energy, 0.0), out
-
-
-def strained(graph: AtomGraph, strain: jax.Array) -> AtomGraph:
-  """The graph deformed by (I + strain[g]) per structure: positions, image offsets and cells."""
-  per_atom = strain[graph.graph_index]
-  return graph.replace(
-    positions=graph.positions + jnp.einsum("ni,nij->nj", graph.positions, per_atom),
-    neighbor_shift=graph.neighbor_shift + jnp.einsum("nki,nij->nkj", graph.neighbor_shift, per_atom),
-    cell=graph.cell + jnp.einsum("gai,gij->gaj", graph.cell, strain),
-  )
-
-
-def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> dict:
-  """Energies, forces and (optionally) stress of a padded batch.
-
-  Returns:
-    "energy": [G] eV; "forces": [N, 3] eV/A (conservative -dE/dx, or the direct head);
-    with ``compute_stress`` also "stress": [G, 3, 3] eV/A^3 (1/V dE/d strain, zero for non-periodic
-    structures) and "virial": [G, 3, 3] eV (-dE/d strain).
-  """
-  strain = jnp.zeros((graph.num_graphs, 3, 3), graph.positions.dtype)
-
-  def energy_of(positions, strain):
-    energy, out = total_energy(model, strained(graph.replace(positions=positions), strain))
-    return jnp.sum(energy), (energy, out)
-
-  if model.config.forces == "conservative" or compute_stress:
-    argnums = (0, 1) if compute_stress else (0,)
-    grads, (energy, out) = jax.grad(energy_of, argnums=argnums, has_aux=True)(graph.positions, strain)
-  else:
-    _, (energy, out) = energy_of(graph.positions, strain)
-    grads = None
-  result = {"energy": energy}
-  if model.config.forces == "conservative":
-    result["forces"] = jnp.where(graph.atom_mask[:, None], -grads[0], 0.0)
-  else:
-    result["forces"] = out["direct_forces"]
-  if compute_stress:
-    d_strain = 0.5 * (grads[1] + grads[1].swapaxes(1, 2))
-    volume = jnp.abs(jnp.linalg.det(graph.cell))
-    periodic = jnp.all(graph.pbc, axis=-1) & graph.graph_mask
-    result["virial"] = -d_strain
-    result["stress"] = jnp.where(
-      periodic[:, None, None], d_strain / jnp.where(periodic, volume, 1.0)[:, None, None], 0.0
-    )
-  return result
-
-
-def make_predict_fn(model: E2Former, compute_stress: bool = False):
-  """A jitted ``AtomGraph -> dict`` with the model's current parameters closed over (see ``predict``)."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, graph):
-    return predict(nnx.merge(graphdef, state), graph, compute_stress)
-
-  return functools.partial(run, state)

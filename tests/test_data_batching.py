@@ -204,7 +204,8 @@ def test_batch_predictions_match_each_structure_alone(demo_train):
   from flax import nnx
 
   from e2former_jax.config import get_config
-  from e2former_jax.model import E2Former, make_predict_fn
+  from e2former_jax.model import E2Former
+  from e2former_jax.predict import make_predict_fn
 
   cfg = get_config(
     "small",

@@ -79,6 +79,7 @@ def _one_step(out: dict) -> None:
 
   from e2former_jax.data.batching import Bucket, batch_from_atoms
   from e2former_jax.model import E2Former
+  from e2former_jax.predict import split_model
   from e2former_jax.training.distributed import (
     ShardedGraphLoader,
     compiled_sharded_train_step,
@@ -86,7 +87,7 @@ def _one_step(out: dict) -> None:
     local_copy,
     replicate,
   )
-  from e2former_jax.training.step import compiled_train_step, host_copy, init_state, split_model
+  from e2former_jax.training.step import compiled_train_step, host_copy, init_state
 
   cfg, data = _config(), _data()
   mcfg = cfg.model_config()

@@ -7,7 +7,7 @@ import pytest
 
 from e2former_jax import eaas
 from e2former_jax.attention import edge_aligned_message, node_centric_message
-from pallas_kernels.node_attention_ref import per_channel
+from pallas_kernels.jnp_node import per_channel
 
 
 def explicit_sum(v, beta, neighbors, vectors, lmax):

@@ -9,7 +9,7 @@ import pytest
 from model_helpers import evaluate, molecules, predictor, random_rotation, relative, transformed
 
 from e2former_jax.graph import graph_from_atoms
-from e2former_jax.model import predict
+from e2former_jax.predict import predict
 
 TOL64 = 1e-10  # symmetries in float64: round-off of a few hundred operations on O(10) values
 FD_TOL = 1e-7  # central differences, h = 2e-5 A: truncation ~1e-9, round-off ~1e-9 relative

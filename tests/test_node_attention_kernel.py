@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-from e2former_jax.attention import dense_node_attention
-from pallas_kernels.node_attention import node_attention
-from pallas_kernels.node_attention_ref import node_attention_ref
+from pallas_kernels.jnp_dense import jnp_dense_attention as dense_node_attention
+from pallas_kernels.jnp_node import jnp_node_attention as node_attention_ref
+from pallas_kernels.pallas import pallas_node_attention as node_attention
 
 SEED = int(np.random.SeedSequence().entropy % 2**31)
 

@@ -18,11 +18,12 @@ from e2former_jax import data as D
 from e2former_jax.checkpoint import Checkpointer, flatten, load_model, read_meta, resolve_step_dir
 from e2former_jax.config import get_config
 from e2former_jax.model import E2Former
+from e2former_jax.predict import split_model
 from e2former_jax.training import config as C
 from e2former_jax.training.loop import train
 from e2former_jax.training.losses import loss_terms
 from e2former_jax.training.optim import decay_mask, learning_rate, lr_factor, make_optimizer, warmup_steps
-from e2former_jax.training.step import compiled_train_step, init_state, split_model
+from e2former_jax.training.step import compiled_train_step, init_state
 
 TINY_MODEL = {
   "preset": "small",

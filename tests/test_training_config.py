@@ -12,7 +12,7 @@ from e2former_jax.training.cli import main
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", sorted(C.PRESETS))
+@pytest.mark.parametrize("name", sorted(C.TRAIN_PRESETS))
 def test_config_files_are_the_presets(name):
   path = CONFIGS / f"{name}.yaml"
   assert path.exists(), f"configs/{name}.yaml is missing"

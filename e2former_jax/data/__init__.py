@@ -1,4 +1,5 @@
-"""Data pipeline: readers (SPICE HDF5, extxyz, OMol25 aselmdb), element references, shipped demo data."""
+"""Data pipeline: readers (SPICE HDF5, extxyz, OMol25 aselmdb), structure sources, element references, batching,
+shipped demo data."""
 
 from e2former_jax.data.batching import (
   Batch,
@@ -33,6 +34,7 @@ from e2former_jax.data.references import (
   reference_array,
   reference_energy,
 )
+from e2former_jax.data.sources import read_structures
 
 __all__ = [
   "BOHR_TO_ANGSTROM",
@@ -55,6 +57,7 @@ __all__ = [
   "reference_energy",
   "demo_data_path",
   "load_demo",
+  "read_structures",
   "Batch",
   "Bucket",
   "GraphLoader",

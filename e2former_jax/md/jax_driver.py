@@ -33,8 +33,9 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx
 
 from e2former_jax.graph import AtomGraph, graph_from_atoms
-from e2former_jax.model import E2Former, predict
+from e2former_jax.model import E2Former
 from e2former_jax.neighbors import skin as nl
+from e2former_jax.predict import predict
 
 ENSEMBLES = ("nve", "nvt")
 

@@ -1,6 +1,7 @@
 """Training: configs and presets, losses, optimizer and schedule, the jitted step, the loop, metrics logs."""
 
 from e2former_jax.training.config import (
+  TRAIN_PRESETS,
   DataConfig,
   InitConfig,
   LossConfig,
@@ -15,7 +16,7 @@ from e2former_jax.training.config import (
 from e2former_jax.training.loop import TrainResult, train
 from e2former_jax.training.losses import loss_terms
 from e2former_jax.training.optim import decay_mask, learning_rate, lr_factor, make_optimizer
-from e2former_jax.training.step import TrainState, compiled_train_step, init_state, split_model
+from e2former_jax.training.step import TrainState, compiled_train_step, init_state
 
 __all__ = [
   "DataConfig",
@@ -23,6 +24,7 @@ __all__ = [
   "LossConfig",
   "OptimConfig",
   "RunConfig",
+  "TRAIN_PRESETS",
   "TrainConfig",
   "apply_overrides",
   "dump_config",
@@ -36,7 +38,6 @@ __all__ = [
   "TrainState",
   "compiled_train_step",
   "init_state",
-  "split_model",
   "TrainResult",
   "train",
 ]

@@ -413,7 +413,7 @@ def _preset_paper_omol25_stage2() -> TrainConfig:
   )
 
 
-PRESETS = {
+TRAIN_PRESETS = {
   "demo": _preset_demo,
   "paper_spice": _preset_paper_spice,
   "paper_omol25_stage1": _preset_paper_omol25_stage1,
@@ -422,9 +422,9 @@ PRESETS = {
 
 
 def get_train_config(name: str = "demo") -> TrainConfig:
-  if name not in PRESETS:
-    raise ValueError(f"unknown training preset {name!r}; presets: {sorted(PRESETS)}")
-  return TrainConfig.from_dict(PRESETS[name]().to_dict())  # model section resolved
+  if name not in TRAIN_PRESETS:
+    raise ValueError(f"unknown training preset {name!r}; presets: {sorted(TRAIN_PRESETS)}")
+  return TrainConfig.from_dict(TRAIN_PRESETS[name]().to_dict())  # model section resolved
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

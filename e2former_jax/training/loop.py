@@ -25,10 +25,12 @@ from flax import nnx
 from e2former_jax.checkpoint import Checkpointer, assign_params, make_meta, read_meta, read_params, resolve_step_dir
 from e2former_jax.config import get_config
 from e2former_jax.data.batching import GraphLoader
+from e2former_jax.data.sources import read_structures
 from e2former_jax.evaluation import Predictions, error_table, predict_dataset
 from e2former_jax.model import E2Former
+from e2former_jax.predict import split_model
 from e2former_jax.training.config import TrainConfig, diff_configs, dump_config, load_config
-from e2former_jax.training.data import element_references, net_force_check, read_structures, split_validation
+from e2former_jax.training.data import element_references, net_force_check, split_validation
 from e2former_jax.training.distributed import (
   ShardedGraphLoader,
   compiled_sharded_train_step,
@@ -38,7 +40,7 @@ from e2former_jax.training.distributed import (
 )
 from e2former_jax.training.losses import loss_terms
 from e2former_jax.training.metrics import MetricsLogger
-from e2former_jax.training.step import compiled_train_step, eval_params, init_state, split_model
+from e2former_jax.training.step import compiled_train_step, eval_params, init_state
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ from flax import nnx
 
 from e2former_jax.config import ModelConfig
 from e2former_jax.data.batching import Batch
-from e2former_jax.model import E2Former, ElementEnergy, predict
+from e2former_jax.predict import merge_model, predict
 from e2former_jax.training.config import LossConfig, OptimConfig
 from e2former_jax.training.losses import loss_terms
 from e2former_jax.training.optim import learning_rate, make_optimizer
@@ -44,25 +44,6 @@ class TrainState:
   ema: nnx.State | None
   rng: jax.Array
   skipped: jax.Array
-
-
-def split_model(model: E2Former):
-  """(graphdef, params, element energies, constants) of a model."""
-  graphdef, params, elements, constants = nnx.split(model, nnx.Param, ElementEnergy, ...)
-  return graphdef, params, elements, constants
-
-
-@functools.cache
-def model_template(cfg: ModelConfig):
-  """The graph definition and constant index tables (numpy) of a model of this config; its parameters are
-  dropped. A real model is built because ``nnx.eval_shape`` would turn the numpy tables into shapes."""
-  graphdef, _, _, constants = split_model(E2Former(cfg, rngs=nnx.Rngs(0)))
-  return graphdef, constants
-
-
-def merge_model(cfg: ModelConfig, params, elements) -> E2Former:
-  graphdef, constants = model_template(cfg)
-  return nnx.merge(graphdef, params, elements, constants)
 
 
 def init_state(params, cfg: OptimConfig, seed: int) -> TrainState:

@@ -1,4 +1,4 @@
-"""Pure-jnp twin of the fused node-centric attention kernel (what ``attention_impl="jnp_node"`` runs).
+"""The reference twin of the node-centric attention op, in plain jnp (``implementation="jnp_node"``).
 
 For every target atom i, head h and slot k (source j = neighbors[i, k]):
 
@@ -51,7 +51,7 @@ def per_channel(weights: jax.Array, channels: int) -> jax.Array:
   return jnp.tile(weights, (1,) * (weights.ndim - 1) + (channels // weights.shape[-1],))
 
 
-def node_attention_ref(
+def jnp_node_attention(
   q,
   k,
   gate,

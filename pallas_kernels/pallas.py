@@ -1,6 +1,6 @@
 """Fused node-centric attention as a Pallas kernel with the Triton lowering (``attention_impl="pallas"``).
 
-Computes exactly what ``node_attention_ref`` computes (see its docstring for the math), without any per-edge
+Computes exactly what ``jnp_node_attention`` computes (see its docstring for the math), without any per-edge
 tensor in device memory: one program per tile of ``block_n`` target atoms and ``block_h`` heads gathers, slot by
 slot, the neighbour's key and value rows with masked vector-index loads, keeps the softmax over the K slots in
 registers and writes only the per-node aggregate (and, for periodic inputs, the shift-weighted aggregate).
@@ -43,7 +43,7 @@ from jax._src.interpreters import ad as _ad  # JVPTracer, to name forward mode i
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.node_attention_ref import EPSILON, attention_weights
+from pallas_kernels.jnp_node import EPSILON, attention_weights
 
 FORWARD_MODE_MESSAGE = (
   "node_attention (attention_impl='pallas') supports reverse mode only (jax.grad, jax.vjp, and reverse over "
@@ -550,7 +550,7 @@ def _node_attention_bwd(launch, backward_launch, block_n, block_h, softmax_max, 
 _node_attention.defvjp(_node_attention_fwd, _node_attention_bwd)
 
 
-def node_attention(
+def pallas_node_attention(
   q,
   k,
   gate,
@@ -569,7 +569,7 @@ def node_attention(
   num_warps: int = 4,
   num_stages: int = 1,
 ):
-  """Fused node-centric attention aggregate; same math, arguments and returns as ``node_attention_ref``.
+  """Fused node-centric attention aggregate; same math, arguments and returns as ``jnp_node_attention``.
 
   Args:
     q: [N, H, d] queries of target atoms.

@@ -1,0 +1,54 @@
+"""Edge geometry shared by all layers: per-slot vectors and distances, radial basis, cutoff envelope."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from e2former_jax.config import ModelConfig
+from e2former_jax.graph import AtomGraph
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeGeometry:
+  """Per-slot geometry shared by all layers.
+
+  Attributes:
+    vectors: [N, K, 3] r_ij = p_i - (p_j + shift), target minus source (Angstrom).
+    distance: [N, K] |r_ij| (Angstrom; 1 where not valid, so divisions stay finite).
+    valid: [N, K] slot holds a neighbour within the cutoff.
+    envelope: [N, K] phi(|r_ij|), 0 where not valid.
+    rbf: [N, K, num_basis] Gaussian basis of |r_ij|.
+  """
+
+  vectors: jax.Array
+  distance: jax.Array
+  valid: jax.Array
+  envelope: jax.Array
+  rbf: jax.Array
+
+
+def gaussian_basis(distance: jax.Array, cutoff: float, num_basis: int, width: float) -> jax.Array:
+  """rbf_k(d) = exp(-(d - mu_k)^2 / (2 (width * delta)^2)), mu_k = linspace(0, cutoff, num_basis)."""
+  mu = jnp.linspace(0.0, cutoff, num_basis, dtype=distance.dtype)
+  sigma = width * cutoff / (num_basis - 1)
+  return jnp.exp(-((distance[..., None] - mu) ** 2) / (2 * sigma**2))
+
+
+def polynomial_envelope(distance: jax.Array, cutoff: float) -> jax.Array:
+  """phi(d) = max(1 - 6 t^5 + 15 t^4 - 10 t^3, 0), t = d / cutoff."""
+  t = distance / cutoff
+  return jnp.maximum(1 - 6 * t**5 + 15 * t**4 - 10 * t**3, 0.0)
+
+
+def edge_geometry(graph: AtomGraph, cfg: ModelConfig) -> EdgeGeometry:
+  """Per-slot vectors, distances, validity, envelope and radial basis of a padded graph."""
+  vectors = graph.positions[:, None, :] - graph.positions[graph.neighbors] - graph.neighbor_shift
+  squared = jnp.sum(vectors**2, axis=-1)
+  valid = graph.neighbor_mask & (squared <= cfg.cutoff**2) & (squared > 0)
+  distance = jnp.sqrt(jnp.where(valid, squared, 1.0))
+  envelope = jnp.where(valid, polynomial_envelope(distance, cfg.cutoff), 0.0)
+  rbf = gaussian_basis(distance, cfg.cutoff, cfg.num_basis, cfg.basis_width)
+  return EdgeGeometry(vectors=vectors, distance=distance, valid=valid, envelope=envelope, rbf=rbf)

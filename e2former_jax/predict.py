@@ -1,0 +1,103 @@
+"""Energies, forces and stress of a model, and the model split into what training and evaluation pass through
+``jax.jit`` (graph definition, parameters, element energies, constant tables)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from e2former_jax.config import ModelConfig
+from e2former_jax.graph import AtomGraph
+from e2former_jax.model import E2Former, ElementEnergy
+
+
+def split_model(model: E2Former):
+  """(graphdef, params, element energies, constants) of a model."""
+  return nnx.split(model, nnx.Param, ElementEnergy, ...)
+
+
+@functools.cache
+def model_template(cfg: ModelConfig):
+  """The graph definition and constant index tables (numpy) of a model of this config; its parameters are
+  dropped. A real model is built because ``nnx.eval_shape`` would turn the numpy tables into shapes."""
+  graphdef, _, _, constants = split_model(E2Former(cfg, rngs=nnx.Rngs(0)))
+  return graphdef, constants
+
+
+def merge_model(cfg: ModelConfig, params, elements) -> E2Former:
+  """The model of config ``cfg`` with these parameters and element energies (inside or outside ``jit``)."""
+  graphdef, constants = model_template(cfg)
+  return nnx.merge(graphdef, params, elements, constants)
+
+
+def total_energy(model: E2Former, graph: AtomGraph, return_attention: bool = False) -> tuple[jax.Array, dict]:
+  """Energies [G] (eV, 0 for padding structures) and the per-atom outputs."""
+  out = model(graph, return_attention)
+  energy = jax.ops.segment_sum(out["atom_energy"], graph.graph_index, graph.num_graphs)
+  return jnp.where(graph.graph_mask, energy, 0.0), out
+
+
+def strained(graph: AtomGraph, strain: jax.Array) -> AtomGraph:
+  """The graph deformed by (I + strain[g]) per structure: positions, image offsets and cells."""
+  per_atom = strain[graph.graph_index]
+  return graph.replace(
+    positions=graph.positions + jnp.einsum("ni,nij->nj", graph.positions, per_atom),
+    neighbor_shift=graph.neighbor_shift + jnp.einsum("nki,nij->nkj", graph.neighbor_shift, per_atom),
+    cell=graph.cell + jnp.einsum("gai,gij->gaj", graph.cell, strain),
+  )
+
+
+def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> dict:
+  """Energies, forces and (optionally) stress of a padded batch.
+
+  Returns:
+    "energy": [G] eV; "forces": [N, 3] eV/A (conservative -dE/dx, or the direct head);
+    with ``compute_stress`` also "stress": [G, 3, 3] eV/A^3 (1/V dE/d strain, zero for non-periodic
+    structures) and "virial": [G, 3, 3] eV (-dE/d strain).
+  """
+  strain = jnp.zeros((graph.num_graphs, 3, 3), graph.positions.dtype)
+
+  def energy_of(positions, strain):
+    energy, out = total_energy(model, strained(graph.replace(positions=positions), strain))
+    return jnp.sum(energy), (energy, out)
+
+  if model.config.forces == "conservative" or compute_stress:
+    argnums = (0, 1) if compute_stress else (0,)
+    grads, (energy, out) = jax.grad(energy_of, argnums=argnums, has_aux=True)(graph.positions, strain)
+  else:
+    _, (energy, out) = energy_of(graph.positions, strain)
+    grads = None
+  result = {"energy": energy}
+  if model.config.forces == "conservative":
+    result["forces"] = jnp.where(graph.atom_mask[:, None], -grads[0], 0.0)
+  else:
+    result["forces"] = out["direct_forces"]
+  if compute_stress:
+    d_strain = 0.5 * (grads[1] + grads[1].swapaxes(1, 2))
+    volume = jnp.abs(jnp.linalg.det(graph.cell))
+    periodic = jnp.all(graph.pbc, axis=-1) & graph.graph_mask
+    result["virial"] = -d_strain
+    result["stress"] = jnp.where(
+      periodic[:, None, None], d_strain / jnp.where(periodic, volume, 1.0)[:, None, None], 0.0
+    )
+  return result
+
+
+@functools.cache
+def compiled_predict(cfg: ModelConfig, compute_stress: bool = False):
+  """``f(params, elements, graph) -> predict(...)``, jitted once per model config: how a model passes through
+  ``jax.jit`` everywhere in this package (the config is static, the arrays are arguments)."""
+
+  def fn(params, elements, graph):
+    return predict(merge_model(cfg, params, elements), graph, compute_stress)
+
+  return jax.jit(fn)
+
+
+def make_predict_fn(model: E2Former, compute_stress: bool = False):
+  """A jitted ``AtomGraph -> dict`` with the model's current parameters closed over (see ``predict``)."""
+  _, params, elements, _ = split_model(model)
+  return functools.partial(compiled_predict(model.config, compute_stress), params, elements)

@@ -1,0 +1,92 @@
+"""One entry point for the node-centric attention op, whatever computes it.
+
+``node_attention(..., implementation=name)`` dispatches to a file named after the implementation:
+
+  * "jnp_node"  (``jnp_node.py``): the reference twin in plain jnp; gathers [N, K, R, C].
+  * "jnp_dense" (``jnp_dense.py``): the sum over slots as per-head [N, N] products; fastest on a CPU for small
+    batches, quadratic in N.
+  * "pallas"    (``pallas.py``): the fused Pallas kernel lowered to Triton; reverse mode to any order.
+  * "auto": "pallas" on a GPU; on other backends "jnp_dense" up to ``DENSE_MAX_ATOMS`` atom slots, else
+    "jnp_node".
+
+The model's fourth path, "jnp_edge" (the per-edge "standard implementation"), is not this op: it rotates every
+edge into its own frame and needs the EAAS tables, so it lives with the model (``e2former_jax.attention``) and
+uses only ``attention_weights`` from here. Nothing in this package imports e3x or the model.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.jnp_dense import jnp_dense_attention
+from pallas_kernels.jnp_node import jnp_node_attention
+
+IMPLEMENTATIONS = ("jnp_node", "jnp_dense", "pallas")
+DENSE_MAX_ATOMS = 256  # "auto" off the GPU uses "jnp_dense" up to this many atom slots, "jnp_node" above
+
+
+def resolve_implementation(implementation: str, num_atoms: int) -> str:
+  """The implementation ``implementation`` names for ``num_atoms`` target slots ("auto" resolved)."""
+  if implementation == "auto":
+    if jax.default_backend() == "gpu":
+      return "pallas"
+    return "jnp_dense" if num_atoms <= DENSE_MAX_ATOMS else "jnp_node"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"unknown attention implementation {implementation!r}; expected 'auto' or one of {IMPLEMENTATIONS}"
+    )
+  return implementation
+
+
+def node_attention(
+  q,
+  k,
+  gate,
+  edge_scale,
+  envelope,
+  valid,
+  neighbors,
+  rows,
+  shifts=None,
+  *,
+  implementation: str = "auto",
+  num_shift_rows: int = 0,
+  softmax_max: str = "valid",
+  return_weights: bool = False,
+  **kernel_options,
+):
+  """Node-centric attention aggregate (the math is in ``jnp_node``'s docstring).
+
+  Args:
+    q: [N, H, d] queries of target atoms.
+    k: [M, H, d] keys of source atoms.
+    gate: [N, K, H] per-edge logit gate.
+    edge_scale: [N, K, H] per-edge factor applied after the softmax (rho / |r_ij|, 1/Angstrom).
+    envelope: [N, K] cutoff envelope phi(|r_ij|).
+    valid: [N, K] bool, slot holds a neighbour within the cutoff.
+    neighbors: [N, K] int32 source atom of each slot.
+    rows: [M, R, C] per-node rows to aggregate; channel c belongs to head c mod H.
+    shifts: optional [N, K, 3] Cartesian image offsets (Angstrom) of periodic structures.
+    implementation: "auto" or one of ``IMPLEMENTATIONS``.
+    num_shift_rows: how many trailing rows enter the shift-weighted aggregate.
+    softmax_max: "valid" (max over in-cutoff slots) or "all_slots".
+    return_weights: also return alpha [N, K, H] (not with "pallas", which never forms it).
+    **kernel_options: tiling and launch options of the Pallas kernel (``pallas.pallas_node_attention``).
+
+  Returns:
+    agg [N, R, C]; with ``shifts`` also agg_shift [N, 3, num_shift_rows, C]; with ``return_weights`` also
+    alpha; a tuple in that order, or a bare array when only agg is returned.
+  """
+  implementation = resolve_implementation(implementation, q.shape[0])
+  args = (q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
+  options = dict(num_shift_rows=num_shift_rows, softmax_max=softmax_max)
+  if implementation == "pallas":
+    if return_weights:
+      raise ValueError("the pallas implementation never forms the attention weights: use 'jnp_node' or 'jnp_dense'")
+    from pallas_kernels.pallas import pallas_node_attention  # Pallas/Triton imported only when used
+
+    return pallas_node_attention(*args, **options, **kernel_options)
+  if kernel_options:
+    raise TypeError(f"{implementation!r} takes no kernel options, got {sorted(kernel_options)}")
+  fn = jnp_dense_attention if implementation == "jnp_dense" else jnp_node_attention
+  return fn(*args, **options, return_weights=return_weights)

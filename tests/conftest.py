@@ -2,6 +2,11 @@
 
 import collections
 import os
+import sys
+from pathlib import Path
+
+# Shared helpers (model_helpers, md_helpers) import by name from every test folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 

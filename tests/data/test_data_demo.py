@@ -10,7 +10,7 @@ import pytest
 
 from e2former_jax import data as D
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "e2former_jax" / "demo_data"
 SPLITS = ("train", "valid", "test")
 

@@ -352,7 +352,7 @@ def test_sigkilled_train_py_resumes_bit_for_bit(tiny_data, tmp_path):
 
   from e2former_jax.training.cli import main
 
-  root = Path(__file__).resolve().parent.parent
+  root = Path(__file__).resolve().parents[2]
   _write_xyz(tmp_path / "train.xyz", tiny_data["train"])
   _write_xyz(tmp_path / "valid.xyz", tiny_data["valid"])
   # the module's tiny run (same compiled step), read from files, a synchronous checkpoint after every step

@@ -9,7 +9,7 @@ from e2former_jax.config import get_config
 from e2former_jax.training import config as C
 from e2former_jax.training.cli import main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name", sorted(C.TRAIN_PRESETS))

@@ -11,7 +11,7 @@ Implementations (float32, the same inputs for all):
 
 Cases: forward, and forward + backward (value and gradient of sum(out * cotangent) with respect to every float
 input). Reported per case: median time, compiled memory (XLA's temp + argument + output buffers), FLOP/s with the
-one shared count (PERFORMANCE.md 3.2: 17,922 FLOP per edge slot forward; forward + backward counted as 3x
+one shared count (docs/performance.md §3: 17,922 FLOP per edge slot forward; forward + backward counted as 3x
 forward, a convention), and the share of the HBM floor: fewest bytes (each input read once, each output
 written once; the byte model below) over the device-to-device copy bandwidth measured in the same run.
 
@@ -42,9 +42,9 @@ from pallas_kernels.pallas import pallas_node_attention  # noqa: E402
 
 H, D, C, K, V_ROWS, PRODUCT_ROWS = 128, 8, 256, 32, 9, 20
 R = PRODUCT_ROWS + V_ROWS
-FLOP_PER_EDGE = 2048 + 256 + 770 + 14848  # PERFORMANCE.md 3.2 attention core
+FLOP_PER_EDGE = 2048 + 256 + 770 + 14848  # docs/performance.md §3 attention core
 HP = jax.lax.Precision.HIGHEST
-NOMINAL_BANDWIDTH = 2.9e12  # bytes/s, the H100 copy figure PERFORMANCE.md's floor shares use
+NOMINAL_BANDWIDTH = 2.9e12  # bytes/s, the H100 copy figure docs/performance.md §2's floor shares use
 
 
 def forward_bytes_per_atom() -> int:

@@ -1,6 +1,6 @@
 """Whole-model timing on one GPU: inference (energy + conservative forces) and training steps.
 
-Protocol of MODEL.md section 11.2 (the authors' measurement), reproduced: one random structure at
+Protocol of docs/performance.md §6 (the authors' measurement), reproduced: one random structure at
 0.1 atoms/A^3 with Z in {1, 6, 7, 8} (here a jittered cubic grid, so no two atoms overlap; atoms come out
 spatially ordered), cutoff 5 A, K = 32, the paper backbone with the ``QKdotS_alpha`` gate, float32 with
 ``matmul_precision="highest"``. Modes:

@@ -1,4 +1,4 @@
-"""E2Former-V2 attention with the first-order equivariant message (MODEL.md sections 3.9 and 4).
+"""E2Former-V2 attention with the first-order equivariant message (docs/model.md §9, §10).
 
 Implementations of the same message with the same parameters (``ModelConfig.attention_impl``):
   * "jnp_node", "jnp_dense", "pallas" (and "auto"): the node-centric split

@@ -1,7 +1,7 @@
 """Model configuration: one dataclass and the named presets.
 
-Every field has the meaning of the authors' code (MODEL.md section 6.1); the presets are the runs of
-MODEL.md section 6.2 plus ``small`` for CPU training. ``ModelConfig`` is frozen and hashable, so it can be a
+Every field has the meaning of the authors' code (docs/authors_checkpoints.md §4); the presets are the runs of
+docs/model.md §14.3 plus ``small`` for CPU training. ``ModelConfig`` is frozen and hashable, so it can be a
 static argument of ``jax.jit``.
 """
 

@@ -1,4 +1,4 @@
-"""Equivariant axis-aligned sparsification (EAAS) of the product with an l=1 vector (MODEL.md section 4).
+"""Equivariant axis-aligned sparsification (EAAS) of the product with an l=1 vector (docs/model.md §10).
 
 In the frame where the vector p lies along +y, the Clebsch-Gordan product (h (x) p)^{l3} has exactly one
 non-zero coefficient per output entry, so the dense contraction becomes a gather and a scale ("parity
@@ -155,7 +155,7 @@ def vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   Returns:
     [..., R, C], R = ``eaas_table(lmax).num_output_rows`` (20 for lmax 2).
 
-  Derivatives use the linearity in each argument (design notes): d(h (x) p) = dh (x) p + h (x) dp, the first
+  Derivatives use the linearity in each argument (docs/model.md §10): d(h (x) p) = dh (x) p + h (x) dp, the first
   term by EAAS in the same frame, the second by the dense CG product, so first derivatives never pass
   through the frame. (JAX drops custom rules inside linearised tangents, so forward-over-reverse
   derivatives in p do go through the frame; it is smooth except at p = 0, where the exact dense product

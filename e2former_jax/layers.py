@@ -13,7 +13,7 @@ from flax import nnx
 from e2former_jax import so3
 from e2former_jax.norms import LayerNorm
 
-# e3nn's normalize2mom constants (MODEL.md section 3.10).
+# e3nn's normalize2mom constants (docs/model.md §5).
 SILU_2MOM = 1.6791767923989418
 SIGMOID_2MOM = 1.8467055342154763
 

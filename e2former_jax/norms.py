@@ -24,7 +24,7 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNormSH(nnx.Module):
-  """Equivariant RMS norm of spherical features (MODEL.md section 3.11).
+  """Equivariant RMS norm of spherical features (docs/model.md §5).
 
   The l=0 row is centred over channels; one sigma per atom averages, with equal weight per degree, the
   mean square over m of every channel; rows are scaled per (degree, channel); a bias is added to l=0.

@@ -1,10 +1,10 @@
 """SO(3) machinery in the authors' (e3nn) real basis: spherical harmonics, Wigner-D matrices, CG coefficients.
 
-Convention (MODEL.md section 2): rows are indexed l^2 + (m + l); the real basis is e3nn's, with y as the
+Convention (docs/model.md §4): rows are indexed l^2 + (m + l); the real basis is e3nn's, with y as the
 polar axis and the l=1 block ordered (x, y, z). It equals e3x's real basis (z polar, m = -l..l, no
 Condon-Shortley phase) evaluated at the cyclically permuted vector (z, x, y). That permutation is a proper
-rotation, so Clebsch-Gordan coefficients are the same numbers in both bases; ``tests/test_so3.py`` checks
-the basis change against the values of MODEL.md.
+rotation, so Clebsch-Gordan coefficients are the same numbers in both bases; ``tests/ops/test_so3.py`` checks
+the basis change against the values of docs/model.md §4.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def wigner_d(rotation: jax.Array, l: int) -> jax.Array:
 
 
 def rotation_to_y(vectors: jax.Array) -> jax.Array:
-  """A rotation R [..., 3, 3] with R v/|v| = +y (the EAAS frame of MODEL.md section 4.2).
+  """A rotation R [..., 3, 3] with R v/|v| = +y (the EAAS frame of docs/model.md §10).
 
   Rotates about v x y; where v points into the lower half-space it first aligns v with -y and then turns
   by pi about z, so the formula never divides by a small 1 + cos. A zero vector gives the identity.

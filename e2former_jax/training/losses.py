@@ -1,4 +1,4 @@
-"""Energy/force losses of the authors' code (MODEL.md section 3.15), in eV and eV/A.
+"""Energy/force losses of the authors' code (docs/model.md §14.1), in eV and eV/A.
 
 Every loss takes flat arrays, so the same function serves a padded training batch (inside ``jax.jit``) and a
 whole validation set (concatenated predictions): structures with ``energy_mask`` False and atoms with

@@ -1,4 +1,4 @@
-"""Optimizer, parameter groups and learning-rate schedule of the authors' trainer (MODEL.md section 6.3)."""
+"""Optimizer, parameter groups and learning-rate schedule of the authors' trainer (docs/model.md §14.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EAAS tables generated from CG coefficients, against MODEL.md and against the dense CG product."""
+"""EAAS tables generated from CG coefficients, against docs/model.md §10 and against the dense CG product."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 from e2former_jax import eaas
 
 S2, S3, S6 = np.sqrt(2), np.sqrt(3), np.sqrt(6)
-# MODEL.md section 4.4, exact values.
+# docs/model.md §10, exact values.
 PAPER_SOURCE = [2, 0, 0, 0, 3, 0, 1, 5, 6, 7, 0, 1, 2, 3, 0, 8, 7, 0, 5, 4]
 PAPER_WEIGHT = [
   1 / S3,
@@ -44,7 +44,7 @@ def test_lmax2_table_matches_model_md_exactly():
 
 @pytest.mark.parametrize("lmax", [1, 2, 3, 4])
 def test_table_follows_parity_rule_closed_form(lmax):
-  """MODEL.md section 4.3: even paths keep m with positive weights, odd paths swap m <-> -m."""
+  """docs/model.md §10: even paths keep m with positive weights, odd paths swap m <-> -m."""
   table = eaas.eaas_table(lmax)
   start = 0
   for l1, l3 in table.paths:

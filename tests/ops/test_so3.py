@@ -14,7 +14,7 @@ def random_rotation(seed):
 
 
 def test_component_harmonics_match_model_md_values():
-  """MODEL.md section 2: raw vector (0.3, -1.2, 2.0), l=2 block of the component polynomials."""
+  """docs/model.md §4: raw vector (0.3, -1.2, 2.0), l=2 block of the component polynomials."""
   with jax.enable_x64(True):
     y = so3.spherical_harmonics(jnp.array([0.3, -1.2, 2.0]), 2, "component", normalize=False)
   np.testing.assert_allclose(y[4:9], [2.3238, -1.3943, -1.3528, -9.2952, 7.5717], atol=1e-4)
@@ -59,7 +59,7 @@ def test_frame_maps_vector_to_y_including_poles_and_origin():
     nonzero = np.linalg.norm(vectors, axis=1) > 0
     mapped = np.einsum("nij,nj->ni", rot, vectors)[nonzero]
     np.testing.assert_allclose(mapped, np.linalg.norm(vectors[nonzero], axis=1)[:, None] * [0, 1, 0], atol=1e-12)
-    # D Y(u) = Y(y): only the m = 0 entry of each degree survives (MODEL.md section 2).
+    # D Y(u) = Y(y): only the m = 0 entry of each degree survives (docs/model.md §10).
     d = so3.block_diagonal_wigner(rot[0], (0, 1, 2))
     np.testing.assert_allclose(
       d @ so3.spherical_harmonics(jnp.asarray(vectors[0]), 2),

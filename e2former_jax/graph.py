@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from e2former_jax.neighbors.host import k_nearest_neighbors
+from e2former_jax.system_keys import charge_and_multiplicity
 
 MAX_ATOMIC_NUMBER = 118
 
@@ -105,12 +106,9 @@ def validate_atoms(atoms: ase.Atoms, where: str = "structure") -> None:
     raise ValueError(f"{where} has non-finite (NaN or inf) positions")
 
 
-def _charge_and_spin(atoms: ase.Atoms) -> tuple[int, int]:
-  charge = atoms.info.get("charge", 0)
-  spin = atoms.info.get("spin", 1)
-  if int(charge) != charge or int(spin) != spin or int(spin) < 1:
-    raise ValueError(f"charge must be an integer and spin a multiplicity >= 1, got charge={charge}, spin={spin}")
-  return int(charge), int(spin)
+def _charge_and_spin(atoms: ase.Atoms, where: str = "structure") -> tuple[int, int]:
+  """(total charge, multiplicity 2S+1) from ``atoms.info`` in any spelling of ``e2former_jax.system_keys``."""
+  return charge_and_multiplicity(atoms.info, where=where)
 
 
 def graph_from_atoms(
@@ -124,8 +122,9 @@ def graph_from_atoms(
   """Builds a padded ``AtomGraph`` on the host.
 
   Args:
-    structures: one ``ase.Atoms`` or a sequence; ``atoms.info['charge']`` and ``atoms.info['spin']``
-      (multiplicity) are read when present (defaults 0 and 1).
+    structures: one ``ase.Atoms`` or a sequence; the total charge and the multiplicity 2S+1 are read from
+      ``atoms.info`` in any spelling of ``e2former_jax.system_keys`` (``charge``/``total_charge``,
+      ``spin``/``total_spin``/``multiplicity``; defaults 0 and 1).
     cutoff: neighbour cutoff in Angstrom.
     max_neighbors: K.
     num_atoms: atom slots N (default: real atoms + 1); must exceed the real atom count.
@@ -179,7 +178,7 @@ def graph_from_atoms(
     neighbor_mask[sl] = slots.mask
     neighbor_shift[sl] = slots.shifts
     graph_index[sl] = g
-    charge[g], spin[g] = _charge_and_spin(atoms)
+    charge[g], spin[g] = _charge_and_spin(atoms, where)
     cell[g] = atoms.cell.array
     pbc[g] = atoms.pbc
     graph_mask[g] = True

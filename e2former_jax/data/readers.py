@@ -2,7 +2,8 @@
 
 Every reader returns ``ase.Atoms`` with a ``SinglePointCalculator`` holding the energy (eV) and forces (eV/A),
 and ``atoms.info`` with ``charge`` (total charge, e), ``spin`` (multiplicity 2S+1, 1 when absent),
-``config_type`` and a stable ``source`` id.
+``config_type`` and a stable ``source`` id. Charge and multiplicity are read by ``e2former_jax.system_keys`` (every
+common spelling, or the one key named), and only ``charge`` and ``spin`` are written back.
 
 Errors name the file, the record and the problem (``DataFormatError``). With ``on_error="skip"`` a bad record
 is left out instead, and every skipped record is counted in ``dataset.skipped`` (record id and reason) and
@@ -11,6 +12,7 @@ reported with a warning: nothing is dropped silently.
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import re
@@ -21,11 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import ase
+import ase.units
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
-BOHR_TO_ANGSTROM = 0.529177210903
-HARTREE_TO_EV = 27.211386245988
+from e2former_jax.system_keys import charge_and_multiplicity, without_system_keys
+
+# ASE's units (CODATA 2014, as MACE-OFF's extxyz files of SPICE were converted); CODATA 2018 differs by 1e-9
+# (bohr) and 8e-9 (hartree) relative, below float32 resolution.
+BOHR_TO_ANGSTROM = ase.units.Bohr
+HARTREE_TO_EV = ase.units.Hartree
 HARTREE_PER_BOHR_TO_EV_PER_ANGSTROM = HARTREE_TO_EV / BOHR_TO_ANGSTROM
 MAX_ATOMIC_NUMBER = 118
 
@@ -99,16 +106,6 @@ def _check_array(path, record, name, value, shape) -> np.ndarray:
   return arr
 
 
-def _check_int(path, record, name, value) -> int:
-  try:
-    f = float(np.asarray(value).reshape(()))
-  except (TypeError, ValueError):
-    raise DataFormatError(path, record, f"{name} is not a number: {value!r}") from None
-  if not np.isfinite(f) or f != round(f):
-    raise DataFormatError(path, record, f"{name} must be an integer, got {value!r}")
-  return int(round(f))
-
-
 def _make_atoms(
   path,
   record,
@@ -146,7 +143,7 @@ def _make_atoms(
     results["stress"] = _check_array(path, record, "stress", s, (6,))
   if results:
     atoms.calc = SinglePointCalculator(atoms, **results)
-  info = dict(extra_info or {})
+  info = without_system_keys(extra_info or {})
   info.update(charge=int(charge), spin=int(spin), config_type=config_type, source=source)
   if config_type is None:
     info.pop("config_type")
@@ -417,8 +414,9 @@ class SpiceDataset(Dataset):
 
 
 class ExtxyzDataset(Dataset):
-  """Extended XYZ, keys defaulting to MACE's (``REF_energy``, ``REF_forces``, ``config_type``,
-  ``total_charge``, ``total_spin``).
+  """Extended XYZ, keys defaulting to MACE's (``REF_energy``, ``REF_forces``, ``config_type``); the charge and
+  the multiplicity from any of their spellings (``charge``/``total_charge``, ``spin``/``total_spin``/
+  ``multiplicity``, which must agree) unless ``charge_key`` / ``spin_key`` name the one key to read.
 
   The file is indexed by frame (byte offsets) when opened and each frame is parsed when read; records are
   frame numbers (0-based). ``source`` is the frame's ``source_key`` entry when present, else
@@ -434,8 +432,8 @@ class ExtxyzDataset(Dataset):
     energy_key: str = "REF_energy",
     forces_key: str = "REF_forces",
     config_type_key: str = "config_type",
-    charge_key: str = "total_charge",
-    spin_key: str = "total_spin",
+    charge_key: str | None = None,
+    spin_key: str | None = None,
     source_key: str = "source",
     stress_key: str | None = "REF_stress",
     require_labels: bool = True,
@@ -534,12 +532,12 @@ class ExtxyzDataset(Dataset):
     energy = self._value(atoms, frame, "energy", req)
     forces = self._value(atoms, frame, "forces", req)
     stress = self._value(atoms, frame, "stress", False)
-    charge = self._value(atoms, frame, "charge", False)
-    spin = self._value(atoms, frame, "spin", False)
     config_type = self._value(atoms, frame, "config_type", False)
     source = self._value(atoms, frame, "source", False)
-    charge = 0 if charge is None else _check_int(self.path, frame, self.keys["charge"], charge)
-    spin = 1 if spin is None else _check_int(self.path, frame, self.keys["spin"], spin)
+    try:
+      charge, spin = charge_and_multiplicity(atoms.info, self.keys["charge"], self.keys["spin"])
+    except ValueError as err:
+      raise DataFormatError(self.path, frame, str(err)) from None
     used = {v for v in self.keys.values() if v}
     extra = {k: v for k, v in atoms.info.items() if k not in used}
     return _make_atoms(
@@ -561,11 +559,12 @@ class ExtxyzDataset(Dataset):
 
 
 class AselmdbDataset(Dataset):
-  """OMol25-style ASE LMDB (``*.aselmdb``, read with ase-db-backends).
+  """OMol25-style ASE LMDB (``*.aselmdb``, read with ase-db-backends: the ``omol25`` extra).
 
   Records are row positions 0..len-1 (row ids in ``self.row_ids``). Energy and forces come from the row's
-  calculator results; ``charge``, ``spin`` and ``source`` from the row's ``data`` (as fairchem does), with
-  ``key_value_pairs`` as a fallback; ``config_type`` from ``data['data_id']`` or ``data['config_type']`` if
+  calculator results; the charge, the multiplicity (any of their spellings unless ``charge_key`` / ``spin_key``
+  name one) and ``source`` from the row's ``data`` (as fairchem does), with ``key_value_pairs`` as a fallback;
+  ``config_type`` from ``data['data_id']`` or ``data['config_type']`` if
   present. A row without ``source`` gets ``"<file name>:<row id>"``.
   """
 
@@ -574,8 +573,8 @@ class AselmdbDataset(Dataset):
   def __init__(
     self,
     path,
-    charge_key: str = "charge",
-    spin_key: str = "spin",
+    charge_key: str | None = None,
+    spin_key: str | None = None,
     source_key: str = "source",
     config_type_keys: Sequence[str] = ("config_type", "data_id"),
     require_labels: bool = True,
@@ -586,7 +585,10 @@ class AselmdbDataset(Dataset):
     try:
       import ase_db_backends.aselmdb  # noqa: F401  (registers nothing; checks the package is there)
     except ImportError:
-      raise ImportError("reading .aselmdb needs the 'ase-db-backends' package (pip install ase-db-backends)") from None
+      raise ImportError(
+        f"{self.path}: reading OMol25 .aselmdb files needs the optional 'ase-db-backends' package: "
+        "pip install 'e2former-jax[omol25]' (or pip install -e '.[omol25]' in a checkout)"
+      ) from None
     from ase.db import connect
 
     self.keys = dict(charge=charge_key, spin=spin_key, source=source_key)
@@ -631,13 +633,13 @@ class AselmdbDataset(Dataset):
         raise DataFormatError(self.path, row_id, "missing key 'energy' (row has no calculator energy)")
       if forces is None:
         raise DataFormatError(self.path, row_id, "missing key 'forces' (row has no calculator forces)")
-    charge = pick(self.keys["charge"])
-    spin = pick(self.keys["spin"])
     source = pick(self.keys["source"])
     config_type = next((pick(k) for k in self.config_type_keys if pick(k) is not None), None)
-    charge = 0 if charge is None else _check_int(self.path, row_id, "charge", charge)
-    spin = 1 if spin is None else _check_int(self.path, row_id, "spin", spin)
-    used = set(self.keys.values()) | set(self.config_type_keys)
+    try:
+      charge, spin = charge_and_multiplicity({**kvp, **data}, self.keys["charge"], self.keys["spin"])
+    except ValueError as err:
+      raise DataFormatError(self.path, row_id, str(err)) from None
+    used = {v for v in self.keys.values() if v} | set(self.config_type_keys)
     extra = {k: v for k, v in data.items() if k not in used and np.ndim(v) == 0}
     numbers = np.asarray(row.get("numbers"))
     pbc = np.asarray(row.get("pbc", [False] * 3), dtype=bool)
@@ -686,7 +688,12 @@ def open_dataset(path: str | os.PathLike, format: str | None = None, **keys) -> 
       ``on_error="skip"`` (leave out bad records, counted in ``.skipped``), ``require_labels=False``.
   """
   fmt = detect_format(path, format)
-  return _DATASETS[fmt](path, **keys)
+  cls = _DATASETS[fmt]
+  options = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "path")]
+  unknown = sorted(set(keys) - set(options))
+  if unknown:
+    raise ValueError(f"{path}: the {fmt} reader has no option {', '.join(map(repr, unknown))} (its options: {options})")
+  return cls(path, **keys)
 
 
 def load(path: str | os.PathLike, format: str | None = None, **keys) -> list[ase.Atoms]:

@@ -1,6 +1,7 @@
 """Readers: tiny files in the real SPICE / MACE-OFF extxyz / OMol25 aselmdb layouts, units, signs, errors."""
 
 import ase
+import ase.units
 import h5py
 import numpy as np
 import pytest
@@ -8,15 +9,17 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from e2former_jax import data as D
 
-BOHR = 0.529177210903  # Angstrom per bohr (CODATA 2018)
-HARTREE = 27.211386245988  # eV per hartree (CODATA 2018)
+BOHR = ase.units.Bohr  # Angstrom per bohr (ASE's CODATA 2014, as MACE-OFF converted SPICE)
+HARTREE = ase.units.Hartree  # eV per hartree
 
 
 def test_unit_constants():
-  assert D.BOHR_TO_ANGSTROM == BOHR
-  assert D.HARTREE_TO_EV == HARTREE
-  # 1 hartree/bohr = 51.42206747632590 eV/A (CODATA atomic unit of force 8.2387235038e-8 N)
-  assert D.HARTREE_PER_BOHR_TO_EV_PER_ANGSTROM == pytest.approx(51.4220674763259, rel=1e-13)
+  assert D.BOHR_TO_ANGSTROM == BOHR and D.HARTREE_TO_EV == HARTREE
+  # equal to CODATA 2018 (0.529177210903 A, 27.211386245988 eV) to well below float32 resolution (6e-8)
+  assert D.BOHR_TO_ANGSTROM == pytest.approx(0.529177210903, rel=1e-8)
+  assert D.HARTREE_TO_EV == pytest.approx(27.211386245988, rel=1e-8)
+  # 1 hartree/bohr = 51.42206747632590 eV/A (CODATA 2018 atomic unit of force 8.2387235038e-8 N)
+  assert D.HARTREE_PER_BOHR_TO_EV_PER_ANGSTROM == pytest.approx(51.4220674763259, rel=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -91,8 +94,8 @@ def test_spice_units_signs_and_info(tmp_path):
   a = ds[2]
   np.testing.assert_allclose(a.positions, WATER_BOHR[1].astype(np.float64) * BOHR, rtol=0, atol=1e-12)
   assert a.positions[1, 0] == pytest.approx(1.5 * 0.529177210903, abs=1e-7)
-  assert a.get_potential_energy() == pytest.approx(-76.3 * 27.211386245988, rel=1e-15)
-  assert a.get_potential_energy() == pytest.approx(-2076.228770553, abs=1e-6)
+  assert a.get_potential_energy() == pytest.approx(-76.3 * HARTREE, rel=1e-15)
+  assert a.get_potential_energy() == pytest.approx(-2076.228770553, abs=1e-4)  # CODATA 2018: 1.7e-5 eV apart
   # forces are minus the gradient: +0.02 Ha/bohr gradient -> -1.0284417 eV/A force
   assert a.get_forces()[0, 0] == pytest.approx(-0.02 * 51.4220674763259, rel=1e-6)
   np.testing.assert_allclose(a.get_forces(), -WATER_GRAD[1].astype(np.float64) * HARTREE / BOHR, rtol=1e-12)
@@ -268,6 +271,56 @@ H 0 0 1.1 -0.1 -0.2 -0.3
   np.testing.assert_allclose(b.get_forces(), _atoms_with_calc().calc.results["forces"])
 
 
+def _frame(info: str) -> str:
+  return f"""2
+Properties=species:S:1:pos:R:3:REF_forces:R:3 REF_energy=-1.0 {info} pbc="F F F"
+O 0 0 0 0 0 0
+H 0 0 0.97 0 0 0
+"""
+
+
+@pytest.mark.parametrize(
+  "info,charge,spin",
+  [
+    ("charge=1 spin=2", 1, 2),  # the calculator's spelling (was read as 0, 1)
+    ("total_charge=-1 total_spin=2", -1, 2),  # MACE-OFF's
+    ("charge=1 total_charge=1 multiplicity=3", 1, 3),  # several spellings that agree
+    ("total_charge=0.0 total_spin=1.0", 0, 1),  # integral floats
+    ("", 0, 1),
+  ],
+)
+def test_extxyz_every_spelling_of_charge_and_multiplicity(tmp_path, info, charge, spin):
+  path = tmp_path / "q.xyz"
+  path.write_text(_frame(info))
+  (a,) = D.load(path)
+  assert (a.info["charge"], a.info["spin"]) == (charge, spin)
+  assert not {"total_charge", "total_spin", "multiplicity"} & set(a.info)  # one spelling in memory
+
+
+def test_extxyz_disagreeing_spellings_and_named_keys(tmp_path):
+  path = tmp_path / "q.xyz"
+  path.write_text(_frame("charge=1 total_charge=0"))
+  with pytest.raises(D.DataFormatError, match=r"record 0: the total charge is given more than once .*charge=1, total_charge=0"):
+    D.load(path)
+  path.write_text(_frame("spin=2 total_spin=3"))
+  with pytest.raises(D.DataFormatError, match=r"spin multiplicity is given more than once .*spin=2, total_spin=3"):
+    D.load(path)
+  # a named key is the only one read, and the other spellings do not travel on
+  path.write_text(_frame("q=2 charge=1 total_spin=3 mult=2"))
+  (a,) = D.load(path, charge_key="q", spin_key="mult")
+  assert (a.info["charge"], a.info["spin"]) == (2, 2) and "q" not in a.info and "total_spin" not in a.info
+  path.write_text(_frame("total_spin=0"))
+  with pytest.raises(D.DataFormatError, match=r"spin multiplicity must be >= 1 .*got 0 \(total_spin\)"):
+    D.load(path)
+
+
+def test_unknown_reader_option_is_named(tmp_path):
+  path = tmp_path / "spice.h5"
+  _write_spice(path)
+  with pytest.raises(ValueError, match=r"the spice reader has no option 'charge_key'"):
+    D.load(path, charge_key="q")
+
+
 def test_extxyz_periodic_cell(tmp_path):
   path = tmp_path / "p.xyz"
   text = """1
@@ -300,7 +353,10 @@ def test_extxyz_errors(tmp_path):
   with pytest.raises(D.DataFormatError, match=r"bad\.xyz, record 1: cannot parse frame"):
     D.load(path)
   path.write_text(MACE_XYZ.replace("total_charge=-1", "total_charge=0.5"))
-  with pytest.raises(D.DataFormatError, match=r"record 1: total_charge must be an integer"):
+  with pytest.raises(D.DataFormatError, match=r"record 1: total_charge must be an integer, got 0\.5"):
+    D.load(path)
+  path.write_text(MACE_XYZ.replace("total_charge=-1", 'total_charge="+1e"'))
+  with pytest.raises(D.DataFormatError, match=r"record 1: total_charge must be an integer, got '\+1e' \(a str\)"):
     D.load(path)
 
 

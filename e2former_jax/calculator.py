@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
-import warnings
-
 import ase
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from flax import nnx
 
+from e2former_jax.caller_warning import warn_at_caller
 from e2former_jax.config import ModelConfig, get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
 from e2former_jax.predict import make_predict_fn
+from e2former_jax.system_keys import SYSTEM_KEYS
+from e2former_jax.trained_domain import TrainedDomain
 
 
 class E2FormerCalculator(Calculator):
   """Energy (eV), forces (eV/A) and, for periodic cells, stress (eV/A^3) from an E2Former-V2 model.
 
-  Reads ``atoms.info["charge"]`` (default 0) and ``atoms.info["spin"]`` (multiplicity, default 1).
+  Reads the total charge (default 0) and the multiplicity 2S+1 (default 1) from ``atoms.info`` in any spelling of
+  ``e2former_jax.system_keys`` (``charge``/``total_charge``, ``spin``/``total_spin``/``multiplicity``).
 
   ``E2FormerCalculator(config="small", seed=0, **overrides)`` builds a randomly initialised model
   (``config`` a preset name or a ``ModelConfig``, ``overrides`` any ``ModelConfig`` field);
-  ``E2FormerCalculator.from_checkpoint(path)`` loads a trained one; ``E2FormerCalculator(model=model)``
+  ``E2FormerCalculator.from_checkpoint(path, **overrides)`` loads a trained one; ``E2FormerCalculator(model=model)``
   wraps a model in memory.
+
+  A calculator from a checkpoint refuses structures with elements the checkpoint was not trained on
+  (``UntrainedElementError`` naming them and the trained list; ``allow_untrained_elements=True`` makes it a
+  warning) and warns about a total charge or multiplicity outside what training saw (``e2former_jax.trained_domain``).
 
   Structures are padded to a multiple of ``pad_to`` atoms, so an MD run compiles once.
   """
@@ -37,6 +43,8 @@ class E2FormerCalculator(Calculator):
     *,
     model: E2Former | None = None,
     pad_to: int = 32,
+    domain: TrainedDomain | None = None,
+    allow_untrained_elements: bool = False,
     **overrides,
   ):
     super().__init__()
@@ -46,20 +54,37 @@ class E2FormerCalculator(Calculator):
       raise TypeError("overrides apply only when the calculator builds the model")
     self.model = model
     self.pad_to = pad_to
+    self.domain = domain if domain is not None else TrainedDomain()
+    self.allow_untrained_elements = allow_untrained_elements
+    self.checkpoint: str | None = None
     self._predict = {}
     self._warned_truncation = False
 
   @classmethod
-  def from_checkpoint(cls, path, **kwargs) -> E2FormerCalculator:
-    """Loads a trained model from a training run directory (best, else last) or a step directory."""
-    from e2former_jax.checkpoint import load_model
+  def from_checkpoint(
+    cls, path, *, pad_to: int = 32, allow_untrained_elements: bool = False, **overrides
+  ) -> E2FormerCalculator:
+    """Loads a trained model from a training run directory (best, else last) or a step directory.
 
-    return cls(model=load_model(path), **kwargs)
+    ``overrides`` may set what does not change the trained function (``checkpoint.RUNTIME_OVERRIDES``:
+    ``dtype``, ``attention_impl``, ``matmul_precision``); any other field is refused by name.
+    """
+    from e2former_jax.checkpoint import load_model, resolve_step_dir
+
+    step_dir = resolve_step_dir(path)
+    calc = cls(
+      model=load_model(step_dir, **overrides),
+      pad_to=pad_to,
+      domain=TrainedDomain.from_checkpoint(step_dir),
+      allow_untrained_elements=allow_untrained_elements,
+    )
+    calc.checkpoint = str(step_dir)
+    return calc
 
   def check_state(self, atoms: ase.Atoms, tol: float = 1e-15) -> list[str]:
-    """ASE's change detection, plus the total charge and multiplicity in ``atoms.info``."""
+    """ASE's change detection, plus every spelling of the total charge and multiplicity in ``atoms.info``."""
     changes = super().check_state(atoms, tol)
-    if self.atoms is not None and any(atoms.info.get(k) != self.atoms.info.get(k) for k in ("charge", "spin")):
+    if self.atoms is not None and any(repr(atoms.info.get(k)) != repr(self.atoms.info.get(k)) for k in SYSTEM_KEYS):
       changes.append("info")
     return changes
 
@@ -68,6 +93,14 @@ class E2FormerCalculator(Calculator):
     return self.model.config
 
   def calculate(self, atoms: ase.Atoms | None = None, properties=("energy",), system_changes=all_changes):
+    # checked before ASE stores the atoms, so a refused structure is checked again on the next call
+    if {"numbers", "info"} & set(system_changes):
+      self.domain.check(
+        [atoms if atoms is not None else self.atoms],
+        self.config,
+        self.allow_untrained_elements,
+        allow_hint="pass allow_untrained_elements=True to the calculator",
+      )
     super().calculate(atoms, properties, system_changes)
     atoms = self.atoms
     cfg = self.config
@@ -77,11 +110,16 @@ class E2FormerCalculator(Calculator):
       [atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=num_atoms, num_graphs=2, dtype=dtype
     )
     if beyond and not self._warned_truncation:
-      warnings.warn(
-        f"{beyond} neighbour pairs within the cutoff were dropped because atoms have more than "
-        f"K={cfg.max_neighbors} neighbours (the model's definition); consider a larger "
-        "max_neighbors for condensed phases",
-        stacklevel=2,
+      if self.checkpoint is None:
+        remedy = "pass a larger max_neighbors= to E2FormerCalculator"
+      else:
+        remedy = (
+          "the K nearest are part of this trained model, so for condensed phases use a model trained with a larger K, "
+          f"e.g. fine-tune this one: --init-from {self.checkpoint} --set model.max_neighbors=64"
+        )
+      warn_at_caller(
+        f"{beyond} neighbour pairs within the cutoff ({cfg.cutoff} A) were dropped because atoms have more than "
+        f"K={cfg.max_neighbors} neighbours (the model sees the K nearest); {remedy}"
       )
       self._warned_truncation = True
     want_stress = "stress" in properties and bool(atoms.pbc.all())

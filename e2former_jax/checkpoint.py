@@ -19,6 +19,7 @@ import datetime
 import json
 import platform
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from flax import nnx
 
 from e2former_jax.config import ModelConfig
 from e2former_jax.model import E2Former
+from e2former_jax.trained_domain import TrainedDomain
 
 FORMAT = "e2former-jax-checkpoint"
 VERSION = 2
@@ -91,7 +93,22 @@ def element_references_of(model: E2Former) -> dict[int, float]:
   return {int(z): float(table[z]) for z in np.nonzero(table)[0]}
 
 
-def make_meta(model_cfg: ModelConfig, element_references: dict[int, float], **extra) -> dict:
+def make_meta(
+  model_cfg: ModelConfig,
+  element_references: dict[int, float],
+  *,
+  elements: Iterable[int] | None = None,
+  charges: Iterable[int] | None = None,
+  multiplicities: Iterable[int] | None = None,
+  **extra,
+) -> dict:
+  """A checkpoint's meta: model config, element references, versions, and ``extra`` entries.
+
+  ``elements``, ``charges``, ``multiplicities``: what the model was trained on (atomic numbers, total charges in
+  e, multiplicities 2S+1), stored sorted; the calculator, evaluation and MD refuse other elements and warn about
+  other charges and multiplicities (``trained_domain.TrainedDomain``, whose ``of_structures(train).to_meta()``
+  gives all three). Without ``elements`` the keys of ``element_references`` stand for them.
+  """
   meta = {
     "format": FORMAT,
     "version": VERSION,
@@ -100,6 +117,7 @@ def make_meta(model_cfg: ModelConfig, element_references: dict[int, float], **ex
     "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "versions": {"jax": jax.__version__, "python": platform.python_version()},
   }
+  meta.update(TrainedDomain(elements, charges, multiplicities).to_meta())
   meta.update(extra)
   return meta
 
@@ -206,8 +224,13 @@ def migrate_names(flat: dict[str, Any], version: int) -> dict[str, Any]:
 
 def read_meta(path: str | Path) -> dict:
   step_dir = resolve_step_dir(path)
-  with open(step_dir / "meta" / "metadata") as fh:
-    meta = json.load(fh)
+  try:
+    with open(step_dir / "meta" / "metadata") as fh:
+      meta = json.load(fh)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise ValueError(f"{step_dir}: unreadable checkpoint meta/metadata ({type(err).__name__}: {err})") from None
+  if not isinstance(meta, dict):
+    raise ValueError(f"{step_dir}: checkpoint meta/metadata holds {type(meta).__name__}, not a JSON object")
   if meta.get("format") != FORMAT:
     raise ValueError(f"{step_dir}: not an {FORMAT} (meta format {meta.get('format')!r})")
   if int(meta.get("version", 0)) > VERSION:
@@ -260,6 +283,10 @@ def assign_params(model: E2Former, flat: dict[str, np.ndarray], strict: bool = T
   return report
 
 
+RUNTIME_OVERRIDES = ("dtype", "attention_impl", "matmul_precision")
+"""``ModelConfig`` fields a trained model may be loaded with: they change how it is computed, not what."""
+
+
 def load_model(path: str | Path, *, dtype: str | None = None, **config_overrides) -> E2Former:
   """The trained model of a checkpoint, with its element reference energies set.
 
@@ -267,9 +294,15 @@ def load_model(path: str | Path, *, dtype: str | None = None, **config_overrides
     path: a run directory (its best checkpoint, else its newest last one), a ``checkpoints/best`` or
       ``checkpoints/last`` directory, or a step directory.
     dtype: cast to "float32"/"float64" (default: as trained).
-    **config_overrides: ``ModelConfig`` fields that do not change the parameters (for example
-      ``attention_impl="jnp_edge"`` or ``matmul_precision``).
+    **config_overrides: ``RUNTIME_OVERRIDES`` only (``attention_impl="jnp_edge"``, ``matmul_precision``); a
+      field that changes the trained function (cutoff, K, ...) is refused by name.
   """
+  refused = sorted(set(config_overrides) - set(RUNTIME_OVERRIDES))
+  if refused:
+    raise TypeError(
+      f"{', '.join(map(repr, refused))} would change the trained model and cannot be overridden when loading a "
+      f"checkpoint; allowed: {', '.join(RUNTIME_OVERRIDES)}"
+    )
   step_dir = resolve_step_dir(path)
   meta = read_meta(step_dir)
   cfg = ModelConfig.from_dict(meta["model_config"])
@@ -305,7 +338,8 @@ def export_run(run: str | Path, out: str | Path) -> Path:
   run's training config, validation metrics and test errors (``test_errors.json``) in its meta."""
   step_dir = resolve_step_dir(run)
   meta = read_meta(step_dir)
-  extra = {k: meta[k] for k in ("step", "train_config", "valid", "best", "params") if k in meta}
+  keep = ("step", "train_config", "valid", "best", "params", "elements", "charges", "multiplicities")
+  extra = {k: meta[k] for k in keep if k in meta}
   errors = Path(run) / "test_errors.json"
   if errors.exists():  # without its "checkpoint" entry, a path on the machine that trained
     extra["test_errors"] = {k: v for k, v in json.loads(errors.read_text()).items() if k != "checkpoint"}
@@ -338,6 +372,7 @@ __all__ = [
   "assign_params",
   "resolve_step_dir",
   "make_meta",
+  "RUNTIME_OVERRIDES",
   "flatten",
   "unflatten",
   "migrate_names",

@@ -5,7 +5,11 @@ errors per Cartesian component (meV/A) and per atom as the norm of the force-err
 RMSE of each, per ``config_type`` and overall. The vector RMSE is sqrt(mean_i |dF_i|^2) = sqrt(3) times the
 component RMSE.
 
-    e2former-eval --checkpoint RUN_DIR --data test.xyz [--json errors.json]
+    e2former-eval --checkpoint RUN_DIR --data test.xyz [--json errors.json] [--output predictions.xyz]
+
+``--output`` writes every structure as extxyz with the predictions (``E2Former_energy`` in eV,
+``E2Former_forces`` in eV/A; ``--prefix`` renames them) next to the reference labels (``REF_energy``,
+``REF_forces`` or the ``--energy-key`` / ``--forces-key`` names), like ``mace_eval_configs``.
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ase
+import ase.io
 import jax
 import numpy as np
 
+from e2former_jax.cli_errors import add_debug_flag, run_command
 from e2former_jax.config import ModelConfig
 from e2former_jax.data.batching import GraphLoader
 from e2former_jax.data.sources import read_structures
 from e2former_jax.model import E2Former
 from e2former_jax.predict import compiled_predict, split_model
+from e2former_jax.system_keys import charge_and_multiplicity, without_system_keys
 
 NO_CONFIG_TYPE = "(none)"
 
@@ -263,7 +270,40 @@ def parity_plot(
   return fig
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def predictions_as_frames(
+  structures: Sequence[ase.Atoms],
+  p: Predictions,
+  prefix: str = "E2Former_",
+  energy_key: str = "REF_energy",
+  forces_key: str = "REF_forces",
+  charge_key: str = "total_charge",
+  spin_key: str = "total_spin",
+) -> list[ase.Atoms]:
+  """Each structure with its predictions (info ``<prefix>energy`` eV, arrays ``<prefix>forces`` eV/A) next to
+  its reference labels (``energy_key``, ``forces_key``, where labelled; stress as ``REF_stress``), total charge
+  and multiplicity (``charge_key``, ``spin_key``) and its other info entries; no calculator attached."""
+  offsets = np.concatenate([[0], np.cumsum(p.num_atoms)])
+  frames = []
+  for i in range(len(structures)):
+    atoms = structures[i]
+    frame = ase.Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    frame.info.update(without_system_keys(atoms.info))
+    frame.info[charge_key], frame.info[spin_key] = charge_and_multiplicity(atoms.info, where=f"structure {i}")
+    if np.isfinite(p.energy_ref[i]):
+      frame.info[energy_key] = float(p.energy_ref[i])
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    if "stress" in results:
+      frame.info["REF_stress"] = np.asarray(results["stress"], np.float64)
+    frame.info[f"{prefix}energy"] = float(p.energy_pred[i])
+    rows = slice(offsets[i], offsets[i + 1])
+    if np.all(np.isfinite(p.forces_ref[rows])):
+      frame.arrays[forces_key] = np.array(p.forces_ref[rows], np.float64)
+    frame.arrays[f"{prefix}forces"] = np.array(p.forces_pred[rows], np.float64)
+    frames.append(frame)
+  return frames
+
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="e2former-eval",
     description="Energy and force errors of a trained E2Former-V2 checkpoint on a "
@@ -276,22 +316,59 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--format", help="data format (default: from the file extension)")
   parser.add_argument("--energy-key", help="extxyz energy key (default REF_energy)")
   parser.add_argument("--forces-key", help="extxyz forces key (default REF_forces)")
+  parser.add_argument(
+    "--charge-key", help="extxyz/aselmdb total-charge key (default: any of charge, total_charge, which must agree)"
+  )
+  parser.add_argument(
+    "--spin-key",
+    help="extxyz/aselmdb multiplicity (2S+1) key (default: any of spin, total_spin, multiplicity, which must agree)",
+  )
+  parser.add_argument("--skip-bad-frames", action="store_true", help="leave out unreadable frames (counted, warned)")
+  parser.add_argument("--dtype", choices=("float32", "float64"), help="compute in this dtype (default: as trained)")
+  parser.add_argument(
+    "--allow-untrained-elements",
+    action="store_true",
+    help="predict structures with elements the checkpoint was not trained on (a warning instead of an error)",
+  )
   parser.add_argument("--batch-atoms", type=int, default=1024, help="atoms per evaluation batch")
   parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
   parser.add_argument("--plot", help="save a parity plot (png/pdf) to this path")
-  args = parser.parse_args(argv)
+  parser.add_argument(
+    "--output", help="write the structures with predicted energies and forces next to the references (extxyz)"
+  )
+  parser.add_argument(
+    "--prefix", default="E2Former_", help="prefix of the predicted keys in --output (default E2Former_)"
+  )
+  add_debug_flag(parser)
+  return parser
 
+
+def _evaluate(args) -> int:
   from e2former_jax.checkpoint import load_model, resolve_step_dir
+  from e2former_jax.trained_domain import TrainedDomain
 
   t0 = time.time()
+  if args.batch_atoms < 1:
+    raise ValueError(f"--batch-atoms must be >= 1, got {args.batch_atoms!r}")
+  if args.dtype == "float64":
+    jax.config.update("jax_enable_x64", True)
   step_dir = resolve_step_dir(args.checkpoint)
-  model = load_model(step_dir)
-  keys = {}
-  if args.energy_key:
-    keys["energy_key"] = args.energy_key
-  if args.forces_key:
-    keys["forces_key"] = args.forces_key
+  model = load_model(step_dir, dtype=args.dtype)
+  keys = {
+    k: v
+    for k, v in dict(
+      energy_key=args.energy_key, forces_key=args.forces_key, charge_key=args.charge_key, spin_key=args.spin_key
+    ).items()
+    if v
+  }
+  if args.skip_bad_frames:
+    keys["on_error"] = "skip"
   structures = read_structures(args.data, fmt=args.format, reader=keys, in_memory=True)
+  if not structures:
+    raise ValueError(f"{args.data}: no structures to evaluate")
+  TrainedDomain.from_checkpoint(step_dir).check(
+    structures, model.config, args.allow_untrained_elements, allow_hint="pass --allow-untrained-elements"
+  )
   preds = evaluate_model(model, structures, atom_budget=args.batch_atoms, progress=sys.stderr.isatty())
   table = error_table(preds)
   print(f"checkpoint: {step_dir}\ndata: {args.data} ({len(structures)} structures)")
@@ -301,7 +378,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps({"checkpoint": str(step_dir), "data": str(args.data), **table}, indent=1))
   if args.plot:
     parity_plot(preds).savefig(args.plot, dpi=150)
+  if args.output:
+    frames = predictions_as_frames(
+      structures,
+      preds,
+      prefix=args.prefix,
+      energy_key=args.energy_key or "REF_energy",
+      forces_key=args.forces_key or "REF_forces",
+      charge_key=args.charge_key or "total_charge",
+      spin_key=args.spin_key or "total_spin",
+    )
+    ase.io.write(args.output, frames, format="extxyz")
+    print(f"predictions: {args.output} ({args.prefix}energy, {args.prefix}forces)")
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  return run_command("e2former-eval", lambda: _evaluate(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import ase
 import ase.io
 import numpy as np
 
+from e2former_jax.cli_errors import UsageError, add_debug_flag, run_command
+
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
@@ -66,8 +68,21 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--log", default="md.log", help="log output (overwritten)")
   p.add_argument("--charge", type=int, default=None, help="total charge (default: the file's, else 0)")
   p.add_argument("--spin", type=int, default=None, help="spin multiplicity 2S+1 (default: the file's, else 1)")
+  p.add_argument(
+    "--charge-key", help="info key of the file's total charge (default: any of charge, total_charge, which must agree)"
+  )
+  p.add_argument(
+    "--spin-key",
+    help="info key of the file's multiplicity 2S+1 (default: any of spin, total_spin, multiplicity, which must agree)",
+  )
+  p.add_argument(
+    "--allow-untrained-elements",
+    action="store_true",
+    help="run with elements the checkpoint was not trained on (a warning instead of an error)",
+  )
   p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in A (jax driver)")
   p.add_argument("--x64", action="store_true", help="jax driver: float64 integrator state (the model keeps its dtype)")
+  add_debug_flag(p)
   return p
 
 
@@ -84,8 +99,15 @@ def _load_model(opts):
   return E2Former(get_config(opts.random_model), rngs=nnx.Rngs(opts.seed)), f"random {opts.random_model}"
 
 
+def _trained_domain(opts):
+  from e2former_jax.trained_domain import TrainedDomain
+
+  return TrainedDomain.from_checkpoint(opts.checkpoint) if opts.checkpoint else TrainedDomain()
+
+
 def _prepare(atoms: ase.Atoms, opts) -> ase.Atoms:
   from e2former_jax.md.ase_driver import initial_velocities
+  from e2former_jax.system_keys import charge_and_multiplicity
 
   source = atoms
   # A clean copy: the input's labels (reference energies, forces) must not travel into the trajectory.
@@ -95,18 +117,12 @@ def _prepare(atoms: ase.Atoms, opts) -> ase.Atoms:
     cell=source.cell,
     pbc=source.pbc,
     momenta=source.get_momenta(),
-    info={
-      k: source.info[k] for k in ("charge", "spin", "total_charge", "total_spin", "config_type") if k in source.info
-    },
+    info={k: source.info[k] for k in ("config_type",) if k in source.info},
   )
-  if opts.charge is not None:
-    atoms.info["charge"] = opts.charge
-  elif "charge" not in atoms.info and "total_charge" in atoms.info:
-    atoms.info["charge"] = int(atoms.info["total_charge"])
-  if opts.spin is not None:
-    atoms.info["spin"] = opts.spin
-  elif "spin" not in atoms.info and "total_spin" in atoms.info:
-    atoms.info["spin"] = int(atoms.info["total_spin"])
+  where = f"{opts.structure}[{opts.index}]"
+  charge, spin = charge_and_multiplicity(source.info, opts.charge_key, opts.spin_key, where=where)
+  given = {"charge": charge if opts.charge is None else opts.charge, "spin": spin if opts.spin is None else opts.spin}
+  atoms.info["charge"], atoms.info["spin"] = charge_and_multiplicity(given, where="--charge/--spin")
   init_t = opts.init_temperature
   if init_t is None and opts.ensemble == "nvt":
     init_t = opts.temperature
@@ -117,12 +133,17 @@ def _prepare(atoms: ase.Atoms, opts) -> ase.Atoms:
 
 def main(argv: Sequence[str] | None = None) -> int:
   opts = _parser().parse_args(argv)
+  return run_command("e2former-md", lambda: _run(opts, argv), debug=opts.debug)
+
+
+def _run(opts, argv) -> int:
   if opts.ensemble == "nvt" and opts.temperature is None:
-    print("e2former-md: --ensemble nvt needs --temperature", file=sys.stderr)
-    return 2
+    raise UsageError("--ensemble nvt needs --temperature")
   if opts.steps < 0 or opts.interval < 1 or opts.timestep <= 0:
-    print("e2former-md: --steps must be >= 0, --interval >= 1 and --timestep > 0", file=sys.stderr)
-    return 2
+    raise UsageError(
+      f"--steps must be >= 0, --interval >= 1 and --timestep > 0, got {opts.steps!r}, {opts.interval!r}, "
+      f"{opts.timestep!r}"
+    )
   if opts.x64:
     import jax
 
@@ -135,11 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     atoms = ase.io.read(opts.structure, index=index)
   except (OSError, ValueError, StopIteration, IndexError) as err:
-    print(f"e2former-md: cannot read frame {opts.index} of {opts.structure}: {err}", file=sys.stderr)
-    return 2
+    raise ValueError(f"cannot read frame {opts.index!r} of {opts.structure}: {err}") from err
+  if not isinstance(atoms, ase.Atoms):
+    raise UsageError(f"--index {opts.index!r} selects {len(atoms)} frames; MD starts from one")
   atoms = _prepare(atoms, opts)
   model, model_name = _load_model(opts)
   cfg = model.config
+  _trained_domain(opts).check([atoms], cfg, opts.allow_untrained_elements, allow_hint="pass --allow-untrained-elements")
   for path in (opts.trajectory, opts.log):
     if path and os.path.exists(path):
       os.remove(path)

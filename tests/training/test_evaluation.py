@@ -1,6 +1,8 @@
 """Evaluation: error-table numbers and units, text/markdown tables, parity plot, the ``e2former-eval`` command."""
 
 import json
+import subprocess
+import sys
 
 import ase.io
 import matplotlib
@@ -112,3 +114,91 @@ def _as_mace_frame(atoms):
   }
   a.arrays["REF_forces"] = atoms.get_forces()
   return a
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+  """Four demo test frames in the MACE-OFF layout, with the charge under a custom key ``q``."""
+  frames = [_as_mace_frame(a) for a in D.load_demo("test")[:4]]
+  for f in frames:
+    f.info["q"] = f.info.pop("total_charge")
+  path = tmp_path_factory.mktemp("eval") / "four.xyz"
+  ase.io.write(path, frames, format="extxyz")
+  return path
+
+
+def test_eval_writes_predictions_next_to_the_references(labelled, tmp_path):
+  out = tmp_path / "predictions.xyz"
+  args = ["--checkpoint", str(DEMO_CHECKPOINT), "--data", str(labelled), "--output", str(out), "--charge-key", "q"]
+  assert main([*args, "--json", str(tmp_path / "e.json")]) == 0
+  frames = ase.io.read(out, index=":")
+  assert len(frames) == 4
+  for written, source in zip(frames, ase.io.read(labelled, index=":")):
+    assert written.info["REF_energy"] == pytest.approx(source.info["REF_energy"], abs=1e-9)
+    np.testing.assert_allclose(written.arrays["REF_forces"], source.arrays["REF_forces"], atol=1e-9)
+    assert written.arrays["E2Former_forces"].shape == (len(source), 3)
+    assert (written.info["q"], written.info["total_spin"]) == (0, 1)  # the named key is kept
+  # the written predictions are the ones the table was computed from
+  de = [f.info["E2Former_energy"] - f.info["REF_energy"] for f in frames]
+  table = json.loads((tmp_path / "e.json").read_text())["overall"]
+  assert table["energy_mae_meV"] == pytest.approx(1e3 * np.mean(np.abs(de)), rel=1e-6)
+  # and the file reads back with this package's reader, predictions as labels
+  again = D.load(out, energy_key="E2Former_energy", forces_key="E2Former_forces")
+  assert again[0].get_potential_energy() == pytest.approx(frames[0].info["E2Former_energy"])
+
+
+def test_eval_user_mistakes_are_one_line_errors(labelled, tmp_path, capsys):
+  def run(*extra):
+    code = main(["--checkpoint", str(DEMO_CHECKPOINT), "--data", str(labelled), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+  code, err = run("--energy-key", "energy_dft")
+  assert code == 1 and err.startswith("e2former-eval: error: ") and "missing key 'energy_dft'" in err
+  code, err = run("--checkpoint", str(tmp_path / "nowhere"))
+  assert code == 1 and "no such checkpoint or run directory" in err
+  code, err = run("--format", "spice")
+  assert code == 1 and "cannot open as HDF5" in err
+  spice = tmp_path / "s.h5"
+  spice.write_bytes(b"")
+  code, err = run("--data", str(spice), "--charge-key", "q")
+  assert code == 1 and "the spice reader has no option 'charge_key'" in err
+  bad = tmp_path / "bad.xyz"
+  bad.write_text(labelled.read_text().replace("q=0", "q=one", 1))
+  code, err = run("--data", str(bad))  # without --charge-key, q is not read
+  assert code == 0
+  code, err = run("--data", str(bad), "--charge-key", "q")
+  assert code == 1 and "record 0: q must be an integer, got 'one' (a str)" in err
+  with pytest.raises(D.DataFormatError):
+    main(["--checkpoint", str(DEMO_CHECKPOINT), "--data", str(bad), "--charge-key", "q", "--debug"])
+
+
+def test_eval_skip_bad_frames_and_untrained_elements(labelled, tmp_path, capsys):
+  frames = ase.io.read(labelled, index=":")
+  frames[1].info["REF_energy"] = float("nan")
+  frames[2].numbers[0] = 92
+  path = tmp_path / "mixed.xyz"
+  ase.io.write(path, frames, format="extxyz")
+  args = ["--checkpoint", str(DEMO_CHECKPOINT), "--data", str(path)]
+  assert main(args) == 1
+  assert "record 1: energy contains NaN or inf" in capsys.readouterr().err
+  assert main([*args, "--skip-bad-frames"]) == 1
+  err = capsys.readouterr().err
+  assert "e2former-eval: warning: " in err and "skipped 1 bad record" in err
+  assert "1 of 3 structures (first: structure 1 (CH6OU, mixed.xyz:2)) contains element(s) U (92)" in err
+  out = tmp_path / "p.xyz"
+  assert main([*args, "--skip-bad-frames", "--allow-untrained-elements", "--output", str(out)]) == 0
+  assert "predicting anyway (allowed)" in capsys.readouterr().err
+  assert [f.info["source"] for f in ase.io.read(out, index=":")] == ["mixed.xyz:0", "mixed.xyz:2", "mixed.xyz:3"]
+
+
+def test_eval_float64_command(labelled, tmp_path):
+  """``--dtype float64`` turns on JAX's x64 mode itself (a fresh process: the flag is global)."""
+  code = (
+    "import sys; from e2former_jax.evaluation import main; import jax;"
+    "rc = main(sys.argv[1:]); assert jax.config.jax_enable_x64; raise SystemExit(rc)"
+  )
+  args = ["--checkpoint", str(DEMO_CHECKPOINT), "--data", str(labelled), "--dtype", "float64"]
+  result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert "overall" in result.stdout

@@ -19,6 +19,7 @@ import datetime
 import json
 import platform
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -162,23 +163,44 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.last.latest_step()
 
-  def read_state(self, step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """(flat state arrays, meta) of a "last" step (default: the newest)."""
-    step = self.last.latest_step() if step is None else step
-    if step is None:
+  def read_state(self, step: int | None = None) -> tuple[dict[str, np.ndarray], dict, int]:
+    """(flat state arrays, meta, step) of a "last" step; by default the newest readable one: a newest step
+    that cannot be read (a corrupt or truncated file) is skipped with a warning naming it."""
+    steps = sorted(self.last.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
       raise FileNotFoundError(f"no checkpoint to resume from in {self.root / 'last'}")
-    restored = self.last.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-    )
-    if restored.state is None:
-      raise FileNotFoundError(f"{self.root / 'last' / str(step)} holds no training state")
-    meta = dict(restored.meta)
-    flat = {k: np.asarray(v) for k, v in dict(restored.state).items()}
-    return migrate_names(flat, int(meta.get("version", 1))), meta
+    for i, candidate in enumerate(steps):
+      try:
+        restored = self.last.restore(
+          candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+        if restored.state is None:
+          raise FileNotFoundError(f"{self.root / 'last' / str(candidate)} holds no training state")
+      except Exception as err:  # orbax raises many types for damaged files; the next step is tried
+        if step is not None or i + 1 == len(steps):
+          raise ValueError(f"checkpoint {self.root / 'last' / str(candidate)} cannot be read: {err}") from err
+        bad = self.root / "last" / str(candidate)
+        kept = bad.with_name(f"{candidate}.unreadable")
+        bad.rename(kept)  # out of the way of the step that will be written again, not deleted
+        self.last.reload()
+        warnings.warn(
+          f"checkpoint step {candidate} in {self.root / 'last'} cannot be read ({type(err).__name__}: "
+          f"{str(err).splitlines()[0] if str(err) else ''}); resuming from step {steps[i + 1]} instead "
+          f"(the unreadable step is kept as {kept.name})",
+          stacklevel=2,
+        )
+        continue
+      if i:  # best steps past the fallback step are redone by the resumed run: kept aside, not deleted
+        for later in [t for t in self.best.all_steps() if t > candidate]:
+          (self.root / "best" / str(later)).rename(self.root / "best" / f"{later}.superseded")
+        self.best.reload()
+      meta = dict(restored.meta)
+      flat = {k: np.asarray(v) for k, v in dict(restored.state).items()}
+      return migrate_names(flat, int(meta.get("version", 1))), meta, candidate
 
   def restore(self, template_state, step: int | None = None):
-    """(state, meta) of a "last" step (default: the newest); ``template_state`` gives the structure."""
-    flat, meta = self.read_state(step)
+    """(state, meta) of a "last" step (default: the newest readable); ``template_state`` gives the structure."""
+    flat, meta, _ = self.read_state(step)
     return unflatten(flat, template_state, "state"), meta
 
   def wait(self) -> None:

@@ -5,8 +5,9 @@ overrides), ``data``, ``loss``, ``optim``, ``run`` and ``init``. ``resolve`` fil
 YAML file leaves out, and ``to_dict`` gives the fully resolved form that is saved as ``config.yaml`` in the run
 directory; loading that file gives the same config back.
 
-The paper presets follow MODEL.md section 6.2 (the authors' scripts); ``demo`` is the CPU run on the shipped
-demo data that ``python train.py`` starts.
+The presets are YAML files in ``presets/`` (one source; ``configs/`` links to them): the paper presets follow
+the authors' training scripts (docs/model.md), ``demo`` is the CPU run on the shipped demo data that
+``python train.py`` starts.
 """
 
 from __future__ import annotations
@@ -318,138 +319,48 @@ def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dic
   return values
 
 
-def _preset_demo() -> TrainConfig:
-  # The CPU run that `python train.py` starts (README main job; numbers measured in the README): 20 epochs of
-  # the demo data in batches of at most 48 atoms, chosen by the sweeps in benchmarks/RESULTS.md (2026-12-02/04).
-  return TrainConfig(
-    model={"preset": "small"},
-    data=DataConfig(
-      train="demo:train",
-      valid="demo:valid",
-      test="demo:test",
-      in_memory=True,
-      atom_budget=48,
-      num_buckets=1,
-      eval_atom_budget=256,
-      element_references="fit",
-      prefetch=4,
-    ),
-    loss=LossConfig(kind="atoml2mae", energy_weight=10.0, force_weight=100.0),
-    optim=OptimConfig(
-      lr=1e-3,
-      weight_decay=0.0,
-      clip_norm=10.0,
-      warmup_steps=4000,
-      warmup_factor=0.2,
-      lr_min_factor=0.01,
-      max_warmup_fraction=0.1,
-      ema_decay=0.995,
-    ),
-    run=RunConfig(steps=8640, seed=0, eval_every=2160, log_every=10, keep_checkpoints=2, best_metric="loss"),
-  )
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+"""The training presets, one YAML file each (``configs/`` at the top of the repository links to them)."""
+TRAIN_PRESETS = tuple(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
 
 
-def _preset_paper_spice() -> TrainConfig:
-  # main:scripts/spice/spice.sh (MODEL.md 6.2): QKdot_alpha, 5 A, direct forces, atoml2mae, w_E 0.2, w_F 0.9,
-  # Adam lr 4e-4, clip 100, 200k steps, 64 molecules per GPU (8 GPUs there; one device here), SPICE element
-  # references. The MACE-OFF split has no validation file: 5% of train is held out. Put the files under data/.
-  return TrainConfig(
-    model={"preset": "paper_spice"},
-    data=DataConfig(
-      train="data/spice/train_large_neut_no_bad_clean.xyz",
-      valid=None,
-      valid_fraction=0.05,
-      test="data/spice/test_large_neut_all.xyz",
-      atom_budget=4096,
-      max_structures=64,
-      num_buckets=4,
-      element_references="spice",
-    ),
-    loss=LossConfig(kind="atoml2mae", energy_weight=0.2, force_weight=0.9),
-    optim=OptimConfig(lr=4e-4, weight_decay=0.0, clip_norm=100.0),
-    run=RunConfig(steps=200_000, eval_every=5000, log_every=100, keep_checkpoints=3),
-  )
-
-
-def _preset_paper_omol25_stage1() -> TrainConfig:
-  # main:scripts/pretrain_omol25_stage1.sh: 6 A, QKdot_alpha, direct forces, atoml2mae w_E 1 w_F 30,
-  # AdamW lr 8e-4 wd 1e-3, clip 100, 1.4M steps, 2,048 atoms per GPU, OMol25 element references.
-  return TrainConfig(
-    model={"preset": "paper_omol25_stage1"},
-    data=DataConfig(
-      train="data/omol25/train",
-      valid="data/omol25/val",
-      test=None,
-      atom_budget=2048,
-      num_buckets=4,
-      element_references="omol25",
-    ),
-    loss=LossConfig(kind="atoml2mae", energy_weight=1.0, force_weight=30.0),
-    optim=OptimConfig(lr=8e-4, weight_decay=1e-3, clip_norm=100.0),
-    run=RunConfig(steps=1_400_000, eval_every=10_000, log_every=100, keep_checkpoints=3),
-  )
-
-
-def _preset_paper_omol25_stage2() -> TrainConfig:
-  # main:scripts/pretrain_omol25_stage2.sh: starts from stage 1 with an unstrict load (pass --init-from),
-  # 4.5 A, QK_alpha, conservative forces, l2mae w_E 20 w_F 2, Adam lr 4e-4, clip 100, 1,024 atoms per GPU.
-  # The script leaves total_num_steps at its 1e8 default, so the cosine is flat: kept (schedule_steps);
-  # its warmup override is rejected by the authors' scheduler, so the default 4,000 steps stay. The run
-  # length is not in the script: 1.4M steps as stage 1 (our choice).
-  return TrainConfig(
-    model={"preset": "paper_omol25_stage2"},
-    data=DataConfig(
-      train="data/omol25/train",
-      valid="data/omol25/val",
-      test=None,
-      atom_budget=1024,
-      num_buckets=4,
-      element_references="omol25",
-    ),
-    loss=LossConfig(kind="l2mae", energy_weight=20.0, force_weight=2.0),
-    optim=OptimConfig(lr=4e-4, weight_decay=0.0, clip_norm=100.0, schedule_steps=100_000_000),
-    run=RunConfig(steps=1_400_000, eval_every=10_000, log_every=100, keep_checkpoints=3),
-    init=InitConfig(checkpoint=None, strict=False),
-  )
-
-
-TRAIN_PRESETS = {
-  "demo": _preset_demo,
-  "paper_spice": _preset_paper_spice,
-  "paper_omol25_stage1": _preset_paper_omol25_stage1,
-  "paper_omol25_stage2": _preset_paper_omol25_stage2,
-}
+def preset_path(name: str) -> Path:
+  """The YAML file of the training preset ``name``."""
+  if name not in TRAIN_PRESETS:
+    raise ValueError(f"unknown training preset {name!r}; presets: {list(TRAIN_PRESETS)}")
+  return PRESETS_DIR / f"{name}.yaml"
 
 
 def get_train_config(name: str = "demo") -> TrainConfig:
-  if name not in TRAIN_PRESETS:
-    raise ValueError(f"unknown training preset {name!r}; presets: {sorted(TRAIN_PRESETS)}")
-  return TrainConfig.from_dict(TRAIN_PRESETS[name]().to_dict())  # model section resolved
+  """The training preset ``name`` (its YAML file in ``presets/``), fully resolved."""
+  return load_config(preset_path(name))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-  """A config from a YAML file (None: the ``demo`` preset) with ``section.key=value`` overrides.
+  """A config from a YAML file or a preset name (None: the ``demo`` preset) with ``section.key=value`` overrides.
 
   A file may start from a preset with a top-level ``preset: NAME`` entry; its sections then override it.
   """
-  if path is None:
-    values = get_train_config("demo").to_dict()
-  else:
-    with open(path) as fh:
-      values = yaml.safe_load(fh) or {}
-    if not isinstance(values, dict):
-      raise ValueError(f"{path}: a config file must be a mapping of sections")
-    base = values.pop("preset", None)
-    if base is not None:
-      merged = get_train_config(base).to_dict()
-      for section, entries in values.items():
-        if isinstance(entries, dict) and isinstance(merged.get(section), dict):
-          if section == "model" and "preset" in entries and entries["preset"] != merged["model"]["preset"]:
-            merged["model"] = {}
-          merged[section].update(entries)
-        else:
-          merged[section] = entries
-      values = merged
+  path = (
+    preset_path("demo" if path is None else str(path)) if path is None or str(path) in TRAIN_PRESETS else Path(path)
+  )
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such config file (or give a preset name: {', '.join(TRAIN_PRESETS)})")
+  with open(path) as fh:
+    values = yaml.safe_load(fh) or {}
+  if not isinstance(values, dict):
+    raise ValueError(f"{path}: a config file must be a mapping of sections")
+  base = values.pop("preset", None)
+  if base is not None:
+    merged = get_train_config(base).to_dict()
+    for section, entries in values.items():
+      if isinstance(entries, dict) and isinstance(merged.get(section), dict):
+        if section == "model" and "preset" in entries and entries["preset"] != merged["model"]["preset"]:
+          merged["model"] = {}
+        merged[section].update(entries)
+      else:
+        merged[section] = entries
+    values = merged
   values = apply_overrides(values, list(overrides))
   return TrainConfig.from_dict(values)
 
@@ -457,6 +368,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def dump_config(cfg: TrainConfig, path: str | Path) -> None:
   with open(path, "w") as fh:
     yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+RESUME_OVERRIDABLE = (
+  "run.steps",
+  "run.eval_every",
+  "run.log_every",
+  "run.checkpoint_every",
+  "run.keep_checkpoints",
+  "run.progress_bar",
+  "run.tensorboard",
+  "run.async_checkpointing",
+  "data.prefetch",
+  "data.eval_atom_budget",
+)
+"""What a resumed run may change: neither the model, nor the data order, nor the optimizer."""
+
+
+def resumed_config(saved: TrainConfig, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+  """The config of a resumed run: the run's ``saved`` config with ``overrides`` (``section.key=value``).
+
+  Only ``RESUME_OVERRIDABLE`` keys may change. When ``run.steps`` changes and the cosine schedule followed
+  ``run.steps`` (``optim.schedule_steps`` null), the schedule keeps the old length, so the steps already taken
+  keep their learning rates; past the old end the rate stays at its final value, ``lr * lr_min_factor``.
+  """
+  keys = [str(o).split("=", 1)[0].strip() for o in overrides]
+  refused = [k for k in keys if k not in RESUME_OVERRIDABLE]
+  if refused:
+    raise ValueError(
+      f"--resume cannot change {', '.join(refused)} (it would change the model, the data order or the "
+      f"optimizer of the run); a resumed run may change: {', '.join(RESUME_OVERRIDABLE)}"
+    )
+  cfg = TrainConfig.from_dict(apply_overrides(saved.to_dict(), list(overrides)))
+  if cfg.run.steps != saved.run.steps and saved.optim.schedule_steps is None:
+    cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, schedule_steps=saved.run.steps))
+  return cfg
+
+
+def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
+  """Raises unless ``cfg`` is ``saved`` changed at most as ``resumed_config`` allows."""
+  allowed = set(RESUME_OVERRIDABLE)
+  if saved.optim.schedule_steps is None and cfg.optim.schedule_steps == saved.run.steps:
+    allowed.add("optim.schedule_steps")
+  diffs = [d for d in diff_configs(saved, cfg) if d.split(":", 1)[0] not in allowed]
+  if diffs:
+    raise ValueError("--resume needs the run's own config; it differs from the saved one in: " + "; ".join(diffs))
 
 
 def diff_configs(a: TrainConfig, b: TrainConfig) -> list[str]:

@@ -2,7 +2,7 @@
 
 ``train.csv`` and ``valid.csv`` in the run directory have one row per logged step. On resume, rows after the
 resumed step (written by the interrupted run after its last checkpoint) are dropped, so the files read as
-one uninterrupted run.
+one uninterrupted run, and ``wall_s`` continues from the resumed step's value (wall time of the whole run).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ class MetricsLogger:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._files: dict = {}
     self._writers: dict = {}
-    self._start = time.time()
-    self._resume_step = resume_step
+    elapsed = 0.0
     if resume_step is not None:
       for path in self.workdir.glob("*.csv"):
-        self._truncate(path, resume_step)
+        elapsed = max(elapsed, self._truncate(path, resume_step))
+    self._start = time.time() - elapsed
     self.tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
@@ -35,17 +35,19 @@ class MetricsLogger:
       )
 
   @staticmethod
-  def _truncate(path: Path, step: int) -> None:
+  def _truncate(path: Path, step: int) -> float:
+    """Drops the rows after ``step``; returns the wall time (s) of the last row kept (0 if none)."""
     with open(path, newline="") as fh:
       rows = list(csv.reader(fh))
     if not rows:
-      return
+      return 0.0
     head, body = rows[0], rows[1:]
     kept = [r for r in body if r and int(float(r[0])) <= step]
     with open(path, "w", newline="") as fh:
       w = csv.writer(fh)
       w.writerow(head)
       w.writerows(kept)
+    return float(kept[-1][head.index("wall_s")]) if kept and "wall_s" in head else 0.0
 
   def log(self, split: str, step: int, values: dict) -> None:
     row = {"step": int(step), "wall_s": round(time.time() - self._start, 3)}

@@ -87,38 +87,46 @@ def test_node_centric_and_edge_aligned_messages_agree(gate):
     print(f"{gate}: node-centric force difference at origin offset {offset} A: {diff:.2e} relative")
 
 
-def test_dense_path_matches_jnp_node_for_molecules_and_a_periodic_cell():
-  """``jnp_dense`` (what "auto" runs on CPU for small batches) through the whole model: same float32 bounds
-  as the other paths, on molecules and on a rattled periodic copper cell (image shifts, repeated sources)."""
+PERIODIC = dict(cutoff=3.0, max_neighbors=16, stress=True)
+
+
+def copper_cell():
+  cell = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+  cell.rattle(0.05, seed=3)
+  return cell
+
+
+@pytest.mark.parametrize("impl", ["jnp_dense", "jnp_edge", "pallas"])
+def test_every_attention_impl_matches_jnp_node(impl):
+  """Every path of ``attention_impl`` through the whole model against the jnp twin ("jnp_node"), float32, on
+  molecules and on a rattled periodic copper cell (image shifts, repeated sources): 1e-5 relative in energies
+  and forces. The stress is a sum of r_ij F_ij terms of both signs over every slot of the cell, so its largest
+  entry is a difference of larger terms: round-off relative to it is some times that of the forces (1.2e-5
+  seen), hence 1e-4."""
   mols = molecules()
-  node, dense = evaluate(mols), evaluate(mols, impl="jnp_dense")
-  assert relative(dense["energy"], node["energy"]) <= 1e-5
+  node, other = evaluate(mols), evaluate(mols, impl=impl)
+  assert relative(other["energy"], node["energy"]) <= 1e-5
   for i in range(len(mols)):
-    assert relative(dense["forces"][i], node["forces"][i]) <= 1e-5
+    assert relative(other["forces"][i], node["forces"][i]) <= 1e-5
+  node, other = evaluate([copper_cell()], **PERIODIC), evaluate([copper_cell()], impl=impl, **PERIODIC)
+  assert relative(other["energy"], node["energy"]) <= 1e-5
+  assert relative(other["forces"][0], node["forces"][0]) <= 1e-5
+  assert relative(other["stress"], node["stress"]) <= 1e-4
+
+
+def test_attention_weights_of_the_paths_that_form_them():
+  """``return_attention`` gives the same softmax weights on "jnp_node" and "jnp_dense" (weights in [0, 1]:
+  absolute bound) and is refused by the paths that never form them."""
+  mols = molecules()
   weights = []
   for impl in ("jnp_node", "jnp_dense"):
     cfg, model, _ = predictor(impl=impl)
     graph, _ = graph_from_atoms(mols, cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, NUM_GRAPHS)
     weights.append(model(graph, return_attention=True)["attention"])
   assert len(weights[0]) == TINY["num_layers"]
-  for node_alpha, dense_alpha in zip(*weights, strict=True):  # softmax weights in [0, 1]: absolute bound
+  for node_alpha, dense_alpha in zip(*weights, strict=True):
     np.testing.assert_allclose(dense_alpha, node_alpha, rtol=0, atol=1e-6)
-  cell = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
-  cell.rattle(0.05, seed=3)
-  periodic = dict(cutoff=3.0, max_neighbors=16, stress=True)
-  node, dense = evaluate([cell], **periodic), evaluate([cell], impl="jnp_dense", **periodic)
-  assert relative(dense["energy"], node["energy"]) <= 1e-5
-  assert relative(dense["forces"][0], node["forces"][0]) <= 1e-5
-  # The stress is a sum of r_ij F_ij terms of both signs over every slot of the cell, so its largest entry is
-  # a difference of larger terms: round-off relative to it is some times that of the forces (1.2e-5 seen).
-  assert relative(dense["stress"], node["stress"]) <= 1e-4
-
-
-def test_pallas_kernel_path_matches_jnp_node():
-  """The fused kernel (interpret mode on CPU) through the whole model, float32, molecules: 1e-5 relative."""
-  mols = molecules()
-  node = evaluate(mols)
-  kernel = evaluate(mols, impl="pallas")
-  assert relative(kernel["energy"], node["energy"]) <= 1e-5
-  for i in range(len(mols)):
-    assert relative(kernel["forces"][i], node["forces"][i]) <= 1e-5
+  cfg, model, _ = predictor(impl="jnp_edge")
+  graph, _ = graph_from_atoms(mols, cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, NUM_GRAPHS)
+  with pytest.raises(ValueError, match="return_attention needs"):
+    model(graph, return_attention=True)

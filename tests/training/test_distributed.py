@@ -178,7 +178,7 @@ def _resume(out: dict, tmp: Path) -> None:
 
   def state(workdir):
     c = Checkpointer(workdir)
-    flat, _ = c.read_state()
+    flat, _, _ = c.read_state()
     c.close()
     return flat
 

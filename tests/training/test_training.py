@@ -266,9 +266,42 @@ def test_killed_run_resumes_bit_for_bit(full_run, tiny_data, tmp_path):
 
 def _state_of(workdir):
   ckpt = Checkpointer(workdir)
-  flat, _ = ckpt.read_state()
+  flat, _, _ = ckpt.read_state()
   ckpt.close()
   return flat
+
+
+def test_finished_run_extends_and_keeps_its_wall_clock(full_run, tiny_data, tmp_path):
+  import shutil
+
+  workdir = tmp_path / "extended"
+  shutil.copytree(full_run[0], workdir)
+  cfg = C.resumed_config(C.load_config(workdir / "config.yaml"), ["run.steps=8", "run.eval_every=4"])
+  result = train(cfg, workdir, datasets=tiny_data, verbose=False, resume=True)
+  assert result.step == 8 and C.load_config(workdir / "config.yaml").run.steps == 8
+  rows = _read_csv(workdir / "train.csv")
+  assert [int(r["step"]) for r in rows] == list(range(1, 9))
+  walls = [float(r["wall_s"]) for r in rows]
+  assert walls == sorted(walls) and walls[6] >= walls[5]  # cumulative across the resume
+  # the schedule's length (6) is kept: past its end the rate stays at lr * lr_min_factor
+  final = cfg.optim.lr * cfg.optim.lr_min_factor
+  assert [float(r["lr"]) for r in rows[6:]] == pytest.approx([final, final])
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(full_run, tiny_data, tmp_path):
+  import shutil
+
+  workdir = tmp_path / "damaged"
+  shutil.copytree(full_run[0], workdir)
+  for path in (workdir / "checkpoints" / "last" / "6" / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"not a checkpoint")
+  with pytest.warns(UserWarning, match="checkpoint step 6 .* cannot be read.*step 3"):
+    result = train(tiny_config(), workdir, datasets=tiny_data, verbose=False, resume=True)
+  assert result.step == 6  # steps 4-6 redone from step 3
+  ref, new = _state_of(full_run[0]), _state_of(workdir)
+  for name in ref:
+    np.testing.assert_array_equal(new[name], ref[name], err_msg=name)
 
 
 def test_resume_refuses_a_different_config(full_run, tiny_data):

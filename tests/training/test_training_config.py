@@ -1,4 +1,5 @@
-"""Training configs: presets equal configs/*.yaml, overrides, validation, the resolved config round trip, CLI."""
+"""Training configs: presets (one YAML file each, linked from configs/), overrides, validation, the resolved config
+round trip, what a resume may change, the CLI."""
 
 from pathlib import Path
 
@@ -12,11 +13,33 @@ from e2former_jax.training.cli import main
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", sorted(C.TRAIN_PRESETS))
-def test_config_files_are_the_presets(name):
+@pytest.mark.parametrize("name", C.TRAIN_PRESETS)
+def test_config_files_are_links_to_the_presets(name):
   path = CONFIGS / f"{name}.yaml"
-  assert path.exists(), f"configs/{name}.yaml is missing"
-  assert C.load_config(path) == C.get_train_config(name), C.diff_configs(C.get_train_config(name), C.load_config(path))
+  assert path.is_symlink() and path.resolve() == C.preset_path(name).resolve(), f"configs/{name}.yaml"
+  assert C.load_config(name) == C.get_train_config(name) == C.load_config(path)
+
+
+def test_presets_and_links_cover_each_other():
+  assert set(C.TRAIN_PRESETS) == {"demo", "paper_spice", "paper_omol25_stage1", "paper_omol25_stage2"}
+  assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(C.TRAIN_PRESETS)
+  with pytest.raises(ValueError, match="unknown training preset 'demoo'"):
+    C.get_train_config("demoo")
+  with pytest.raises(FileNotFoundError, match="or give a preset name: demo"):
+    C.load_config("no/such.yaml")
+
+
+def test_what_a_resume_may_change():
+  saved = C.load_config("demo", ["optim.schedule_steps=null"])
+  longer = C.resumed_config(saved, ["run.steps=20000", "run.eval_every=1000"])
+  assert longer.run.steps == 20000 and longer.optim.schedule_steps == saved.run.steps == 8640
+  C.check_resumable(saved, longer)
+  pinned = C.resumed_config(C.load_config("paper_omol25_stage2"), ["run.steps=5"])
+  assert pinned.optim.schedule_steps == 100_000_000  # an explicit schedule stays as it was
+  with pytest.raises(ValueError, match="cannot change optim.lr, model.channels"):
+    C.resumed_config(saved, ["optim.lr=1e-4", "model.channels=8", "run.steps=9"])
+  with pytest.raises(ValueError, match=r"data.atom_budget: 48 -> 64"):
+    C.check_resumable(saved, C.load_config("demo", ["optim.schedule_steps=null", "data.atom_budget=64"]))
 
 
 def test_paper_presets_follow_the_authors_scripts():
@@ -80,5 +103,9 @@ def test_cli_prints_the_resolved_config(capsys):
   assert out["model"]["preset"] == "small" and out["model"]["channels"] == get_config("small").channels
   assert main(["--print-config", "--config", str(CONFIGS / "paper_omol25_stage2.yaml")]) == 0
   assert yaml.safe_load(capsys.readouterr().out)["loss"]["kind"] == "l2mae"
-  with pytest.raises(SystemExit):
-    main(["--resume"])  # needs --workdir
+  assert main(["--print-config", "--config", "paper_spice"]) == 0  # a preset by name
+  assert yaml.safe_load(capsys.readouterr().out)["model"]["preset"] == "paper_spice"
+  with pytest.raises(SystemExit, match="--resume needs --workdir"):
+    main(["--resume"])
+  with pytest.raises(SystemExit, match="no run to continue"):
+    main(["--resume", "--workdir", "no/such/run"])

@@ -340,7 +340,7 @@ def _neighbor_slots(positions, cell, atom_mask, graph_index, *, pbc, cutoff, max
     return (code, count + jnp.sum(within, axis=1, dtype=jnp.int32)), None
 
   init = (jnp.zeros((n, m), jnp.int32), jnp.zeros(n, jnp.int32))
-  (code, count), _ = jax.lax.scan(visit, init, jnp.arange(stencil.shape[0]))
+  (code, count), _ = jax.lax.scan(visit, init, jnp.arange(stencil.shape[0], dtype=jnp.int32))
 
   # Every in-cutoff candidate of a row is in its buffer (unless count > m: overflow).
   slot_of = code % c

@@ -217,6 +217,42 @@ def test_ties_at_the_kth_distance_do_not_depend_on_atom_order_or_translation():
     assert kept == expected
 
 
+def test_crystal_with_inexact_coordinates_keeps_the_hosts_shell_members():
+  """fcc copper: K = 24 keeps 6 of the 24 equidistant third-shell neighbours; float32 rounding of the
+  coordinates (1.805 A, ...) is far below the tie grid, so the same 6 as on the host (float64)."""
+  copper = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
+  graph, beyond, slots, _ = build([copper], PERIODIC)
+  assert_same_as_host(graph, beyond, slots, PERIODIC["pbc"])
+  assert beyond == len(copper) * 18  # 42 neighbours within 5 A, 24 kept
+
+
+@pytest.fixture
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
+def test_float64_positions_give_the_host_arrays(x64):
+  """In float64 the distances agree with the host's to rounding, so even the slot order matches."""
+  graph, beyond = graph_from_atoms([water_box(4, seed=1)], CUTOFF, 24, num_atoms=208, num_graphs=3, dtype=np.float64)
+  slots = device.neighbor_slots(
+    graph.positions,
+    graph.cell,
+    graph.atom_mask,
+    graph.graph_index,
+    pbc=PERIODIC["pbc"],
+    cutoff=CUTOFF,
+    max_neighbors=24,
+    num_graphs=3,
+    capacity=PERIODIC["capacity"],
+  )
+  assert slots.shift.dtype == jnp.float64 and not bool(slots.overflow)
+  np.testing.assert_array_equal(np.asarray(slots.neighbors), np.asarray(graph.neighbors))
+  np.testing.assert_allclose(np.asarray(slots.shift), np.asarray(graph.neighbor_shift), atol=1e-12)
+  assert int(slots.num_dropped) == beyond
+
+
 def test_overflow_is_flagged_and_the_fit_reallocates():
   structures = [water_box(3, seed=0)]  # 81 atoms in one bin
   graph, beyond = graph_from_atoms(structures, CUTOFF, PERIODIC["max_neighbors"], num_atoms=208, num_graphs=3)

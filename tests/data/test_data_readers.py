@@ -1,5 +1,7 @@
 """Readers: tiny files in the real SPICE / MACE-OFF extxyz / OMol25 aselmdb layouts, units, signs, errors."""
 
+import sys
+
 import ase
 import ase.units
 import h5py
@@ -300,7 +302,9 @@ def test_extxyz_every_spelling_of_charge_and_multiplicity(tmp_path, info, charge
 def test_extxyz_disagreeing_spellings_and_named_keys(tmp_path):
   path = tmp_path / "q.xyz"
   path.write_text(_frame("charge=1 total_charge=0"))
-  with pytest.raises(D.DataFormatError, match=r"record 0: the total charge is given more than once .*charge=1, total_charge=0"):
+  with pytest.raises(
+    D.DataFormatError, match=r"record 0: the total charge is given more than once .*charge=1, total_charge=0"
+  ):
     D.load(path)
   path.write_text(_frame("spin=2 total_spin=3"))
   with pytest.raises(D.DataFormatError, match=r"spin multiplicity is given more than once .*spin=2, total_spin=3"):
@@ -417,6 +421,17 @@ def test_aselmdb_omol_layout(tmp_path):
   assert (c.info["charge"], c.info["spin"], c.info["source"]) == (0, 1, f"omol.aselmdb:{ds.row_ids[2]}")
   ds.close()
   assert [x.info.get("source") for x in D.load(path, format="aselmdb")][:2] == ["omol/abc/0", "omol/def/3"]
+
+
+def test_aselmdb_without_the_optional_backend_names_the_extra(tmp_path, monkeypatch):
+  path = tmp_path / "omol.aselmdb"
+  path.write_bytes(b"")
+  monkeypatch.setitem(sys.modules, "ase_db_backends", None)  # as if not installed
+  monkeypatch.setitem(sys.modules, "ase_db_backends.aselmdb", None)
+  with pytest.raises(
+    ImportError, match=r"omol\.aselmdb: reading OMol25 \.aselmdb files needs .* 'e2former-jax\[omol25\]'"
+  ):
+    D.open_dataset(path)
 
 
 # ase-db-backends' LMDBDatabase.__del__ raises when its constructor failed on the corrupt file below

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from e2former_jax.cli_errors import UsageError, add_debug_flag, run_command
 from e2former_jax.training.config import TRAIN_PRESETS
 
 
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     "--float64", action="store_true", help="train in float64 (sets model.dtype=float64 and enables 64-bit JAX)"
   )
   p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+  add_debug_flag(p)
   return p
 
 
@@ -99,6 +101,10 @@ def jax_initialized_distributed() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  return run_command("e2former-train", lambda: _train(args), debug=args.debug)
+
+
+def _train(args: argparse.Namespace) -> int:
   t0 = time.time()
   import yaml
 
@@ -126,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_host = jax.local_device_count() if args.devices is None else args.devices
     total = per_host * jax.process_count()
     if args.global_atom_budget % total:
-      raise SystemExit(f"--global-atom-budget {args.global_atom_budget} does not split evenly over {total} devices")
+      raise UsageError(f"--global-atom-budget {args.global_atom_budget} does not split evenly over {total} devices")
     overrides.append(f"data.atom_budget={args.global_atom_budget // total}")
   if args.init_from:
     overrides.append(f"init.checkpoint={args.init_from}")
@@ -134,13 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides.append(f"init.strict={'true' if args.strict else 'false'}")
 
   if args.config and args.preset:
-    raise SystemExit("give --config or --preset, not both")
+    raise UsageError("give --config or --preset, not both")
   if args.resume:
     if not args.workdir:
-      raise SystemExit("--resume needs --workdir (the run to continue)")
+      raise UsageError("--resume needs --workdir (the run to continue)")
     saved_path = Path(args.workdir) / "config.yaml"
     if not saved_path.exists():
-      raise SystemExit(f"--resume: {args.workdir} holds no run to continue (no config.yaml)")
+      raise UsageError(f"--resume: {args.workdir} holds no run to continue (no config.yaml)")
     saved = load_config(saved_path)
     if args.config or args.preset:  # must be the run's own config (up to what a resume may change)
       check_resumable(saved, load_config(args.config or args.preset, overrides))

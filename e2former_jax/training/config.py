@@ -249,7 +249,7 @@ class TrainConfig:
     model = values.get("model", {"preset": "small"})
     if not isinstance(model, dict):
       raise ValueError("the model section must be a mapping (preset: NAME plus ModelConfig fields)")
-    model = _coerce_fields(ModelConfig, dict(model))
+    model = _coerce_fields(ModelConfig, dict(model), "model")
     preset = model.pop("preset", "small")
     # stored resolved: the preset name and every ModelConfig field (so equal runs compare equal)
     kwargs["model"] = {"preset": preset, **get_config(preset, **model).to_dict()}
@@ -261,7 +261,7 @@ class TrainConfig:
       bad = sorted(set(section) - known)
       if bad:
         raise ValueError(f"unknown key(s) {bad} in section {name!r}; known: {sorted(known)}")
-      kwargs[name] = klass(**_coerce_fields(klass, section))
+      kwargs[name] = klass(**_coerce_fields(klass, section, name))
     cfg = cls(**kwargs)
     cfg.model_config()  # validates the model section
     return cfg
@@ -289,9 +289,26 @@ def _coerce(value, annotation: str):
   return value
 
 
-def _coerce_fields(klass, values: dict) -> dict:
-  types = {f.name: f.type for f in dataclasses.fields(klass)}
-  return {k: _coerce(v, types[k]) if k in types else v for k, v in values.items()}
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict, "None": type(None)}
+
+
+def _coerce_fields(klass, values: dict, section: str) -> dict:
+  """``values`` with numbers converted to the fields' types; a value of another type is an error that names
+  ``section.key``, the expected type and the value."""
+  types = {f.name: str(f.type) for f in dataclasses.fields(klass)}
+  out = {}
+  for key, value in values.items():
+    if key not in types:
+      out[key] = value
+      continue
+    value = _coerce(value, types[key])
+    kinds = [t.strip() for t in types[key].split("|")]
+    expected = tuple(_TYPES[t] for t in kinds if t in _TYPES)
+    wrong_bool = isinstance(value, bool) and "bool" not in kinds
+    if expected and len(expected) == len(kinds) and (not isinstance(value, expected) or wrong_bool):
+      raise ValueError(f"{section}.{key}: expected {types[key]}, got {value!r}")
+    out[key] = value
+  return out
 
 
 def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dict:

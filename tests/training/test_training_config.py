@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from e2former_jax.cli_errors import UsageError
 from e2former_jax.config import get_config
 from e2former_jax.training import config as C
 from e2former_jax.training.cli import main
@@ -105,7 +106,21 @@ def test_cli_prints_the_resolved_config(capsys):
   assert yaml.safe_load(capsys.readouterr().out)["loss"]["kind"] == "l2mae"
   assert main(["--print-config", "--config", "paper_spice"]) == 0  # a preset by name
   assert yaml.safe_load(capsys.readouterr().out)["model"]["preset"] == "paper_spice"
-  with pytest.raises(SystemExit, match="--resume needs --workdir"):
-    main(["--resume"])
-  with pytest.raises(SystemExit, match="no run to continue"):
-    main(["--resume", "--workdir", "no/such/run"])
+
+
+@pytest.mark.parametrize(
+  "argv, status, message",
+  [
+    (["--resume"], 2, "e2former-train: error: --resume needs --workdir (the run to continue)"),
+    (["--resume", "--workdir", "no/such/run"], 2, "--resume: no/such/run holds no run to continue"),
+    (["--set", "run.steps=ten", "--print-config"], 1, "run.steps: expected int, got 'ten'"),
+    (["--config", "no/such.yaml", "--print-config"], 1, "no/such.yaml: no such config file"),
+    (["--set", "optim.learning_rate=1", "--print-config"], 1, "unknown key(s) ['learning_rate'] in section 'optim'"),
+  ],
+)
+def test_cli_mistakes_give_one_line_and_a_status(argv, status, message, capsys):
+  assert main(argv) == status
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+  with pytest.raises((UsageError, ValueError, OSError)):  # --debug: the exception itself, with its traceback
+    main([*argv, "--debug"])

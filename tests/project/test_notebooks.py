@@ -1,5 +1,6 @@
 """The notebooks execute top to bottom on a CPU (nbclient), and are stored without outputs."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -69,44 +70,41 @@ def test_quickstart_executes():
   assert spread <= 1.0
 
 
-def test_performance_plots_measured_tables():
+def test_performance_plots_every_result_file():
   nb = execute("performance.ipynb")
   text = text_of(nb)
-  results = ROOT / "benchmarks" / "RESULTS.md"
-  if results.exists() and "| N |" in results.read_text():
-    assert "paths" in text and "No benchmark numbers" not in text
-    assert figures(nb) >= 1
-  else:
-    assert "No benchmark numbers yet" in text and figures(nb) == 0
+  files = sorted((ROOT / "benchmarks" / "results").glob("*.json*"))
+  assert f"({len(files)} result files)" in text and "No benchmark numbers" not in text
+  assert figures(nb) == len(files)
+  # the CPU measurement: both CPU paths read, jnp_dense plotted and compared (2.75x at N = 64, energy + forces)
+  cpu = text[text.index("model_cpu_2026-12-04\n") :]
+  assert "paths ['jnp_dense', 'jnp_node'], cases ['infer', 'step_conservative']" in cpu
+  assert "N=     64 infer                    jnp_dense    2.75x" in text
 
 
 def test_performance_says_so_without_numbers(tmp_path):
-  empty = tmp_path / "RESULTS.md"
-  empty.write_text("# Benchmark results\n\nNothing measured yet.\n")
-  nb = execute("performance.ipynb", env={"E2FORMER_RESULTS_MD": str(empty)})
+  nb = execute("performance.ipynb", env={"E2FORMER_RESULTS_DIR": str(tmp_path)})
   assert "No benchmark numbers yet" in text_of(nb) and figures(nb) == 0
 
 
-def test_performance_parses_a_table(tmp_path):
-  """A table in the kernel engineer's layout: every row becomes a point, units and thousands separators read."""
-  table = tmp_path / "RESULTS.md"
-  table.write_text(
-    "\n".join(
-      [
-        "## run",
-        "",
-        "| N | impl | case | ms | GiB | floor |",
-        "|---|---|---|---|---|---|",
-        "| 1,024 | pallas | forward | 0.5 | 0.10 | 12.0% |",
-        "| 8,192 | pallas | forward | 3.0 | 0.80 | 15% |",
-        "| 1,024 | jnp_node | forward | 2.0 | 1.00 | 3% |",
-        "| 8,192 | jnp_node | forward | failed | - | - |",
-        "",
-      ]
-    )
-  )
-  nb = execute("performance.ipynb", env={"E2FORMER_RESULTS_MD": str(table)})
+def test_performance_reads_both_layouts(tmp_path):
+  """An attention report and model lines as the benchmark scripts write them: every row becomes a point."""
+  rows = [
+    dict(n=1024, impl="pallas", case="forward", seconds=0.0005, bytes_compiled=2**28),
+    dict(n=8192, impl="pallas", case="forward", seconds=0.003, bytes_compiled=2**30),
+    dict(n=1024, impl="jnp_node", case="forward", seconds=0.002, bytes_compiled=2**30),
+  ]
+  (tmp_path / "attention_x.json").write_text(json.dumps({"device": "card A", "results": rows}))
+  lines = [
+    dict(mode="infer", atoms=64, impl="jnp_node", ms=40.0, device="cpu"),
+    dict(mode="infer", atoms=64, impl="jnp_dense", ms=10.0, device="cpu"),
+    dict(mode="infer", atoms=64, impl="jnp_dense", ms=30.0, device="cpu", deterministic=True),
+  ]
+  (tmp_path / "model_y.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  nb = execute("performance.ipynb", env={"E2FORMER_RESULTS_DIR": str(tmp_path)})
   text = text_of(nb)
-  assert "3 rows, N = [1024, 8192]" in text and "paths ['jnp_node', 'pallas']" in text
-  assert "4.00x" in text  # pallas over jnp_node at N = 1,024
-  assert figures(nb) == 1
+  assert "3 rows, N = [1024, 8192], paths ['jnp_node', 'pallas']" in text
+  assert "cases ['infer', 'infer deterministic']" in text
+  assert "N=  1,024 forward                  pallas       4.00x" in text
+  assert "N=     64 infer                    jnp_dense    4.00x" in text
+  assert figures(nb) == 2

@@ -28,7 +28,7 @@ BEST_METRICS = ("loss", "energy_mae", "force_mae")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Energy/force loss (MODEL.md section 3.15); energies in eV, forces in eV/A.
+  """Energy/force loss (docs/model.md §14.1); energies in eV, forces in eV/A.
 
   Attributes:
     kind: ``atoml2mae`` (w_E mean_b |dE_b|/n_b + w_F mean_i |dF_i|_2), ``l2mae`` (w_E mean_b |dE_b| +
@@ -56,7 +56,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """Adam/AdamW with the authors' parameter groups and warmup + cosine schedule (MODEL.md section 6.3).
+  """Adam/AdamW with the authors' parameter groups and warmup + cosine schedule (docs/model.md §14.2).
 
   Attributes:
     lr: base learning rate.

@@ -29,10 +29,12 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from e2former_jax.system_keys import charge_and_multiplicity, without_system_keys
 
-# ASE's units (CODATA 2014, as MACE-OFF's extxyz files of SPICE were converted); CODATA 2018 differs by 1e-9
-# (bohr) and 8e-9 (hartree) relative, below float32 resolution.
-BOHR_TO_ANGSTROM = ase.units.Bohr
-HARTREE_TO_EV = ase.units.Hartree
+# ASE's CODATA 2018 units (docs/data.md §1): ase.units derives them from the fundamental constants, so they equal
+# the recommended 0.529177210903 A and 27.211386245988 eV to 1e-11 relative. (ASE's default set is CODATA 2014,
+# 1e-9 and 8e-9 relative away.)
+_CODATA_2018 = ase.units.create_units("2018")
+BOHR_TO_ANGSTROM = _CODATA_2018["Bohr"]
+HARTREE_TO_EV = _CODATA_2018["Hartree"]
 HARTREE_PER_BOHR_TO_EV_PER_ANGSTROM = HARTREE_TO_EV / BOHR_TO_ANGSTROM
 MAX_ATOMIC_NUMBER = 118
 

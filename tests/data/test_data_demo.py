@@ -124,4 +124,6 @@ def test_generator_split_and_order_helpers():
     assert sorted(order) == list(range(n))
   first = sorted(gen.dft_order(200)[:100])
   assert max(np.diff(first)) <= 4 and first[0] == 0  # any prefix is spread over the whole range
-  assert gen.HARTREE_TO_EV == D.HARTREE_TO_EV and gen.BOHR_TO_ANGSTROM == D.BOHR_TO_ANGSTROM
+  # the generator writes the CODATA 2018 recommended values, the readers take CODATA 2018 from ase.units
+  assert gen.HARTREE_TO_EV == pytest.approx(D.HARTREE_TO_EV, rel=1e-11)
+  assert gen.BOHR_TO_ANGSTROM == pytest.approx(D.BOHR_TO_ANGSTROM, rel=1e-11)

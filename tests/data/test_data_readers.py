@@ -11,17 +11,18 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from e2former_jax import data as D
 
-BOHR = ase.units.Bohr  # Angstrom per bohr (ASE's CODATA 2014, as MACE-OFF converted SPICE)
-HARTREE = ase.units.Hartree  # eV per hartree
+BOHR = ase.units.create_units("2018")["Bohr"]  # Angstrom per bohr, CODATA 2018 through ASE
+HARTREE = ase.units.create_units("2018")["Hartree"]  # eV per hartree
 
 
 def test_unit_constants():
   assert D.BOHR_TO_ANGSTROM == BOHR and D.HARTREE_TO_EV == HARTREE
-  # equal to CODATA 2018 (0.529177210903 A, 27.211386245988 eV) to well below float32 resolution (6e-8)
-  assert D.BOHR_TO_ANGSTROM == pytest.approx(0.529177210903, rel=1e-8)
-  assert D.HARTREE_TO_EV == pytest.approx(27.211386245988, rel=1e-8)
+  # the CODATA 2018 recommended values (0.529177210903 A, 27.211386245988 eV) to 1e-11 relative (their ratio to
+  # 2e-11): ASE derives them from the fundamental constants; far below float32 (6e-8) and the labels' precision
+  assert D.BOHR_TO_ANGSTROM == pytest.approx(0.529177210903, rel=1e-11)
+  assert D.HARTREE_TO_EV == pytest.approx(27.211386245988, rel=1e-11)
   # 1 hartree/bohr = 51.42206747632590 eV/A (CODATA 2018 atomic unit of force 8.2387235038e-8 N)
-  assert D.HARTREE_PER_BOHR_TO_EV_PER_ANGSTROM == pytest.approx(51.4220674763259, rel=1e-8)
+  assert D.HARTREE_PER_BOHR_TO_EV_PER_ANGSTROM == pytest.approx(51.4220674763259, rel=2e-11)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def test_spice_units_signs_and_info(tmp_path):
   np.testing.assert_allclose(a.positions, WATER_BOHR[1].astype(np.float64) * BOHR, rtol=0, atol=1e-12)
   assert a.positions[1, 0] == pytest.approx(1.5 * 0.529177210903, abs=1e-7)
   assert a.get_potential_energy() == pytest.approx(-76.3 * HARTREE, rel=1e-15)
-  assert a.get_potential_energy() == pytest.approx(-2076.228770553, abs=1e-4)  # CODATA 2018: 1.7e-5 eV apart
+  assert a.get_potential_energy() == pytest.approx(-2076.228770553, abs=1e-6)
   # forces are minus the gradient: +0.02 Ha/bohr gradient -> -1.0284417 eV/A force
   assert a.get_forces()[0, 0] == pytest.approx(-0.02 * 51.4220674763259, rel=1e-6)
   np.testing.assert_allclose(a.get_forces(), -WATER_GRAD[1].astype(np.float64) * HARTREE / BOHR, rtol=1e-12)

@@ -47,13 +47,14 @@ def cubic_lattice(a: float = 2.1, repeat: int = 5) -> ase.Atoms:
   )
 
 
-def build(structures, config, positions=None, capacity=None):
-  """Host graph (``graph_from_atoms``), its dropped count, and the device slots of the same graph's arrays."""
+def build(structures, config, positions=None, capacity=None, translation=0.0):
+  """Host graph (``graph_from_atoms``), its dropped count, and the device slots of the same graph's arrays
+  (``positions`` instead of the graph's, moved by ``translation``)."""
   graph, beyond = graph_from_atoms(
     structures, CUTOFF, config["max_neighbors"], num_atoms=config["num_atoms"], num_graphs=config["num_graphs"]
   )
   slots, fitted = device.fit_neighbor_slots(
-    graph.positions if positions is None else positions,
+    (graph.positions if positions is None else positions) + translation,
     graph.cell,
     graph.atom_mask,
     graph.graph_index,
@@ -180,41 +181,34 @@ def test_slab_and_wire_match_host_and_a_periodic_cell_with_vacuum():
     )
 
 
+def kept_steps(atoms, sets, order):
+  """For each atom of the unpermuted crystal (``order`` maps rows to it), its kept neighbours as (source,
+  displacement in lattice steps of 2.1 A): the same points of space whatever the atom order."""
+  kept = [None] * len(atoms)
+  for i, pairs in enumerate(sets[: len(atoms)]):
+    vectors = [atoms.positions[j] + np.asarray(image) @ atoms.cell.array - atoms.positions[i] for j, *image in pairs]
+    steps = np.rint(np.asarray(vectors) / 2.1).astype(int)
+    kept[order[i]] = {(order[j], *step) for (j, *_), step in zip(pairs, steps.tolist(), strict=True)}
+  return kept
+
+
 def test_ties_at_the_kth_distance_do_not_depend_on_atom_order_or_translation():
   lattice = cubic_lattice()
   graph, beyond, slots, _ = build([lattice], PERIODIC)
   assert_same_as_host(graph, beyond, slots, PERIODIC["pbc"])
   assert np.asarray(slots.mask).sum(axis=1)[: len(lattice)].tolist() == [24] * len(lattice)
-  reference = neighbour_sets(slots.neighbors, slots.shift, slots.mask, graph, PERIODIC["pbc"])[: len(lattice)]
+  sets = neighbour_sets(slots.neighbors, slots.shift, slots.mask, graph, PERIODIC["pbc"])
+  reference = kept_steps(lattice, sets, np.arange(len(lattice)))
   rng = np.random.default_rng(0)
   for trial in range(2):
     order = rng.permutation(len(lattice))
     moved = lattice[order]
-    moved.positions += rng.uniform(-3, 3, 3)  # a translation that is not on any float grid
     moved.positions += rng.integers(-2, 3, (len(lattice), 1)) * lattice.cell.array[trial]  # atoms outside the cell
-    graph, beyond, slots, _ = build([moved], PERIODIC)
+    offset = jnp.asarray(rng.uniform(-3, 3, 3), jnp.float32)  # a translation on no float grid (device only)
+    graph, beyond, slots, _ = build([moved], PERIODIC, translation=offset)
     assert_same_as_host(graph, beyond, slots, PERIODIC["pbc"])
-    # The kept (source, image) pairs are the same points of space: map back to the unpermuted lattice.
-    positions = moved.positions
-    kept = [set() for _ in range(len(lattice))]
-    for i, pairs in enumerate(neighbour_sets(slots.neighbors, slots.shift, slots.mask, graph, PERIODIC["pbc"])):
-      if i < len(lattice):
-        for j, *image in pairs:
-          vector = positions[j] + np.asarray(image) @ lattice.cell.array - positions[i]
-          kept[order[i]].add((order[j], *np.rint(vector / 2.1).astype(int)))
-    expected = [
-      {
-        (
-          j,
-          *np.rint((lattice.positions[j] + np.asarray(s) @ lattice.cell.array - lattice.positions[i]) / 2.1).astype(
-            int
-          ),
-        )
-        for j, *s in pairs
-      }
-      for i, pairs in enumerate(reference)
-    ]
-    assert kept == expected
+    sets = neighbour_sets(slots.neighbors, slots.shift, slots.mask, graph, PERIODIC["pbc"])
+    assert kept_steps(moved, sets, order) == reference
 
 
 def test_crystal_with_inexact_coordinates_keeps_the_hosts_shell_members():

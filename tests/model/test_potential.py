@@ -1,0 +1,92 @@
+"""The positions-to-forces device path (``DevicePotential``): the same results as the host path, atom order and
+bucket padding that change nothing, geometric buckets, and bad input refused by name."""
+
+import ase
+import ase.build
+import numpy as np
+import pytest
+from model_helpers import NUM_ATOMS, NUM_GRAPHS, predictor, relative
+
+from e2former_jax.graph import graph_from_atoms
+from e2former_jax.potential import DevicePotential, atom_bucket, morton_order
+
+# float32: the two paths sum the same terms in another order (Morton-sorted atoms, other padding), so forces
+# agree to round-off of sums over K slots and L layers; 1e-5 relative as the other cross-path model tests.
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg, model, fn = predictor(impl="jnp_node", stress=True)
+  return cfg, fn, DevicePotential(model, compute_stress=True)
+
+
+def _host(cfg, fn, atoms):
+  graph, _ = graph_from_atoms([atoms], cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, NUM_GRAPHS)
+  out = fn(graph)
+  return float(out["energy"][0]), np.asarray(out["forces"])[: len(atoms)], np.asarray(out["stress"][0])
+
+
+def _structures():
+  cell = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+  cell.rattle(0.05, seed=3)
+  slab = ase.build.fcc111("Al", size=(2, 2, 3), vacuum=None, periodic=True)
+  slab.pbc = (True, True, False)
+  slab.rattle(0.05, seed=4)
+  return {"ethanol": ase.build.molecule("CH3CH2OH"), "copper": cell, "slab": slab}
+
+
+@pytest.mark.parametrize("name", ["ethanol", "copper", "slab"])
+def test_device_path_equals_host_path(setup, name):
+  cfg, fn, potential = setup
+  atoms = _structures()[name]
+  e, f, s = _host(cfg, fn, atoms)
+  out = potential.from_atoms(atoms)
+  assert abs(out["energy"] - e) <= TOL * abs(e)
+  assert relative(out["forces"], f) <= TOL
+  if all(atoms.pbc):
+    assert relative(out["stress"], s) <= 1e-4  # a difference of larger terms (see test_model.py)
+
+
+def test_atom_order_and_spatial_sort_change_nothing(setup):
+  cfg, fn, potential = setup
+  atoms = ase.build.molecule("C6H6")
+  perm = np.random.default_rng(0).permutation(len(atoms))
+  out, moved = potential.from_atoms(atoms), potential.from_atoms(atoms[perm])
+  assert abs(moved["energy"] - out["energy"]) <= TOL * abs(out["energy"])
+  assert relative(moved["forces"], out["forces"][perm]) <= TOL
+  unsorted = DevicePotential(potential.model, spatial_order=False).from_atoms(atoms)
+  assert relative(unsorted["forces"], out["forces"]) <= TOL
+
+
+def test_morton_order_is_spatial_and_keeps_padding_last():
+  rng = np.random.default_rng(1)
+  grid = np.stack(np.meshgrid(*[np.arange(4.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
+  shuffled = rng.permutation(len(grid))
+  positions = np.concatenate([grid[shuffled], np.zeros((3, 3))])
+  mask = np.arange(len(positions)) < len(grid)
+  order = np.asarray(morton_order(positions, mask))
+  assert sorted(order.tolist()) == list(range(len(positions))) and order[-3:].tolist() == [64, 65, 66]
+  first_octant = grid[shuffled][order[:8]]
+  assert np.all(first_octant <= 1.0)  # the first 8 in Morton order fill the first 2x2x2 block
+
+
+def test_buckets_grow_geometrically():
+  buckets = sorted({atom_bucket(n) for n in range(1, 20_000)})
+  assert buckets[0] == 32 and all(b % 32 == 0 for b in buckets)
+  assert all(later / earlier <= 1.3 for earlier, later in zip(buckets, buckets[1:]) if earlier >= 256)
+  assert len(buckets) <= 27  # a few programs for every size up to 20k atoms
+
+
+@pytest.mark.parametrize(
+  "positions, numbers, message",
+  [
+    ([[0, 0, 0], [np.nan, 0, 0]], [1, 1], "not finite"),
+    ([[0, 0, 0], [0.01, 0, 0]], [1, 1], "overlap"),
+    ([[0, 0, 0], [1, 0, 0]], [1, 300], "unknown element"),
+    (np.zeros((0, 3)), [], "empty"),
+  ],
+)
+def test_bad_input_is_named(setup, positions, numbers, message):
+  with pytest.raises(ValueError, match=message):
+    setup[2](np.asarray(positions, float), np.asarray(numbers, int))

@@ -105,7 +105,7 @@ class E2FormerCalculator(Calculator):
     atoms = self.atoms
     cfg = self.config
     num_atoms = (len(atoms) // self.pad_to + 1) * self.pad_to
-    dtype = np.float64 if cfg.dtype == "float64" else np.float32
+    dtype = cfg.numpy_dtype
     graph, beyond = graph_from_atoms(
       [atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=num_atoms, num_graphs=2, dtype=dtype
     )

@@ -32,6 +32,7 @@ from flax import nnx
 from e2former_jax.config import ModelConfig
 from e2former_jax.model import E2Former
 from e2former_jax.trained_domain import TrainedDomain
+from e2former_jax.tree_paths import path_name
 
 FORMAT = "e2former-jax-checkpoint"
 VERSION = 2
@@ -43,23 +44,11 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
 """The shipped demo model (the ``small`` preset trained by ``python train.py``; see its ``CARD.md``)."""
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _path_name(path) -> str:
-  name = "/".join(_key_name(k) for k in path)
-  return name[: -len("/value")] if name.endswith("/value") else name
-
-
 def flatten(tree) -> dict[str, np.ndarray]:
   """``{"a/b/0/kernel": array}`` with numpy copies of every leaf (safe while device buffers are donated)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = _path_name(path)
+    name = path_name(path)
     if name in out:
       raise ValueError(f"two leaves map to the checkpoint name {name!r}")
     out[name] = np.array(leaf, copy=True)
@@ -69,7 +58,7 @@ def flatten(tree) -> dict[str, np.ndarray]:
 def unflatten(flat: dict[str, Any], template, what: str = "state"):
   """``template`` with every leaf replaced by ``flat[name]``; names, shapes and dtypes must all match."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-  names = [_path_name(p) for p, _ in leaves]
+  names = [path_name(p) for p, _ in leaves]
   missing = sorted(set(names) - set(flat))
   unexpected = sorted(set(flat) - set(names))
   if missing or unexpected:
@@ -281,7 +270,7 @@ def assign_params(model: E2Former, flat: dict[str, np.ndarray], strict: bool = T
   names = set()
 
   def pick(path, leaf):
-    name = _path_name(path)
+    name = path_name(path)
     names.add(name)
     if name not in flat:
       report["missing"].append(name)

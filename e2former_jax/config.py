@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
+
 GATES = ("QK_alpha", "QKdot_alpha", "QKdotS_alpha")
 ATTENTION_IMPLS = ("auto", "pallas", "jnp_node", "jnp_dense", "jnp_edge")
 MATMUL_PRECISIONS = ("highest", "tensorfloat32", "bfloat16")
@@ -92,6 +94,11 @@ class ModelConfig:
       raise ValueError(f"channels ({self.channels}) must be a multiple of num_heads ({self.num_heads})")
     if self.cutoff <= 0 or self.max_neighbors < 1 or self.lmax < 1:
       raise ValueError("cutoff must be positive, max_neighbors >= 1 and lmax >= 1")
+
+  @property
+  def numpy_dtype(self) -> type:
+    """The numpy float type of positions, cells and outputs: ``np.float64`` or ``np.float32``."""
+    return np.float64 if self.dtype == "float64" else np.float32
 
   def replace(self, **overrides) -> ModelConfig:
     """Returns a copy with ``overrides`` applied; unknown field names raise ``TypeError``."""

@@ -31,6 +31,7 @@ import numpy as np
 from e2former_jax.cli_errors import add_debug_flag, run_command
 from e2former_jax.config import ModelConfig
 from e2former_jax.data.batching import GraphLoader
+from e2former_jax.data.labels import stored_results
 from e2former_jax.data.sources import read_structures
 from e2former_jax.model import E2Former
 from e2former_jax.predict import compiled_predict, split_model
@@ -64,7 +65,7 @@ class Predictions:
 
 
 def _labels(atoms: ase.Atoms) -> tuple[float, np.ndarray]:
-  results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+  results = stored_results(atoms)
   energy = float(results["energy"]) if "energy" in results else np.nan
   forces = np.asarray(results["forces"], np.float64) if "forces" in results else np.full((len(atoms), 3), np.nan)
   return energy, forces
@@ -86,7 +87,7 @@ def predict_dataset(
     raise ValueError("no structures to evaluate")
   sizes = np.array([len(structures[i]) for i in range(n)])
   budget = max(int(atom_budget), int(sizes.max()))
-  dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
+  dtype = model_cfg.numpy_dtype
   loader = GraphLoader(
     structures,
     model_cfg.cutoff,
@@ -291,7 +292,7 @@ def predictions_as_frames(
     frame.info[charge_key], frame.info[spin_key] = charge_and_multiplicity(atoms.info, where=f"structure {i}")
     if np.isfinite(p.energy_ref[i]):
       frame.info[energy_key] = float(p.energy_ref[i])
-    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    results = stored_results(atoms)
     if "stress" in results:
       frame.info["REF_stress"] = np.asarray(results["stress"], np.float64)
     frame.info[f"{prefix}energy"] = float(p.energy_pred[i])

@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from e2former_jax.elements import MAX_ATOMIC_NUMBER
 from e2former_jax.neighbors.host import k_nearest_neighbors
 from e2former_jax.system_keys import charge_and_multiplicity
-
-MAX_ATOMIC_NUMBER = 118
 
 
 @flax.struct.dataclass

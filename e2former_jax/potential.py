@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from e2former_jax.config import ModelConfig
-from e2former_jax.graph import MAX_ATOMIC_NUMBER, AtomGraph
+from e2former_jax.elements import MAX_ATOMIC_NUMBER
+from e2former_jax.graph import AtomGraph
 from e2former_jax.model import E2Former
 from e2former_jax.neighbors.device import DeviceSlots, SearchCapacity, neighbor_slots, raise_for_bad_input
 from e2former_jax.predict import merge_model, predict, split_model
@@ -164,7 +165,7 @@ class DevicePotential:
   def __post_init__(self):
     _, self.params, self.elements, _ = split_model(self.model)
     self.cfg = self.model.config
-    self.dtype = np.float64 if self.cfg.dtype == "float64" else np.float32
+    self.dtype = self.cfg.numpy_dtype
 
   def __call__(self, positions, numbers, cell=None, pbc=(False, False, False), charge: int = 0, spin: int = 1) -> dict:
     """Outputs for one structure.

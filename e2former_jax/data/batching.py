@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import numpy as np
 
+from e2former_jax.data.labels import stored_results
 from e2former_jax.graph import AtomGraph, graph_from_atoms
 
 
@@ -143,7 +144,7 @@ def batch_from_atoms(
   offset = 0
   for g, atoms in enumerate(structures):
     n = len(atoms)
-    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    results = stored_results(atoms)
     if "energy" in results:
       energy[g] = results["energy"]
       energy_mask[g] = True

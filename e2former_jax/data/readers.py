@@ -27,6 +27,7 @@ import ase.units
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from e2former_jax.elements import MAX_ATOMIC_NUMBER
 from e2former_jax.system_keys import charge_and_multiplicity, without_system_keys
 
 # ASE's CODATA 2018 units (docs/data.md §1): ase.units derives them from the fundamental constants, so they equal
@@ -36,7 +37,6 @@ _CODATA_2018 = ase.units.create_units("2018")
 BOHR_TO_ANGSTROM = _CODATA_2018["Bohr"]
 HARTREE_TO_EV = _CODATA_2018["Hartree"]
 HARTREE_PER_BOHR_TO_EV_PER_ANGSTROM = HARTREE_TO_EV / BOHR_TO_ANGSTROM
-MAX_ATOMIC_NUMBER = 118
 
 FORMATS = ("spice", "extxyz", "aselmdb")
 _EXTENSIONS = {

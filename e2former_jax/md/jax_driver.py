@@ -208,7 +208,7 @@ class JaxMD:
     self._pbc = atoms.pbc.copy()
     self.num_real = len(atoms)
     num_atoms = (len(atoms) // pad_to + 1) * pad_to
-    model_dtype = np.float64 if cfg.dtype == "float64" else np.float32
+    model_dtype = cfg.numpy_dtype
     self.template, _ = graph_from_atoms(
       [atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=num_atoms, num_graphs=2, dtype=model_dtype
     )

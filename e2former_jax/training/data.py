@@ -9,6 +9,7 @@ import ase
 import numpy as np
 
 from e2former_jax.data import ELEMENT_REFERENCE_TABLES, fit_element_references
+from e2former_jax.data.labels import stored_results
 from e2former_jax.data.sources import Subset
 
 
@@ -68,7 +69,7 @@ def net_force_check(
   nets = []
   for i in idx:
     atoms = dataset[int(i)]
-    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    results = stored_results(atoms)
     if "forces" in results:
       f = np.asarray(results["forces"], dtype=np.float64)
       if np.all(np.isfinite(f)):

@@ -212,7 +212,7 @@ class TrainingRun:
       self.epoch, self.position = int(meta["data_position"]["epoch"]), int(meta["data_position"]["batch"])
       self.best = dict(meta["best"])
     self.step = int(self.state.step)
-    dtype = np.float64 if model_cfg.dtype == "float64" else np.float32
+    dtype = model_cfg.numpy_dtype
     loader_args = dict(
       atom_budget=dcfg.atom_budget,
       max_structures=dcfg.max_structures,

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from e2former_jax.training.config import OptimConfig
+from e2former_jax.tree_paths import path_name
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
@@ -38,16 +39,9 @@ def learning_rate(step, cfg: OptimConfig, total_steps: int):
   return cfg.lr * lr_factor(step, cfg, total_steps)
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def param_path(path) -> str:
   """'blocks/0/attention/query/left/kernel' from a ``jax.tree_util`` key path."""
-  return "/".join(_key_name(k) for k in path)
+  return path_name(path)
 
 
 def decays(path: str, ndim: int, cfg: OptimConfig) -> bool:

@@ -8,6 +8,8 @@ from pathlib import Path
 # Shared helpers (model_helpers, md_helpers) import by name from every test folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The tools turn on JAX's persistent compilation cache; the suite compiles each program once anyway.
+os.environ.setdefault("E2FORMER_JAX_CACHE_DIR", "off")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 _FILE_SECONDS = collections.defaultdict(float)

@@ -217,12 +217,16 @@ def _check_static(n: int, pbc, cutoff: float, max_neighbors: int, capacity: Sear
 
 
 class _Bins(NamedTuple):
-  """Atoms sorted by bin. Per atom in bin order (rows of the search): ``table`` [N, 6] position and home-cell
-  lattice offset (as floats), ``home`` [N, 3] bin coordinates, ``graph`` [N], ``real`` [N], ``atom`` [N] index
-  in the input. Per bin: ``starts``, ``counts`` [B + 1]. Per structure: ``shape`` [G, 3] bins per direction,
-  ``offset`` [G] first bin, ``basis`` [G, 3, 3] frame."""
+  """Atoms sorted by bin. Per atom in bin order (the rows of the search): ``position`` [N, 3], ``wrap`` [N, 3]
+  lattice vectors back to the home cell (integers as floats), ``wrapped`` [N, 3] = position - wrap @ basis,
+  ``home`` [N, 3] bin coordinates, ``graph``, ``real``, ``atom`` (index in the input) [N]. Per bin (one more,
+  holding the padding atoms): ``starts``, ``counts``. Per structure: ``shape`` [G, 3] bins per direction,
+  ``offset`` [G] first bin, ``basis`` [G, 3, 3] frame. ``rounding`` bounds the float error of ``wrapped``
+  differences (Angstrom)."""
 
-  table: jax.Array
+  position: jax.Array
+  wrap: jax.Array
+  wrapped: jax.Array
   home: jax.Array
   graph: jax.Array
   real: jax.Array
@@ -234,6 +238,7 @@ class _Bins(NamedTuple):
   basis: jax.Array
   reach_needed: jax.Array
   degenerate: jax.Array
+  rounding: jax.Array
 
 
 def _flat_bin(shape, offset, idx):
@@ -249,7 +254,8 @@ def _bin_atoms(pos, real, g, cell, *, pbc, cutoff, num_graphs, max_cells) -> _Bi
   atoms_per_graph = jax.ops.segment_sum(real.astype(jnp.int32), g, num_graphs)
   has_atoms = (atoms_per_graph > 0)[:, None]
   usable = measure >= 1e-8
-  inverse = jnp.linalg.inv(jnp.where(usable[:, None, None], basis, jnp.eye(3, dtype=dtype)))
+  basis = jnp.where(usable[:, None, None], basis, jnp.eye(3, dtype=dtype))  # degenerate: flagged, then ignored
+  inverse = jnp.linalg.inv(basis)
   frac = _times(pos, inverse[g])  # periodic: lattice fractions; free: Angstrom
   wrap = jnp.where(pbc_v, jnp.floor(frac), 0.0)  # lattice vectors back to the home cell
   local = frac - wrap
@@ -274,8 +280,16 @@ def _bin_atoms(pos, real, g, cell, *, pbc, cutoff, num_graphs, max_cells) -> _Bi
   bin_id = jnp.where(real, _flat_bin(shape[g], offset[g], home), num_bins)
   order = jnp.argsort(bin_id, stable=True).astype(jnp.int32)
   counts = jax.ops.segment_sum(jnp.ones(n, jnp.int32), bin_id, num_bins + 1)
+  offset_home = _times(wrap, basis[g])
+  wrapped = pos - offset_home
+  # Each of pos, wrap @ basis and their difference is rounded to half an ulp of the largest magnitude; a
+  # difference of two wrapped positions plus an image offset adds a few more (generous factor 16).
+  magnitude = jnp.max(jnp.where(real[:, None], jnp.abs(pos) + jnp.abs(offset_home), 0.0))
+  rounding = 16 * jnp.finfo(dtype).eps * (magnitude + jnp.max(jnp.abs(basis)) * (jnp.max(jnp.abs(wrap)) + 4))
   return _Bins(
-    table=jnp.concatenate([pos, wrap], axis=-1)[order],
+    position=pos[order],
+    wrap=wrap[order],
+    wrapped=wrapped[order],
     home=home[order],
     graph=g[order],
     real=real[order],
@@ -287,6 +301,7 @@ def _bin_atoms(pos, real, g, cell, *, pbc, cutoff, num_graphs, max_cells) -> _Bi
     basis=basis,
     reach_needed=jnp.max(jnp.where(has_atoms, reach_needed, 1), axis=0),
     degenerate=jnp.any(has_atoms[:, 0] & ~usable),
+    rounding=rounding,
   )
 
 
@@ -307,13 +322,9 @@ def _neighbor_slots(positions, cell, atom_mask, graph_index, *, pbc, cutoff, max
   row = jnp.arange(n, dtype=jnp.int32)
   stencil = jnp.asarray(_stencil(pbc, capacity.reach))  # [S, 3]
 
-  table = jnp.concatenate([bins.table, jnp.zeros((c, 6), dtype)])  # a bin's slots are rows start .. start + c
-
-  def locate(step, t, read):
-    """Candidates t (slot within a bin) of the stencil bins ``step`` [N, ..., 3] around every row: whether
-    they exist, their row, their integer lattice image relative to the target (as floats) and the vector
-    from the target, (r_j - r_i) + image @ basis (nearby float positions subtracted first, exactly).
-    ``read(start)`` returns the table rows of the candidates of bins starting at ``start``."""
+  def stencil_bin(step):
+    """The bins ``step`` [N, ..., 3] away from every row's own: whether each exists, its index and the
+    integer lattice image [N, ..., 3] it lies in (periodic directions wrap around)."""
     lead = (n,) + (1,) * (step.ndim - 2)
     per_row = lambda x: x.reshape(lead + x.shape[1:])
     around = per_row(bins.home) + step
@@ -321,20 +332,26 @@ def _neighbor_slots(positions, cell, atom_mask, graph_index, *, pbc, cutoff, max
     around = around - image * per_row(shape)
     inside = per_row(bins.real) & jnp.all((around >= 0) & (around < per_row(shape)), axis=-1)
     b = jnp.where(inside, _flat_bin(per_row(shape), per_row(offset), around), bins.counts.size - 1)
-    found = read(bins.starts[b])  # [N, ..., 6]: position, home-cell offset
-    lattice = image.astype(dtype) - found[..., 3:] + per_row(bins.table[:, 3:])
-    vector = found[..., :3] - per_row(bins.table[:, :3]) + _times(lattice, per_row(basis))
-    return inside & (t < bins.counts[b]), bins.starts[b] + t, lattice, vector
+    return inside, b, image
 
+  # The scan compares wrapped positions: candidate minus target wrapped position plus the bin's image offset,
+  # a few ulps of the coordinates off the exact vector, so it keeps pairs within cutoff + rounding; the buffer
+  # is then filtered with the exact vectors.
   slot = jnp.arange(c, dtype=jnp.int32)
-  reach2 = (cutoff * (1 + _THICKNESS_MARGIN)) ** 2  # generous: the in-cutoff test is redone on the buffer
-  read_bin = jax.vmap(lambda start: jax.lax.dynamic_slice_in_dim(table, start[0], c))  # [N, 1] -> [N, c, 6]
+  reach2 = (cutoff * (1 + _THICKNESS_MARGIN) + bins.rounding) ** 2
+  wrapped = jnp.concatenate([bins.wrapped, jnp.zeros((c, 3), dtype)])  # a bin's slots: rows start .. start + c
+  read_bin = jax.vmap(lambda start: jax.lax.dynamic_slice_in_dim(wrapped, start, c))  # [N] -> [N, c, 3]
 
   def visit(carry, s):
     code, count = carry
-    ok, source, lattice, vector = locate(jnp.broadcast_to(stencil[s], (n, 1, 3)), slot, read_bin)
-    is_self = (source == row[:, None]) & (lattice[..., 0] == 0) & (lattice[..., 1] == 0) & (lattice[..., 2] == 0)
-    within = ok & ~is_self & (_norm2(vector) < reach2)
+    inside, b, image = stencil_bin(jnp.broadcast_to(stencil[s], (n, 1, 3)))
+    start, filled = bins.starts[b[:, 0]], jnp.where(inside[:, 0], bins.counts[b[:, 0]], 0)
+    self_slot = jnp.where(jnp.all(image[:, 0] == 0, axis=-1), row - start, -1)
+    offset_vector = _times(image[:, 0].astype(dtype), basis) - bins.wrapped
+    # Per-row values are computed once, not again for every candidate inside the fused candidate loop.
+    start, filled, self_slot, offset_vector = jax.lax.optimization_barrier((start, filled, self_slot, offset_vector))
+    vector = read_bin(start) + offset_vector[:, None, :]
+    within = (slot < filled[:, None]) & (slot != self_slot[:, None]) & (_norm2(vector) < reach2)
     place = jnp.where(within, count[:, None] + jnp.cumsum(within, axis=1, dtype=jnp.int32) - 1, m)
     code = code.at[row[:, None], place].set(s * c + slot, mode="drop")
     return (code, count + jnp.sum(within, axis=1, dtype=jnp.int32)), None
@@ -342,10 +359,12 @@ def _neighbor_slots(positions, cell, atom_mask, graph_index, *, pbc, cutoff, max
   init = (jnp.zeros((n, m), jnp.int32), jnp.zeros(n, jnp.int32))
   (code, count), _ = jax.lax.scan(visit, init, jnp.arange(stencil.shape[0], dtype=jnp.int32))
 
-  # Every in-cutoff candidate of a row is in its buffer (unless count > m: overflow).
-  slot_of = code % c
-  _, source, lattice, vector = locate(stencil[code // c], slot_of, lambda start: table[start + slot_of])
-  lattice = lattice.astype(jnp.int32)
+  # Every candidate of a row is in its buffer (unless count > m: overflow); exact vectors from the input
+  # positions: (r_j - r_i) (nearby floats, subtracted exactly) + (image - wrap_j + wrap_i) @ basis.
+  _, b, image = stencil_bin(stencil[code // c])
+  source = bins.starts[b] + code % c
+  lattice = image - bins.wrap[source].astype(jnp.int32) + bins.wrap[:, None].astype(jnp.int32)
+  vector = bins.position[source] - bins.position[:, None] + _times(lattice.astype(dtype), basis[:, None])
   d2 = _norm2(vector)
   within = (jnp.arange(m) < count[:, None]) & (d2 < cutoff**2)
   d2 = jnp.where(within, d2, jnp.inf)

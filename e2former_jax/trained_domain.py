@@ -94,6 +94,14 @@ class TrainedDomain:
 
     return cls.from_meta(read_meta(path))
 
+  def union(self, other: TrainedDomain) -> TrainedDomain:
+    """What either domain covers (unknown where either is unknown)."""
+    merged = {}
+    for name in ("elements", "charges", "multiplicities"):
+      a, b = getattr(self, name), getattr(other, name)
+      merged[name] = None if a is None or b is None else tuple(set(a) | set(b))
+    return TrainedDomain(**merged)
+
   def to_meta(self) -> dict:
     """``{"elements": [...], "charges": [...], "multiplicities": [...]}`` (the known entries only)."""
     return {k: list(v) for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -85,3 +85,26 @@ def net_force_check(
     "were the labels written with an MD constraint applied (e.g. ASE FixCom; use "
     "atoms.get_forces(apply_constraint=False))?"
   )
+
+
+def without_untrained_elements(data: Sequence, domain, split: str) -> Sequence:
+  """``data`` without the structures holding elements outside ``domain`` (a ``TrainedDomain``), with one
+  warning naming the config types and counts left out: a validation or test table must not score the model on
+  elements it never saw, and a run must not fail at its end over it."""
+  keep, dropped = [], {}
+  for i in range(len(data)):
+    atoms = data[i]
+    if domain.untrained_elements(atoms.numbers):
+      config_type = str(atoms.info.get("config_type", "(none)"))
+      dropped[config_type] = dropped.get(config_type, 0) + 1
+    else:
+      keep.append(i)
+  if not dropped:
+    return data
+  counts = ", ".join(f"{name} {count}" for name, count in sorted(dropped.items()))
+  warnings.warn(
+    f"{sum(dropped.values())} {split} structure(s) hold elements absent from the training set and are left out "
+    f"of the {split} tables ({counts})",
+    stacklevel=3,
+  )
+  return [data[i] for i in keep] if isinstance(data, list) else Subset(data, keep)

@@ -39,8 +39,9 @@ from e2former_jax.data.sources import read_structures
 from e2former_jax.evaluation import Predictions, error_table, evaluate_model, predict_dataset
 from e2former_jax.model import E2Former
 from e2former_jax.predict import split_model
+from e2former_jax.trained_domain import TrainedDomain
 from e2former_jax.training.config import TrainConfig, check_resumable, dump_config, load_config
-from e2former_jax.training.data import element_references, net_force_check, split_validation
+from e2former_jax.training.data import element_references, net_force_check, split_validation, without_untrained_elements
 from e2former_jax.training.distributed import (
   ShardedGraphLoader,
   compiled_sharded_train_step,
@@ -145,6 +146,17 @@ class TrainingRun:
     self.mesh = None if self.num_devices == 1 else mesh  # one device: the plain step
     # single-device views of the (replicated) state for evaluation and checkpoints
     self.local = (lambda tree: tree) if self.mesh is None else local_copy
+    run = cfg.run
+    self.ckpt = Checkpointer(workdir, keep=run.keep_checkpoints, async_checkpointing=run.async_checkpointing)
+    if self.resume:
+      if self.ckpt.latest_step() is None:
+        raise FileNotFoundError(f"{workdir}: no finished checkpoint to resume from")
+      self.resumed_flat, self.resumed_meta, _ = self.ckpt.read_state()
+      if int(self.resumed_meta.get("devices", 1)) != self.num_devices:
+        raise ValueError(
+          f"--resume: the run trained on {self.resumed_meta.get('devices', 1)} device(s), not "
+          f"{self.num_devices} (the global batches depend on it); pass --devices accordingly"
+        )
 
   # data --------------------------------------------------------------------------------------------------
 
@@ -167,9 +179,22 @@ class TrainingRun:
       problem = net_force_check(train_data, seed=run.seed)
       if problem:
         warnings.warn(problem, stacklevel=3)
-    self.train_data, self.valid_data, self.test_data = train_data, valid_data, test_data
+    self.train_data = train_data
+    self.domain = self._trained_domain()
+    self.valid_data = without_untrained_elements(valid_data, self.domain, "validation")
+    self.test_data = None if test_data is None else without_untrained_elements(test_data, self.domain, "test")
 
   # state -------------------------------------------------------------------------------------------------
+
+  def _trained_domain(self) -> TrainedDomain:
+    """Elements, charges and multiplicities the run trains on (recorded in its checkpoints): those of the
+    training set, with those of the ``--init-from`` checkpoint added; a resumed run keeps its recorded ones."""
+    if self.resume:
+      return TrainedDomain.from_meta(self.resumed_meta)
+    domain = TrainedDomain.of_structures(self.train_data)
+    if self.cfg.init.checkpoint:
+      domain = domain.union(TrainedDomain.from_checkpoint(self.cfg.init.checkpoint))
+    return domain
 
   def _element_references(self) -> dict[int, float]:
     dcfg = self.cfg.data
@@ -184,16 +209,6 @@ class TrainingRun:
   def build_state(self) -> None:
     """Model, element references, initial weights, optimizer state (or the resumed state), loader, step."""
     cfg, run, dcfg, model_cfg = self.cfg, self.cfg.run, self.cfg.data, self.model_cfg
-    self.ckpt = Checkpointer(self.workdir, keep=run.keep_checkpoints, async_checkpointing=run.async_checkpointing)
-    if self.resume:
-      if self.ckpt.latest_step() is None:
-        raise FileNotFoundError(f"{self.workdir}: no finished checkpoint to resume from")
-      resumed_flat, self.resumed_meta, _ = self.ckpt.read_state()
-      if int(self.resumed_meta.get("devices", 1)) != self.num_devices:
-        raise ValueError(
-          f"--resume: the run trained on {self.resumed_meta.get('devices', 1)} device(s), not "
-          f"{self.num_devices} (the global batches depend on it); pass --devices accordingly"
-        )
     model = E2Former(model_cfg, rngs=nnx.Rngs(run.seed))
     self.refs = self._element_references()
     model.set_element_energies(self.refs)
@@ -208,7 +223,7 @@ class TrainingRun:
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     self.state = init_state(params, cfg.optim, run.seed)
     if self.resume:
-      self.state, meta = unflatten(resumed_flat, self.state, "state"), self.resumed_meta
+      self.state, meta = unflatten(self.resumed_flat, self.state, "state"), self.resumed_meta
       self.epoch, self.position = int(meta["data_position"]["epoch"]), int(meta["data_position"]["batch"])
       self.best = dict(meta["best"])
     self.step = int(self.state.step)
@@ -259,6 +274,7 @@ class TrainingRun:
     return make_meta(
       self.model_cfg,
       self.refs,
+      **self.domain.to_meta(),
       step=self.step,
       params="ema" if self.cfg.optim.ema_decay is not None else "raw",
       train_config=self.cfg.to_dict(),

@@ -312,6 +312,20 @@ def test_resume_refuses_a_different_config(full_run, tiny_data):
     train(tiny_config(), workdir, datasets=tiny_data, verbose=False)
 
 
+def test_run_records_its_domain_and_leaves_untrained_elements_out_of_the_tables(tiny_data, tmp_path):
+  """Training records the elements, charges and multiplicities of its training set in every checkpoint, and
+  validation/test frames with other elements (here S and Cl) are left out of the tables with one warning."""
+  foreign = D.load_demo("valid", ["2-chlorothiophene"])[:2]
+  data = {**tiny_data, "valid": tiny_data["valid"] + foreign[:1], "test": tiny_data["test"] + foreign}
+  cfg = tiny_config(run={"steps": 3, "eval_every": 3})
+  with pytest.warns(UserWarning, match=r"2 test structure\(s\) hold elements absent .*\(2-chlorothiophene 2\)"):
+    result = train(cfg, tmp_path, datasets=data, verbose=False)
+  meta = read_meta(tmp_path)
+  assert meta["elements"] == [1, 6, 8] and meta["charges"] == [0] and meta["multiplicities"] == [1]
+  assert result.test_table["overall"]["structures"] == len(tiny_data["test"])
+  assert "2-chlorothiophene" not in result.test_table["per_config_type"]
+
+
 def test_nan_batch_in_the_loop_is_skipped_counted_and_logged(tiny_data, tmp_path):
   broken = [a.copy() for a in tiny_data["train"]]
   for a, src in zip(broken, tiny_data["train"]):

@@ -123,8 +123,8 @@ class DeviceSlots:
     nonfinite: bool, some real atom has a NaN or inf coordinate (such atoms get no neighbours).
     degenerate_cell: bool, the periodic lattice vectors of some structure span no length, area or volume.
     max_cell_count: int32, atoms in the fullest bin.
-    max_candidates: int32, the most candidates within the cutoff of one atom (a hair wider: the scan tests
-      ``cutoff * (1 + 1e-5)``; the buffer is filtered exactly).
+    max_candidates: int32, the most candidates of one atom (those within the cutoff plus a bound on float
+      rounding, about 1e-4 A for coordinates of 50 A in float32; the buffer is then filtered exactly).
     reach_needed: [3] int32, stencil half-width needed along each direction.
     overflow: bool, some capacity was too small: the slots may be incomplete; rebuild with ``capacity.grown``.
   """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import ase
 import ase.io
@@ -11,6 +12,8 @@ import ase.units
 import numpy as np
 from ase.md.langevin import Langevin
 from ase.md.verlet import VelocityVerlet
+
+from e2former_jax.md.guard import BlowUpLimits, Guard
 
 ENSEMBLES = ("nve", "nvt")
 
@@ -148,36 +151,52 @@ def run_ase_md(
   interval: int = 10,
   trajectory=None,
   log: MDLog | None = None,
+  limits: BlowUpLimits | None = None,
+  callback: Callable[[int, dict], None] | None = None,
 ) -> dict[str, np.ndarray]:
   """Runs ASE MD on ``atoms`` (its calculator attached, e.g. ``E2FormerCalculator``).
 
   Records every step; writes a trajectory frame (extxyz, appended) and a log row every ``interval`` steps
-  and at step 0.
+  and at step 0. The blow-up guard (``e2former_jax.md.guard``, ``limits``; default ``BlowUpLimits()``) checks
+  every step; ``callback(step, row)`` is called after each step with its observables.
 
   Returns:
-    Per-step arrays "step", "time_fs", "potential", "kinetic", "total" (eV), "temperature" (K), and
-    "seconds" (wall time of each step, 0 for step 0; the first step includes the compilation).
+    Per-step arrays "step", "time_fs", "potential", "kinetic", "total" (eV), "temperature" (K), "max_force"
+    (eV/A, largest on one atom) and "seconds" (wall time of each step, 0 for step 0; the first step includes
+    the compilation).
+
+  Raises:
+    MDBlowUpError: when a step crosses a guard limit; ``atoms`` is left at that step.
   """
   dyn = make_dynamics(atoms, timestep_fs, ensemble, temperature_K, friction_per_fs, seed)
-  rows = {k: [] for k in ("step", "potential", "kinetic", "temperature", "seconds")}
+  limits = BlowUpLimits() if limits is None else limits
+  rows = {k: [] for k in ("step", "potential", "kinetic", "temperature", "max_force", "seconds")}
   calc = atoms.calc
   clock = [time.perf_counter()]
+  guards: list[Guard] = []
 
   def record():
     now = time.perf_counter()
     step = dyn.nsteps
     epot, ekin = atoms.get_potential_energy(), atoms.get_kinetic_energy()
-    rows["step"].append(step)
-    rows["potential"].append(epot)
-    rows["kinetic"].append(ekin)
-    rows["temperature"].append(atoms.get_temperature())
-    rows["seconds"].append(now - clock[0] if step else 0.0)
+    temperature = atoms.get_temperature()
+    max_force = float(np.sqrt(np.max(np.sum(atoms.get_forces() ** 2, axis=-1))))
+    row = dict(step=step, potential=epot, kinetic=ekin, temperature=temperature, max_force=max_force)
+    row["seconds"] = now - clock[0] if step else 0.0
+    for key, value in row.items():
+      rows[key].append(value)
     clock[0] = now
     if step % interval == 0:
       if trajectory is not None:
         write_frame(trajectory, atoms)
       if log is not None:
-        log.row(step, step * timestep_fs, epot, ekin, atoms.get_temperature(), beyond_k(atoms, calc), wall=now)
+        log.row(step, step * timestep_fs, epot, ekin, temperature, beyond_k(atoms, calc), wall=now)
+    if not guards:
+      bath = temperature_K if ensemble == "nvt" else None
+      guards.append(Guard(limits, ensemble, len(atoms), temperature, epot + ekin, bath))
+    guards[0].check(step, step * timestep_fs, temperature, max_force, epot + ekin)
+    if callback is not None:
+      callback(step, row)
 
   dyn.attach(record, interval=1)  # ASE calls observers at step 0 too
   dyn.run(steps)
@@ -190,3 +209,16 @@ def run_ase_md(
 def ns_per_day(seconds_per_step: np.ndarray, timestep_fs: float) -> float:
   """Simulated ns per wall-clock day at the median step time."""
   return timestep_fs * 1e-6 / (float(np.median(seconds_per_step)) / 86400.0)
+
+
+def run_statistics(rows: dict[str, np.ndarray], ensemble: str, num_atoms: int) -> str:
+  """What a run's rows say about its health: NVE, the total energy's spread (max - min) and drift (last -
+  first) per atom; NVT, the temperature's mean and standard deviation over the steps after step 0 (the total
+  energy is not conserved under a thermostat)."""
+  if ensemble == "nvt":
+    temperature = rows["temperature"][1:] if len(rows["temperature"]) > 1 else rows["temperature"]
+    return f"temperature {np.mean(temperature):.1f} +- {np.std(temperature):.1f} K (mean +- std over the run)"
+  total = rows["total"]
+  spread = float(np.ptp(total)) if len(total) else 0.0
+  drift = float(total[-1] - total[0]) if len(total) else 0.0
+  return f"total-energy spread {1000 * spread / num_atoms:.3f} meV/atom, drift {1000 * drift / num_atoms:+.3f} meV/atom"

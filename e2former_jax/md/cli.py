@@ -5,7 +5,15 @@
 
 Writes an extxyz trajectory (positions, momenta, energy, forces every ``--interval`` steps) and a log (one
 row every ``--interval`` steps: potential, kinetic and total energy, temperature, in-cutoff neighbour pairs
-beyond the model's K slots, ns/day), and prints a summary.
+beyond the model's K slots, ns/day), shows a progress bar with ns/day, and prints a summary: for NVE the
+total-energy spread and drift per atom, for NVT the temperature's mean and standard deviation. ``--driver jax``
+runs the jitted loop (``e2former_jax.md.JaxMD``; molecules, periodic cells and slabs), the fastest way; its
+chunks are ``--interval`` steps long.
+
+A run that blows up stops: when the temperature exceeds ``--max-temperature`` (default max(10 x the starting or
+bath temperature, 5000 K)), a force exceeds ``--max-force`` (100 eV/A) or, in NVE, the total energy drifts more
+than ``--max-energy-drift`` (0.1 eV/atom) from step 0, it prints one line naming the limit, writes the structure
+where it stopped as the last trajectory frame, and exits with status 3 (``EXIT_BLOW_UP``).
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import ase
 import ase.io
 import numpy as np
 
-from e2former_jax.cli_errors import UsageError, add_debug_flag, run_command
+from e2former_jax.cli_errors import UsageError, add_debug_flag, one_line, run_command
+
+EXIT_BLOW_UP = 3  # the run stopped at a guard limit (e2former_jax.md.guard)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +89,30 @@ def _parser() -> argparse.ArgumentParser:
     "--allow-untrained-elements",
     action="store_true",
     help="run with elements the checkpoint was not trained on (a warning instead of an error)",
+  )
+  p.add_argument(
+    "--max-temperature",
+    type=float,
+    default=None,
+    metavar="K",
+    help="stop when the temperature exceeds this (default: max(10 x the starting or bath temperature, 5000 K); "
+    "inf: off)",
+  )
+  p.add_argument(
+    "--max-force", type=float, default=100.0, metavar="EV_PER_A", help="stop when a force exceeds this (default 100)"
+  )
+  p.add_argument(
+    "--max-energy-drift",
+    type=float,
+    default=0.1,
+    metavar="EV_PER_ATOM",
+    help="nve: stop when the total energy moved this far per atom from step 0 (default 0.1)",
+  )
+  p.add_argument(
+    "--progress",
+    choices=("auto", "on", "off"),
+    default="auto",
+    help="progress bar with ns/day on stderr (auto: when stderr is a terminal)",
   )
   p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in A (jax driver)")
   p.add_argument("--x64", action="store_true", help="jax driver: float64 integrator state (the model keeps its dtype)")
@@ -136,6 +170,40 @@ def main(argv: Sequence[str] | None = None) -> int:
   return run_command("e2former-md", lambda: _run(opts, argv), debug=opts.debug)
 
 
+def _limits(opts):
+  from e2former_jax.md.guard import BlowUpLimits
+
+  return BlowUpLimits(
+    max_temperature_K=opts.max_temperature, max_force=opts.max_force, max_energy_drift=opts.max_energy_drift
+  )
+
+
+class _Progress:
+  """A tqdm bar over the MD steps with the simulated ns/day (over the last second or more of wall time, so
+  compilation before the first step is left out) and the temperature."""
+
+  def __init__(self, steps: int, timestep_fs: float, mode: str):
+    from tqdm import tqdm
+
+    disable = {"auto": None, "on": False, "off": True}[mode]  # auto: only on a terminal
+    self.bar = tqdm(total=steps, unit="step", desc="e2former-md", disable=disable, dynamic_ncols=True, file=sys.stderr)
+    self.timestep_fs = timestep_fs
+    self._window: tuple[float, int] | None = None  # (wall seconds, step) where the current window began
+
+  def update(self, step: int, temperature: float) -> None:
+    now = time.perf_counter()
+    if self._window is None:
+      self._window = (now, step)
+    elif now - self._window[0] >= 1.0 and step > self._window[1]:
+      rate = (step - self._window[1]) * self.timestep_fs * 1e-6 / ((now - self._window[0]) / 86400.0)
+      self.bar.set_postfix_str(f"{rate:.4g} ns/day, T {temperature:.0f} K", refresh=False)
+      self._window = (now, step)
+    self.bar.update(step - self.bar.n)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
 def _run(opts, argv) -> int:
   if opts.ensemble == "nvt" and opts.temperature is None:
     raise UsageError("--ensemble nvt needs --temperature")
@@ -144,13 +212,15 @@ def _run(opts, argv) -> int:
       f"--steps must be >= 0, --interval >= 1 and --timestep > 0, got {opts.steps!r}, {opts.interval!r}, "
       f"{opts.timestep!r}"
     )
+  limits = _limits(opts)
   if opts.x64:
     import jax
 
     jax.config.update("jax_enable_x64", True)
   import jax
 
-  from e2former_jax.md.ase_driver import MDLog, run_ase_md, write_frame
+  from e2former_jax.md.ase_driver import MDLog, ns_per_day, run_ase_md, run_statistics, write_frame
+  from e2former_jax.md.guard import MDBlowUpError
 
   index = int(opts.index) if opts.index.lstrip("-").isdigit() else opts.index
   try:
@@ -180,70 +250,88 @@ def _run(opts, argv) -> int:
     "units": "energies eV, temperature K, time ps; ns_per_day over the wall time since the previous row",
   }
   log = MDLog(opts.log, header)
+  progress = _Progress(opts.steps, opts.timestep, opts.progress)
   tic = time.perf_counter()
-  if opts.driver == "ase":
-    from e2former_jax.calculator import E2FormerCalculator
+  sim = None
+  try:
+    if opts.driver == "ase":
+      from e2former_jax.calculator import E2FormerCalculator
 
-    atoms.calc = E2FormerCalculator(model=model)
-    rows = run_ase_md(
-      atoms,
-      opts.steps,
-      timestep_fs=opts.timestep,
-      ensemble=opts.ensemble,
-      temperature_K=opts.temperature,
-      friction_per_fs=opts.friction,
-      seed=opts.seed,
-      interval=opts.interval,
-      trajectory=opts.trajectory,
-      log=log,
-    )
-    per_step = rows["seconds"][2:] if len(rows["seconds"]) > 2 else rows["seconds"][1:]
-    rate = opts.timestep * 1e-6 / (float(np.median(per_step)) / 86400.0) if len(per_step) else float("nan")
-    extra = ""
-  else:
-    from e2former_jax.md.jax_driver import JaxMD
+      atoms.calc = E2FormerCalculator(model=model)
+      rows = run_ase_md(
+        atoms,
+        opts.steps,
+        timestep_fs=opts.timestep,
+        ensemble=opts.ensemble,
+        temperature_K=opts.temperature,
+        friction_per_fs=opts.friction,
+        seed=opts.seed,
+        interval=opts.interval,
+        trajectory=opts.trajectory,
+        log=log,
+        limits=limits,
+        callback=lambda step, row: progress.update(step, row["temperature"]),
+      )
+      per_step = rows["seconds"][2:] if len(rows["seconds"]) > 2 else rows["seconds"][1:]
+      rate = ns_per_day(per_step, opts.timestep) if len(per_step) else float("nan")
+      extra = ""
+    else:
+      from e2former_jax.md.jax_driver import JaxMD
 
-    sim = JaxMD(
-      model,
-      atoms,
-      timestep_fs=opts.timestep,
-      ensemble=opts.ensemble,
-      temperature_K=opts.temperature,
-      friction_per_fs=opts.friction,
-      seed=opts.seed,
-      skin=opts.skin,
-      steps_per_call=opts.interval,
-    )
+      sim = JaxMD(
+        model,
+        atoms,
+        timestep_fs=opts.timestep,
+        ensemble=opts.ensemble,
+        temperature_K=opts.temperature,
+        friction_per_fs=opts.friction,
+        seed=opts.seed,
+        skin=opts.skin,
+        steps_per_call=opts.interval,
+        limits=limits,
+      )
 
-    def on_chunk(sim, chunk):
-      now = time.perf_counter()
-      for i, step in enumerate(chunk["step"]):
-        if step % opts.interval == 0:
-          log.row(
-            int(step),
-            float(chunk["time_fs"][i]),
-            float(chunk["potential"][i]),
-            float(chunk["kinetic"][i]),
-            float(chunk["temperature"][i]),
-            int(chunk["beyond_k"][i]),
-            wall=now,
-          )
-      if sim.step_count % opts.interval == 0 and opts.trajectory:
-        write_frame(opts.trajectory, sim.atoms)
+      def on_chunk(sim, chunk):
+        now = time.perf_counter()
+        for i, step in enumerate(chunk["step"]):
+          if step % opts.interval == 0:
+            log.row(
+              int(step),
+              float(chunk["time_fs"][i]),
+              float(chunk["potential"][i]),
+              float(chunk["kinetic"][i]),
+              float(chunk["temperature"][i]),
+              int(chunk["beyond_k"][i]),
+              wall=now,
+            )
+        if sim.step_count % opts.interval == 0 and opts.trajectory:
+          write_frame(opts.trajectory, sim.atoms)
+        progress.update(sim.step_count, float(chunk["temperature"][-1]))
 
-    rows = sim.run(opts.steps, callback=on_chunk)
-    rate = sim.ns_per_day()
-    extra = (
-      f", neighbour list {sim.spec.method} (capacity {sim.spec.capacity}, {int(rows['builds'][-1])} "
-      f"builds, {sim.reallocations} reallocations)"
-    )
+      rows = sim.run(opts.steps, callback=on_chunk)
+      rate = sim.ns_per_day()
+      capacity = sim.spec.capacity
+      extra = (
+        f"; neighbour list: {sim.builds} builds (skin {opts.skin} A), {capacity.candidate_capacity} candidates "
+        f"and {capacity.cell_capacity} atoms per bin, {sim.reallocations} reallocations"
+      )
+  except MDBlowUpError as err:
+    progress.close()
+    log.comment(f"stopped: {err}")
+    log.close()
+    if opts.trajectory:
+      write_frame(opts.trajectory, sim.atoms if sim is not None else atoms)  # the structure where it stopped
+    if opts.debug:
+      raise
+    print(f"e2former-md: error: {one_line(err)}", file=sys.stderr)
+    return EXIT_BLOW_UP
+  progress.close()
   wall = time.perf_counter() - tic
-  spread = float(np.ptp(rows["total"])) if len(rows["total"]) else 0.0
   if "beyond_k" in rows:
-    extra = f", at most {int(np.max(rows['beyond_k']))} in-cutoff pairs beyond K" + extra
+    extra = f"; at most {int(np.max(rows['beyond_k']))} in-cutoff pairs beyond K" + extra
   summary = (
     f"{opts.steps} steps ({opts.steps * opts.timestep / 1000:.3f} ps) in {wall:.1f} s; {rate:.4g} ns/day "
-    f"after compilation; total-energy spread {1000 * spread / len(atoms):.3f} meV/atom{extra}"
+    f"after compilation; {run_statistics(rows, opts.ensemble, len(atoms))}{extra}"
   )
   log.comment(summary)
   log.close()

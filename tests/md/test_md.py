@@ -1,5 +1,6 @@
 """MD with the demo checkpoint on a held-out aspirin frame: NVE energy conservation through ASE and through
-the jitted JAX loop, their step-by-step agreement, ASE Langevin, and the ``e2former-md`` command.
+the jitted JAX loop (atoms in Morton order inside it), their step-by-step agreement, ASE Langevin, and the
+``e2former-md`` command, including its blow-up guard with both drivers.
 
 The module runs with ``jax_enable_x64`` on: the model stays float32 (as trained) and both integrators keep
 float64 positions and velocities, so the two drivers feed the model identical float32 inputs. (In float32
@@ -14,7 +15,8 @@ import pytest
 from e2former_jax.calculator import E2FormerCalculator
 from e2former_jax.checkpoint import DEMO_CHECKPOINT, load_model
 from e2former_jax.data import load_demo
-from e2former_jax.md import JaxMD, MDLog, cli, initial_velocities, read_log, run_ase_md
+from e2former_jax.md import JaxMD, MDBlowUpError, MDLog, cli, initial_velocities, read_log, run_ase_md
+from e2former_jax.md.ase_driver import run_statistics
 
 TIMESTEP_FS = 0.5
 NVE_STEPS = 400  # 200 fs
@@ -136,13 +138,14 @@ def test_ase_langevin_runs_heats_and_writes(start, calculator, tmp_path):
   np.testing.assert_array_equal(columns["step"], [0, 5, 10, 15, 20])
   np.testing.assert_allclose(columns["epot_eV"], rows["potential"][::5], atol=1e-5)
   assert np.all(columns["beyond_K"] == 0) and np.all(columns["ns_per_day"][1:] > 0)
+  assert np.all(rows["max_force"] > 0) and run_statistics(rows, "nvt", len(atoms)).startswith("temperature ")
   frames = ase.io.read(tmp_path / "nvt.extxyz", index=":")
   assert len(frames) == 5
   np.testing.assert_allclose(frames[-1].get_positions(), atoms.get_positions(), atol=1e-6)
   np.testing.assert_allclose(frames[-1].get_potential_energy(), rows["potential"][-1], atol=1e-5)
 
 
-def test_cli_jax_driver_writes_trajectory_and_log(tmp_path, model, start, monkeypatch):
+def test_cli_jax_driver_writes_trajectory_and_log(tmp_path, model, start, monkeypatch, capsys):
   import ase.io
 
   structure = tmp_path / "aspirin.xyz"
@@ -164,9 +167,14 @@ def test_cli_jax_driver_writes_trajectory_and_log(tmp_path, model, start, monkey
       str(traj),
       "--log",
       str(log),
+      "--progress",
+      "on",
     ]
   )
   assert code == 0
+  out, err = capsys.readouterr()
+  assert "100/100" in err  # the progress bar
+  assert "ns/day after compilation; total-energy spread" in out and "builds (skin 0.5 A)" in out
   frames = ase.io.read(traj, index=":")
   assert len(frames) == 3 and all(len(f) == len(start) for f in frames)
   assert frames[0].get_potential_energy() < 0 and frames[-1].get_forces().shape == (len(start), 3)
@@ -182,3 +190,30 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
   assert cli.main([str(tmp_path / "x.xyz"), "--random-model", "small", "--ensemble", "nvt"]) == 2  # usage
   err = capsys.readouterr().err
   assert "e2former-md: error: cannot read frame '0' of" in err and "e2former-md: error: --ensemble nvt needs" in err
+
+
+@pytest.mark.parametrize("driver", ["jax", "ase"])
+def test_cli_stops_a_blow_up_with_one_line(driver, tmp_path, model, start, monkeypatch, capsys):
+  """A 10 fs step from 1000 K: the total energy jumps at the first step (NVE drift limit); with the drift
+  limit off, the temperature limit stops it at the third. Both drivers stop at the same step."""
+  import ase.io
+
+  structure = tmp_path / "aspirin.xyz"
+  ase.io.write(structure, start)
+  monkeypatch.setattr(cli, "_load_model", lambda opts: (model, str(DEMO_CHECKPOINT)))
+  traj = tmp_path / "md.extxyz"
+  args = [str(structure), "--checkpoint", str(DEMO_CHECKPOINT), "--driver", driver, "--timestep", "10"]
+  args += ["--init-temperature", "1000", "--steps", "50", "--interval", str(CHUNK), "--trajectory", str(traj)]
+  args += ["--log", str(tmp_path / "md.log")]
+  assert cli.main(args) == cli.EXIT_BLOW_UP
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("e2former-md: error: MD stopped at step 1 (10 fs): total energy drifted")
+  assert "beyond the limit 0.1 eV/atom (NVE)" in err[0] and "--max-energy-drift" in err[0]
+  assert cli.main([*args, "--max-energy-drift", "inf"]) == cli.EXIT_BLOW_UP
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("e2former-md: error: MD stopped at step 3 (30 fs): temperature")
+  assert "5000 K)" in err[0] and "--max-temperature" in err[0]
+  frames = ase.io.read(traj, index=":")  # step 0 and the structure where it stopped
+  assert len(frames) == 2 and frames[-1].get_temperature() > 5000
+  with pytest.raises(MDBlowUpError, match="temperature"):
+    cli.main([*args, "--max-energy-drift", "inf", "--debug"])

@@ -1,8 +1,9 @@
 """A small periodic water box under JAX Langevin (NVT) dynamics with the demo checkpoint, float32 state.
 
-The candidate buffer starts too small on purpose: the run must detect the overflow, reallocate (recompile)
-and continue without dropping neighbours; at the end its slots equal the host builder's, and it reports the
-in-cutoff pairs beyond the model's K slots (liquid water has more neighbours within 5 A than K).
+The candidate buffer starts too small on purpose: the run must detect the overflow, roll the step back,
+reallocate (recompile) and continue without dropping neighbours; at the end its slots equal the host builder's
+(atoms mapped back from the driver's Morton order), and it reports the in-cutoff pairs beyond the model's K
+slots (liquid water has more neighbours within 5 A than K).
 """
 
 import numpy as np
@@ -12,6 +13,7 @@ from md_helpers import water_box
 from e2former_jax.checkpoint import DEMO_CHECKPOINT, load_model
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.md import JaxMD, initial_velocities
+from e2former_jax.neighbors.device import SearchCapacity
 
 STEPS = 40
 
@@ -29,7 +31,7 @@ def water_nvt():
     temperature_K=300.0,
     friction_per_fs=0.02,
     seed=0,
-    capacity=model.config.max_neighbors,
+    capacity=SearchCapacity(cell_capacity=128, candidate_capacity=model.config.max_neighbors),
     steps_per_call=20,
   )
   with pytest.warns(UserWarning, match="beyond|more than K"):
@@ -45,7 +47,7 @@ def test_water_box_nvt_runs_and_reallocates(water_nvt):
     f"{int(rows['builds'][-1])} builds in {STEPS} steps, T {rows['temperature'][-1]:.0f} K, "
     f"beyond K={model.config.max_neighbors}: {int(rows['beyond_k'][-1])} pairs"
   )
-  assert sim.reallocations >= 1 and sim.spec.capacity > model.config.max_neighbors
+  assert sim.reallocations >= 1 and sim.spec.capacity.candidate_capacity > model.config.max_neighbors
   assert not bool(sim.state.neighbors.overflow)
   np.testing.assert_array_equal(rows["step"], np.arange(STEPS + 1))
   assert np.all(np.isfinite(rows["total"])) and np.all(rows["temperature"] < 2000.0)
@@ -57,9 +59,7 @@ def test_water_box_slots_match_host_builder_at_the_end(water_nvt):
   model, sim, rows = water_nvt
   cfg = model.config
   atoms = sim.atoms
-  host, beyond = graph_from_atoms(
-    [atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=sim.template.num_atoms, num_graphs=2
-  )
+  host, beyond = graph_from_atoms([atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=sim.num_atoms, num_graphs=2)
   idx, mask, shift, device_beyond = sim.neighbor_slots()
   np.testing.assert_array_equal(mask, np.asarray(host.neighbor_mask))
   np.testing.assert_array_equal(idx, np.asarray(host.neighbors))

@@ -23,7 +23,8 @@ The search, per structure:
    distinct (bin, image) pair, so no pair is found twice.
 4. The K kept are the first K of the buffer in the host builder's order (``host.selection_order``: distance,
    then displacement, on the ``TIE_RESOLUTION`` grid; independent of the order of atoms in memory and of
-   rounding far below the grid), put in slots by distance, equal distances by source atom and lattice image.
+   rounding far below the grid), put in slots by distance, equal distances by source atom and lattice image
+   (``keep_nearest``, which the MD list ``neighbors.skin`` shares).
 
 Capacities are static (they fix the shapes), so a build that needs more than it was given does not drop pairs
 silently: it sets ``overflow`` and reports what it needed (``max_cell_count``, ``max_candidates``,
@@ -305,6 +306,41 @@ def _bin_atoms(pos, real, g, cell, *, pbc, cutoff, num_graphs, max_cells) -> _Bi
   )
 
 
+def keep_nearest(d2, vector, within, atom, lattice, k: int):
+  """The K kept of every row's candidates by the host builder's rule, in slots (jittable; shared with the MD
+  list, ``neighbors.skin``).
+
+  The K kept are the first K in ``host.selection_order`` (distance, then displacement, on the
+  ``TIE_RESOLUTION`` grid); the slots hold them by distance, then source atom, then lattice image.
+
+  Args:
+    d2: [N, M] squared distances (Angstrom^2), inf where not ``within``.
+    vector: [N, M, 3] displacement from the target to the candidate's image (Angstrom).
+    within: [N, M] bool, candidate within the cutoff.
+    atom: [N, M] int32 source atom of each candidate.
+    lattice: [N, M, 3] int32 lattice image of each candidate.
+    k: K slots.
+
+  Returns:
+    d2 [N, K] (inf in empty slots), atom [N, K] and lattice [N, K, 3] of the slots.
+  """
+  n, m = d2.shape
+  qd = jnp.where(within, jnp.round(jnp.sqrt(d2) / TIE_RESOLUTION), INT32_MAX).astype(jnp.int32)
+  qv = jnp.round(vector / TIE_RESOLUTION).astype(jnp.int32)
+  entry = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (n, m))
+  *_, chosen = jax.lax.sort((qd, qv[..., 0], qv[..., 1], qv[..., 2], entry), dimension=1, num_keys=4)
+  chosen = chosen[:, : min(k, m)]
+  d2_k = jnp.take_along_axis(d2, chosen, axis=1)
+  atom_k = jnp.take_along_axis(atom, chosen, axis=1)
+  lattice_k = jnp.take_along_axis(lattice, chosen[..., None], axis=1)
+  keys = (d2_k, atom_k, lattice_k[..., 0], lattice_k[..., 1], lattice_k[..., 2])
+  d2_k, atom_k, *lattice_k = jax.lax.sort(keys, dimension=1, num_keys=5)
+  if m < k:  # fewer candidates than slots: the rest stay empty
+    pad = lambda x, v: jnp.pad(x, ((0, 0), (0, k - m)), constant_values=v)
+    d2_k, atom_k, lattice_k = pad(d2_k, jnp.inf), pad(atom_k, 0), [pad(x, 0) for x in lattice_k]
+  return d2_k, atom_k, jnp.stack(lattice_k, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("pbc", "cutoff", "max_neighbors", "num_graphs", "capacity"))
 def _neighbor_slots(positions, cell, atom_mask, graph_index, *, pbc, cutoff, max_neighbors, num_graphs, capacity):
   n, dtype = positions.shape[0], positions.dtype
@@ -368,23 +404,9 @@ def _neighbor_slots(positions, cell, atom_mask, graph_index, *, pbc, cutoff, max
   d2 = _norm2(vector)
   within = (jnp.arange(m) < count[:, None]) & (d2 < cutoff**2)
   d2 = jnp.where(within, d2, jnp.inf)
-  # The K kept: the host rule on the tie grid (distance, then displacement).
-  qd = jnp.where(within, jnp.round(jnp.sqrt(d2) / TIE_RESOLUTION), INT32_MAX).astype(jnp.int32)
-  qv = jnp.round(vector / TIE_RESOLUTION).astype(jnp.int32)
-  entry = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (n, m))
-  *_, chosen = jax.lax.sort((qd, qv[..., 0], qv[..., 1], qv[..., 2], entry), dimension=1, num_keys=4)
-  chosen = chosen[:, : min(k, m)]
-  d2_k = jnp.take_along_axis(d2, chosen, axis=1)
-  atom_k = bins.atom[jnp.take_along_axis(source, chosen, axis=1)]
-  lattice_k = jnp.take_along_axis(lattice, chosen[..., None], axis=1)
-  # Slot order: distance, then source atom, then lattice image.
-  keys = (d2_k, atom_k, lattice_k[..., 0], lattice_k[..., 1], lattice_k[..., 2])
-  d2_k, atom_k, *lattice_k = jax.lax.sort(keys, dimension=1, num_keys=5)
-  if m < k:  # fewer candidate slots than neighbour slots: the rest stay empty
-    pad = lambda x, v: jnp.pad(x, ((0, 0), (0, k - m)), constant_values=v)
-    d2_k, atom_k, lattice_k = pad(d2_k, jnp.inf), pad(atom_k, 0), [pad(x, 0) for x in lattice_k]
+  d2_k, atom_k, lattice_k = keep_nearest(d2, vector, within, bins.atom[source], lattice, k)
   mask = jnp.isfinite(d2_k)
-  shift = _times(jnp.stack(lattice_k, axis=-1).astype(dtype), basis[:, None])
+  shift = _times(lattice_k.astype(dtype), basis[:, None])
 
   # Back to the input order of atoms.
   rank = jnp.zeros(n, jnp.int32).at[bins.atom].set(row)

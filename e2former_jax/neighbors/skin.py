@@ -9,9 +9,10 @@ Two levels, as in most MD codes:
    atoms per bin, stencil reach) are a ``SearchCapacity`` in the search's fixed buckets; a build that needs
    more sets ``overflow`` (it never drops a pair silently) and ``grown`` gives the next capacity.
 2. The *slots* of each step: the K nearest candidates within ``cutoff``, chosen and ordered by the host
-   builder's rule (``host.selection_order``: distance, then displacement, on the ``TIE_RESOLUTION`` grid; slots
-   by distance, then source atom, then lattice image), so they equal ``e2former_jax.graph.graph_from_atoms``'s
-   slots (K-truncation is part of the model's definition); the in-cutoff pairs beyond K are counted.
+   builder's rule with the device search's own code (``device.keep_nearest``: distance, then displacement, on
+   the ``TIE_RESOLUTION`` grid; slots by distance, then source atom, then lattice image), so they equal
+   ``e2former_jax.graph.graph_from_atoms``'s slots (K-truncation is part of the model's definition); the
+   in-cutoff pairs beyond K are counted.
 
 Why the buffer is complete: a pair closer than ``cutoff`` now, whose atoms each moved at most ``skin / 2``
 since the build, was closer than ``cutoff + skin`` at the build.
@@ -31,16 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from e2former_jax.neighbors.device import (
-  INT32_MAX,
   SearchCapacity,
   _lattice_basis,
   _norm2,
   _times,
   capacity_bucket,
+  keep_nearest,
   neighbor_slots,
   raise_for_bad_input,
 )
-from e2former_jax.neighbors.host import MIN_DISTANCE, TIE_RESOLUTION
+from e2former_jax.neighbors.host import MIN_DISTANCE
 
 HEADROOM = 1.25  # buffers are sized for this many times the largest count seen, so a fluctuation rarely overflows
 
@@ -242,7 +243,7 @@ def nearest_slots(spec: NeighborListSpec, state: NeighborState, positions, cell)
     ``too_close`` updated.
   """
   n, dtype = positions.shape[0], positions.dtype
-  k, c = spec.max_neighbors, state.candidates.shape[1]
+  k = spec.max_neighbors
   cell = jnp.asarray(cell, dtype)
   image = state.candidate_image
   # (r_j - r_i) first (nearby floats, subtracted exactly), then the image offset, as the device search does.
@@ -250,23 +251,9 @@ def nearest_slots(spec: NeighborListSpec, state: NeighborState, positions, cell)
   d2 = _norm2(vectors)
   within = state.candidate_mask & (d2 < spec.cutoff**2)
   d2 = jnp.where(within, d2, jnp.inf)
-  # The K kept: distance, then displacement, on the tie grid (host.selection_order).
-  qd = jnp.where(within, jnp.round(jnp.sqrt(d2) / TIE_RESOLUTION), INT32_MAX).astype(jnp.int32)
-  qv = jnp.where(within[..., None], jnp.round(vectors / TIE_RESOLUTION), 0).astype(jnp.int32)
-  entry = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (n, c))
-  *_, chosen = jax.lax.sort((qd, qv[..., 0], qv[..., 1], qv[..., 2], entry), dimension=1, num_keys=4)
-  chosen = chosen[:, : min(k, c)]
-  d2_k = jnp.take_along_axis(d2, chosen, axis=1)
-  atom_k = jnp.take_along_axis(state.candidates, chosen, axis=1)
-  image_k = jnp.take_along_axis(image, chosen[..., None], axis=1)
-  # Slot order: distance, then source atom, then lattice image.
-  keys = (d2_k, atom_k, image_k[..., 0], image_k[..., 1], image_k[..., 2])
-  d2_k, atom_k, *image_k = jax.lax.sort(keys, dimension=1, num_keys=5)
-  if c < k:  # fewer candidate slots than neighbour slots: the rest stay empty
-    pad = lambda x, v: jnp.pad(x, ((0, 0), (0, k - c)), constant_values=v)
-    d2_k, atom_k, image_k = pad(d2_k, jnp.inf), pad(atom_k, 0), [pad(x, 0) for x in image_k]
+  d2_k, atom_k, image_k = keep_nearest(d2, vectors, within, state.candidates, image, k)
   mask = jnp.isfinite(d2_k)
-  shift = _times(jnp.stack(image_k, axis=-1).astype(dtype), cell)
+  shift = _times(image_k.astype(dtype), cell)
   beyond = jnp.sum(jnp.maximum(jnp.sum(within, axis=1, dtype=jnp.int32) - k, 0))
   close = jnp.any(within & (d2 < MIN_DISTANCE**2))
   return (

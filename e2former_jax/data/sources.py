@@ -80,9 +80,7 @@ def _expand(spec) -> list[Path]:
     elif p.exists():
       paths.append(p)
     else:
-      raise FileNotFoundError(
-        f"{p}: no such data file or directory (set the data paths in the config, e.g. --set data.train=PATH)"
-      )
+      raise FileNotFoundError(f"{p}: no such data file or directory")
   if not paths:
     raise ValueError(f"no data files in {spec!r}")
   return paths

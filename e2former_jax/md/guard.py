@@ -60,11 +60,13 @@ class BlowUpLimits:
 
 
 def exceeded(temperature, max_force, drift_per_atom, temperature_limit, force_limit, drift_limit):
-  """(hot, strong, drifted): each quantity beyond its limit or not finite (numpy or jax arrays alike)."""
+  """(hot, strong, drifted): each quantity beyond its limit or not finite, also with the limit off (numpy or
+  jax arrays alike)."""
+  beyond = lambda x, limit: ~((x <= limit) & (x < math.inf))
   return (
-    ~(temperature <= temperature_limit),
-    ~(max_force <= force_limit),
-    ~(abs(drift_per_atom) <= drift_limit),
+    beyond(temperature, temperature_limit),
+    beyond(max_force, force_limit),
+    beyond(abs(drift_per_atom), drift_limit),
   )
 
 

@@ -532,7 +532,9 @@ class JaxMD:
     order with ``num_atoms`` slots like ``graph_from_atoms`` (for tests and inspection); builds the list when
     it is stale."""
     s, system = self.state, self.system
-    state = nl.update(self.spec, s.neighbors, s.positions, system.cell, system.atom_mask)
+    state = s.neighbors
+    if bool(nl.needs_rebuild(self.spec, state, s.positions, system.atom_mask)):
+      state = nl.build(self.spec, state, s.positions, system.cell, system.atom_mask)
     if bool(state.overflow):
       raise RuntimeError("neighbour buffer overflow; run a step to reallocate")
     idx, mask, shift, beyond, _ = nl.nearest_slots(self.spec, state, s.positions, system.cell)

@@ -122,7 +122,7 @@ class E2FormerCalculator(Calculator):
         f"K={cfg.max_neighbors} neighbours (the model sees the K nearest); {remedy}"
       )
       self._warned_truncation = True
-    want_stress = "stress" in properties and bool(atoms.pbc.all())
+    want_stress = "stress" in properties and bool(atoms.pbc.any()) and atoms.cell.volume > 0
     if want_stress not in self._predict:
       self._predict[want_stress] = make_predict_fn(self.model, compute_stress=want_stress)
     out = self._predict[want_stress](graph)
@@ -134,4 +134,7 @@ class E2FormerCalculator(Calculator):
       s = np.asarray(out["stress"][0], dtype=np.float64)
       self.results["stress"] = s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
     elif "stress" in properties:
-      raise ValueError("stress is defined only for fully periodic structures (atoms.pbc all True)")
+      raise ValueError(
+        "stress needs a structure periodic along some lattice vector and a cell of non-zero volume (for a slab, "
+        "give the free direction a cell vector; the stress is that of the periodic directions)"
+      )

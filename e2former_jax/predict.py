@@ -50,13 +50,22 @@ def strained(graph: AtomGraph, strain: jax.Array) -> AtomGraph:
   )
 
 
+def periodic_projector(cell: jax.Array, pbc: jax.Array) -> jax.Array:
+  """[G, 3, 3] orthogonal projector onto the span of each structure's periodic lattice vectors (the identity for
+  a fully periodic cell, the plane of a slab's two periodic vectors, zero for a molecule)."""
+  lattice = jnp.where(pbc[..., None], cell, 0.0)  # rows of free directions dropped
+  return jnp.linalg.pinv(lattice) @ lattice
+
+
 def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> dict:
   """Energies, forces and (optionally) stress of a padded batch.
 
   Returns:
     "energy": [G] eV; "forces": [N, 3] eV/A (conservative -dE/dx, or the direct head);
-    with ``compute_stress`` also "stress": [G, 3, 3] eV/A^3 (1/V dE/d strain, zero for non-periodic
-    structures) and "virial": [G, 3, 3] eV (-dE/d strain).
+    with ``compute_stress`` also "stress": [G, 3, 3] eV/A^3 (1/V dE/d strain with V = |det(cell)|; for a
+    structure periodic along some lattice vectors only, such as a slab, its components within the span of
+    those vectors, P (1/V dE/d strain) P with P the projector onto that span; zero for molecules and for cells
+    of zero volume) and "virial": [G, 3, 3] eV (-dE/d strain).
   """
   strain = jnp.zeros((graph.num_graphs, 3, 3), graph.positions.dtype)
 
@@ -78,10 +87,11 @@ def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> 
   if compute_stress:
     d_strain = 0.5 * (grads[1] + grads[1].swapaxes(1, 2))
     volume = jnp.abs(jnp.linalg.det(graph.cell))
-    periodic = jnp.all(graph.pbc, axis=-1) & graph.graph_mask
+    periodic = jnp.any(graph.pbc, axis=-1) & graph.graph_mask & (volume > 0)
+    p = periodic_projector(graph.cell, graph.pbc)
     result["virial"] = -d_strain
     result["stress"] = jnp.where(
-      periodic[:, None, None], d_strain / jnp.where(periodic, volume, 1.0)[:, None, None], 0.0
+      periodic[:, None, None], p @ d_strain @ p / jnp.where(periodic, volume, 1.0)[:, None, None], 0.0
     )
   return result
 

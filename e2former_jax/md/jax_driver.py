@@ -159,7 +159,8 @@ def _chunk(
 ):
   """Steps of velocity Verlet or BAOAB of lengths ``dts`` where ``active``, until one crosses a guard limit or
   overflows the neighbour list (that step is rolled back); returns the final state and per-step observables
-  ("done" marks the steps taken)."""
+  ("done" marks the steps taken; "overflow" and "too_close" are the list's flags after each step, so the host
+  reads everything in one transfer)."""
   model = nnx.merge(graphdef, params)
   model_dtype = jnp.dtype(model.config.dtype)
   atom_mask, cell = system.atom_mask, system.cell
@@ -239,6 +240,8 @@ def _chunk(
       beyond_k=beyond,
       builds=s.neighbors.builds,
       done=done,
+      overflow=s.neighbors.overflow,
+      too_close=s.neighbors.too_close,
     )
     return (s, halted), observed
 
@@ -420,12 +423,12 @@ class JaxMD:
     rows["time_fs"] = steps * self.timestep_fs
     rows["total"] = rows["potential"] + rows["kinetic"]
     rows["temperature"] = 2.0 * rows["kinetic"] / (3 * self.num_real * ase.units.kB)
-    neighbors = self.state.neighbors
-    if bool(neighbors.too_close):
+    if observed["too_close"][-1]:
       raise ValueError(f"two atoms came closer than {nl.MIN_DISTANCE} A by MD step {first_step + taken}")
     if self.guard is not None:
       self.guard.check(rows["step"], rows["time_fs"], rows["temperature"], rows["max_force"], rows["total"])
-    if bool(neighbors.overflow):
+    if observed["overflow"][-1]:
+      neighbors = self.state.neighbors
       self.spec = nl.grown(self.spec, neighbors)
       self.reallocations += 1
       fresh = nl.empty_state(self.spec, self.num_atoms, self.dtype)

@@ -95,14 +95,16 @@ class SearchCapacity:
     if self.max_cells is not None and not 1 <= self.max_cells <= MAX_CELLS:
       raise ValueError(f"max_cells must be between 1 and {MAX_CELLS}, got {self.max_cells}")
 
-  def grown(self, slots: DeviceSlots) -> SearchCapacity:
-    """The capacity that fits what a build reported, in buckets (host side; reads device scalars)."""
+  def grown(self, slots: DeviceSlots, headroom: float = 1.0) -> SearchCapacity:
+    """The capacity that fits ``headroom`` times what a build reported, in buckets, never smaller than this
+    one (host side; reads device scalars). ``slots``: a ``DeviceSlots`` or anything with its
+    ``max_cell_count``, ``max_candidates`` and ``reach_needed`` (the MD list's state)."""
     cells, candidates = int(slots.max_cell_count), int(slots.max_candidates)
     reach = tuple(max(r, int(x)) for r, x in zip(self.reach, np.asarray(slots.reach_needed), strict=True))
     return dataclasses.replace(
       self,
-      cell_capacity=max(self.cell_capacity, capacity_bucket(cells)),
-      candidate_capacity=max(self.candidate_capacity, capacity_bucket(candidates)),
+      cell_capacity=max(self.cell_capacity, capacity_bucket(math.ceil(headroom * cells))),
+      candidate_capacity=max(self.candidate_capacity, capacity_bucket(math.ceil(headroom * candidates))),
       reach=reach,
     )
 

@@ -36,7 +36,6 @@ from e2former_jax.neighbors.device import (
   _lattice_basis,
   _norm2,
   _times,
-  capacity_bucket,
   keep_nearest,
   neighbor_slots,
   raise_for_bad_input,
@@ -109,19 +108,6 @@ def _pbc(pbc) -> tuple[bool, bool, bool]:
   return tuple(bool(p) for p in np.broadcast_to(np.asarray(pbc, bool), (3,)))
 
 
-def fitted_capacity(capacity: SearchCapacity, report, headroom: float = HEADROOM) -> SearchCapacity:
-  """A capacity that holds ``headroom`` times what ``report`` (``DeviceSlots`` or ``NeighborState``) needed, in
-  the search's buckets, never smaller than ``capacity`` (host side; reads device scalars)."""
-  cells, candidates = int(report.max_cell_count), int(report.max_candidates)
-  reach = tuple(max(r, int(x)) for r, x in zip(capacity.reach, np.asarray(report.reach_needed), strict=True))
-  return dataclasses.replace(
-    capacity,
-    cell_capacity=max(capacity.cell_capacity, capacity_bucket(math.ceil(headroom * cells))),
-    candidate_capacity=max(capacity.candidate_capacity, capacity_bucket(math.ceil(headroom * candidates))),
-    reach=reach,
-  )
-
-
 def _search(spec: NeighborListSpec, positions, cell, atom_mask):
   return neighbor_slots(
     positions,
@@ -156,7 +142,7 @@ def plan(
     skin: Verlet skin (Angstrom).
     atom_mask: [N] bool real atoms (default all).
     capacity: use this capacity as it is (no fit); default: searched from ``SearchCapacity()`` up through the
-      buckets until nothing overflows, then ``headroom`` times the needs.
+      buckets until nothing overflows, then ``headroom`` times the needs (``SearchCapacity.grown``).
 
   Raises:
     ValueError: for bad input (non-finite positions, a degenerate periodic cell, overlapping atoms).
@@ -170,7 +156,7 @@ def plan(
   for _ in range(max_attempts):
     slots = _search(spec, positions, cell, atom_mask)
     raise_for_bad_input(slots)
-    fitted = fitted_capacity(spec.capacity, slots, headroom)
+    fitted = spec.capacity.grown(slots, headroom)
     if not bool(slots.overflow):
       return dataclasses.replace(spec, capacity=fitted)
     spec = dataclasses.replace(spec, capacity=fitted)
@@ -179,7 +165,7 @@ def plan(
 
 def grown(spec: NeighborListSpec, state: NeighborState, headroom: float = HEADROOM) -> NeighborListSpec:
   """The spec with a capacity for ``headroom`` times what the builds in ``state`` needed (after an overflow)."""
-  return dataclasses.replace(spec, capacity=fitted_capacity(spec.capacity, state, headroom))
+  return dataclasses.replace(spec, capacity=spec.capacity.grown(state, headroom))
 
 
 def empty_state(spec: NeighborListSpec, num_atoms: int, dtype) -> NeighborState:
@@ -222,12 +208,6 @@ def needs_rebuild(spec: NeighborListSpec, state: NeighborState, positions, atom_
   """Some real atom moved more than skin / 2 since the last build (or is not finite, or there was none)."""
   moved = _norm2(positions - state.reference)
   return jnp.any(atom_mask & ~(moved <= (0.5 * spec.skin) ** 2))
-
-
-def update(spec: NeighborListSpec, state: NeighborState, positions, cell, atom_mask) -> NeighborState:
-  """Rebuilds when ``needs_rebuild``, else returns ``state``."""
-  stale = needs_rebuild(spec, state, positions, atom_mask)
-  return jax.lax.cond(stale, lambda s: build(spec, s, positions, cell, atom_mask), lambda s: s, state)
 
 
 def nearest_slots(spec: NeighborListSpec, state: NeighborState, positions, cell):

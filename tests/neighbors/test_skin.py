@@ -41,7 +41,8 @@ def padded(atoms):
 
 
 def updated(spec, state, atoms):
-  """``nl.update`` outside jit (the search is a jitted call of its own, compiled once per capacity)."""
+  """``state`` rebuilt at ``atoms``' positions when they moved too far (outside jit: the search is a jitted call of
+  its own, compiled once per capacity)."""
   pos, cell, mask = padded(atoms)
   if bool(nl.needs_rebuild(spec, state, pos, mask)):
     state = nl.build(spec, state, pos, cell, mask)
@@ -134,14 +135,14 @@ def test_overflow_is_flagged_and_the_grown_capacity_fits():
   assert spec.capacity == SearchCapacity(128, 128)  # 1.25 x the 77 candidates needed, in buckets
   state = updated(spec, nl.empty_state(spec, slot_count(box), jnp.float32), box)
   assert_host_slots(displaced(box, 3), spec, state)
-  assert nl.fitted_capacity(small, state, headroom=1.0) == SearchCapacity(128, 96)
+  assert small.grown(state) == SearchCapacity(128, 96)  # no headroom: the bucket of the 77 needed
 
 
-def test_capacity_fit_covers_cells_candidates_and_reach():
+def test_capacity_growth_with_headroom_covers_cells_candidates_and_reach():
   report = SimpleNamespace(max_cell_count=20, max_candidates=100, reach_needed=np.array([1, 3, 1]))
-  fitted = nl.fitted_capacity(SearchCapacity(), report)
+  fitted = SearchCapacity().grown(report, nl.HEADROOM)
   assert fitted == SearchCapacity(cell_capacity=32, candidate_capacity=128, reach=(1, 3, 1))
-  assert nl.fitted_capacity(fitted, SimpleNamespace(max_cell_count=1, max_candidates=1, reach_needed=[1] * 3)) == fitted
+  assert fitted.grown(SimpleNamespace(max_cell_count=1, max_candidates=1, reach_needed=[1] * 3), 2.0) == fitted
 
 
 def test_bad_input_is_refused_by_name():

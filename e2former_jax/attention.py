@@ -6,9 +6,14 @@ Implementations of the same message with the same parameters (``ModelConfig.atte
     aggregation by the attention op of ``pallas_kernels`` (one entry point, ``pallas_kernels.node_attention``);
   * "jnp_edge": per-edge SO(2) alignment, sum_j beta_ij (v_j (x) r_ij) with EAAS in each edge's frame
     (the "standard implementation", ``edge_aligned_message``).
+
+The zero-order attention of the authors' ``main`` branch (``attn_type: zero-order``, and every long-range block)
+sends M_i = sum_j alpha_ij rho_ij v_j (no vector product, no 1/|r_ij|) through the same op.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -101,10 +106,30 @@ class PathLinear(nnx.Module):
     return jnp.concatenate(out, axis=-2)
 
 
-class E2Attention(nnx.Module):
-  """One attention layer: gated invariant logits, softmax over neighbour slots, first-order message."""
+E2FORMERV2_DISTANCE_EPSILON = 1e-8  # the e2formerv2 branch scales by 1/(|r_ij| + 1e-8)
 
-  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+
+@dataclasses.dataclass(frozen=True)
+class ShiftSlots:
+  """Slots whose logits enter only the softmax shift (the ``e2formerv2`` branch's beyond-cutoff slots).
+
+  Attributes:
+    neighbors: [N, S] source atoms.
+    geometry: their ``EdgeGeometry``; ``valid`` [N, S] marks the slots that take part in the max.
+  """
+
+  neighbors: jax.Array
+  geometry: EdgeGeometry
+
+
+class E2Attention(nnx.Module):
+  """One attention layer: gated invariant logits, softmax over neighbour slots, first- or zero-order message.
+
+  ``order`` "first": M = sum_j beta_ij (v_j (x) r_ij), then ``path_linear`` and ``output``; "zero":
+  M = sum_j alpha_ij rho_ij v_j, then ``output`` (the authors' ``proj_zero``).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, order: str = "first", dtype, rngs: nnx.Rngs):
     kw = dict(precision=cfg.matmul_precision, dtype=dtype, rngs=rngs)
     c = cfg.channels
     self.target_type = Embedding(cfg.num_species, cfg.type_embed_dim, dtype=dtype, rngs=rngs)
@@ -113,9 +138,12 @@ class E2Attention(nnx.Module):
     self.key = QueryKey(cfg, dtype=dtype, rngs=rngs)
     self.gate = make_gate(cfg, dtype=dtype, rngs=rngs)
     self.value = SO3Linear(cfg.lmax, c, c, **kw)
-    self.path_linear = PathLinear(cfg, dtype=dtype, rngs=rngs)
+    if order == "first":
+      self.path_linear = PathLinear(cfg, dtype=dtype, rngs=rngs)
+    elif order != "zero":
+      raise ValueError(f"attention order must be 'first' or 'zero', got {order!r}")
     self.output = SO3Linear(cfg.lmax, c, c, **kw)
-    self.cfg = cfg
+    self.cfg, self.order = cfg, order
 
   def edge_features(self, numbers: jax.Array, neighbors: jax.Array, geometry: EdgeGeometry) -> jax.Array:
     """e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)], [N, K, num_basis + 2 type_embed_dim]."""
@@ -132,6 +160,7 @@ class E2Attention(nnx.Module):
     geometry: EdgeGeometry,
     periodic: bool,
     return_attention: bool = False,
+    shift_slots: ShiftSlots | None = None,
   ):
     """Attention output [N, rows, C] (and alpha [N, K, H] with ``return_attention``).
 
@@ -143,24 +172,37 @@ class E2Attention(nnx.Module):
       shifts: [N, K, 3] Cartesian image offsets.
       geometry: per-slot geometry.
       periodic: whether any slot crosses a periodic boundary (static).
+      return_attention: also return alpha [N, K, H] ("jnp_node" and "jnp_dense" only).
+      shift_slots: with ``softmax_max="e2formerv2"``, the slots whose logits enter only the softmax shift.
     """
     cfg = self.cfg
     impl = "jnp_edge" if cfg.attention_impl == "jnp_edge" else resolve_implementation(cfg.attention_impl, y.shape[0])
     if return_attention and impl not in ("jnp_node", "jnp_dense"):
       raise ValueError("return_attention needs attention_impl='jnp_node' or 'jnp_dense'")
     gate, rho = self.gate(y, self.edge_features(numbers, neighbors, geometry), geometry)
-    edge_scale = rho / geometry.distance[..., None]
     q, k, v = self.query(y), self.key(y), self.value(y)
+    if self.order == "zero":
+      edge_scale = rho
+    elif cfg.softmax_max == "e2formerv2":
+      edge_scale = rho / (geometry.distance[..., None] + E2FORMERV2_DISTANCE_EPSILON)
+    else:
+      edge_scale = rho / geometry.distance[..., None]
+    weights = dict(
+      softmax_max="valid" if cfg.softmax_max == "e2formerv2" else cfg.softmax_max,
+      activation=cfg.gate_activation,
+      max_floor=self.shift_floor(y, q, k, numbers, shift_slots),
+    )
+    first = self.order == "first"
     alpha = None
     if impl == "jnp_edge":
-      alpha = attention_weights(
-        attention_logits(q, k, gate, neighbors), geometry.envelope, geometry.valid, cfg.softmax_max
-      )
-      message = edge_aligned_message(
-        v, per_channel(alpha * edge_scale, v.shape[-1]), neighbors, geometry.vectors, cfg.lmax
-      )
+      alpha = attention_weights(attention_logits(q, k, gate, neighbors), geometry.envelope, geometry.valid, **weights)
+      beta = per_channel(alpha * edge_scale, v.shape[-1])
+      if first:
+        message = edge_aligned_message(v, beta, neighbors, geometry.vectors, cfg.lmax)
+      else:
+        message = jnp.einsum("nkc,nkrc->nrc", beta, v[neighbors], precision=jax.lax.Precision.HIGHEST)
     else:
-      rows = jnp.concatenate([eaas.vector_product(v, positions, cfg.lmax), v], axis=-2)  # [v (x) p; v]
+      rows = jnp.concatenate([eaas.vector_product(v, positions, cfg.lmax), v], axis=-2) if first else v
       outputs = node_attention(
         q,
         k,
@@ -170,14 +212,26 @@ class E2Attention(nnx.Module):
         geometry.valid,
         neighbors,
         rows,
-        shifts if periodic else None,
+        shifts if periodic and first else None,
         implementation=impl,
         num_shift_rows=v.shape[-2],
-        softmax_max=cfg.softmax_max,
         return_weights=return_attention,
+        **weights,
       )
       outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-      message = node_centric_message(outputs[0], positions, cfg.lmax, outputs[1] if periodic else None)
+      if first:
+        message = node_centric_message(outputs[0], positions, cfg.lmax, outputs[1] if periodic else None)
+      else:
+        message = outputs[0]
       alpha = outputs[-1] if return_attention else None
-    out = self.output(self.path_linear(message))
+    out = self.output(self.path_linear(message) if first else message)
     return (out, alpha) if return_attention else out
+
+  def shift_floor(self, y, q, k, numbers, shift_slots: ShiftSlots | None) -> jax.Array | None:
+    """[N, H] max of the logits over ``shift_slots`` (-inf where an atom has none), or None without them."""
+    if shift_slots is None:
+      return None
+    geometry = shift_slots.geometry
+    gate, _ = self.gate(y, self.edge_features(numbers, shift_slots.neighbors, geometry), geometry)
+    logits = attention_logits(q, k, gate, shift_slots.neighbors)
+    return jnp.max(jnp.where(geometry.valid[..., None], logits, -jnp.inf), axis=1)

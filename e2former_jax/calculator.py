@@ -25,7 +25,8 @@ class E2FormerCalculator(Calculator):
   ``E2FormerCalculator(config="small", seed=0, **overrides)`` builds a randomly initialised model
   (``config`` a preset name or a ``ModelConfig``, ``overrides`` any ``ModelConfig`` field);
   ``E2FormerCalculator.from_checkpoint(path, **overrides)`` loads a trained one; ``E2FormerCalculator(model=model)``
-  wraps a model in memory.
+  wraps a model in memory. ``head=`` picks one of a multi-head model's output heads (``model.config.heads``;
+  default: the first), e.g. ``E2FormerCalculator.from_checkpoint(path, head="svp")``.
 
   A calculator from a checkpoint refuses structures with elements the checkpoint was not trained on
   (``UntrainedElementError`` naming them and the trained list; ``allow_untrained_elements=True`` makes it a
@@ -43,6 +44,7 @@ class E2FormerCalculator(Calculator):
     *,
     model: E2Former | None = None,
     pad_to: int = 32,
+    head: str | None = None,
     domain: TrainedDomain | None = None,
     allow_untrained_elements: bool = False,
     **overrides,
@@ -52,7 +54,9 @@ class E2FormerCalculator(Calculator):
       model = E2Former(get_config(config, **overrides), rngs=nnx.Rngs(seed))
     elif overrides:
       raise TypeError("overrides apply only when the calculator builds the model")
+    model.head(head)  # an unknown head name raises here, naming the model's heads
     self.model = model
+    self.head = head
     self.pad_to = pad_to
     self.domain = domain if domain is not None else TrainedDomain()
     self.allow_untrained_elements = allow_untrained_elements
@@ -62,20 +66,24 @@ class E2FormerCalculator(Calculator):
 
   @classmethod
   def from_checkpoint(
-    cls, path, *, pad_to: int = 32, allow_untrained_elements: bool = False, **overrides
+    cls, path, *, pad_to: int = 32, head: str | None = None, allow_untrained_elements: bool = False, **overrides
   ) -> E2FormerCalculator:
     """Loads a trained model from a training run directory (best, else last) or a step directory.
+
+    ``head`` picks the output head of a multi-head checkpoint (default: its first); the elements it checks are
+    that head's when the checkpoint lists them per head (imported checkpoints, meta ``"head_elements"``).
 
     ``overrides`` may set what does not change the trained function (``checkpoint.RUNTIME_OVERRIDES``:
     ``dtype``, ``attention_impl``, ``matmul_precision``); any other field is refused by name.
     """
-    from e2former_jax.checkpoint import load_model, resolve_step_dir
+    from e2former_jax.checkpoint import load_model, resolve_step_dir, trained_domain
 
     step_dir = resolve_step_dir(path)
     calc = cls(
       model=load_model(step_dir, **overrides),
       pad_to=pad_to,
-      domain=TrainedDomain.from_checkpoint(step_dir),
+      head=head,
+      domain=trained_domain(step_dir, head),
       allow_untrained_elements=allow_untrained_elements,
     )
     calc.checkpoint = str(step_dir)
@@ -124,7 +132,7 @@ class E2FormerCalculator(Calculator):
       self._warned_truncation = True
     want_stress = "stress" in properties and bool(atoms.pbc.any()) and atoms.cell.volume > 0
     if want_stress not in self._predict:
-      self._predict[want_stress] = make_predict_fn(self.model, compute_stress=want_stress)
+      self._predict[want_stress] = make_predict_fn(self.model, compute_stress=want_stress, head=self.head)
     out = self._predict[want_stress](graph)
     energy = float(out["energy"][0])
     self.results["energy"] = energy

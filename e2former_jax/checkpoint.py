@@ -15,6 +15,7 @@ So ``load_model`` needs nothing but the directory.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -78,9 +79,36 @@ def unflatten(flat: dict[str, Any], template, what: str = "state"):
   return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def element_references_of(model: E2Former) -> dict[int, float]:
-  table = np.asarray(model.element_energy[...], dtype=np.float64)
+def element_references_of(model: E2Former, head: str | None = None) -> dict[int, float]:
+  """The non-zero element reference energies (eV) of head ``head`` (None: the default head)."""
+  table = np.asarray(model.head(head).element_energy[...], dtype=np.float64)
   return {int(z): float(table[z]) for z in np.nonzero(table)[0]}
+
+
+def head_meta(model: E2Former) -> dict:
+  """Meta entries of a multi-head model: ``"head_element_references"`` (the heads after the first; the first's
+  are ``"element_references"``) and, when the model knows them (``model.head_elements``, set on import),
+  ``"head_elements"`` (each head's trained elements) and ``"elements"`` (the default head's)."""
+  heads = model.config.heads
+  meta = {}
+  if len(heads) > 1:
+    meta["head_element_references"] = {
+      head: {str(z): v for z, v in sorted(element_references_of(model, head).items())} for head in heads[1:]
+    }
+  known = getattr(model, "head_elements", None) or {}
+  if known:
+    meta["head_elements"] = {head: sorted(int(z) for z in known[head]) for head in heads if head in known}
+    if heads[0] in known:
+      meta["elements"] = meta["head_elements"][heads[0]]
+  return meta
+
+
+def trained_domain(path: str | Path, head: str | None = None) -> TrainedDomain:
+  """``TrainedDomain.from_checkpoint``, with the elements of head ``head`` where the meta lists them per head."""
+  meta = read_meta(path)
+  domain = TrainedDomain.from_meta(meta)
+  elements = (meta.get("head_elements") or {}).get(head) if head is not None else None
+  return domain if elements is None else dataclasses.replace(domain, elements=tuple(elements))
 
 
 def make_meta(
@@ -324,6 +352,10 @@ def load_model(path: str | Path, *, dtype: str | None = None, **config_overrides
   model = E2Former(cfg, rngs=nnx.Rngs(0))
   assign_params(model, read_params(step_dir), strict=True)
   model.set_element_energies({int(z): float(v) for z, v in meta["element_references"].items()})
+  for head, references in meta.get("head_element_references", {}).items():
+    model.set_element_energies({int(z): float(v) for z, v in references.items()}, head=head)
+  if "head_elements" in meta:
+    model.head_elements = {head: tuple(elements) for head, elements in meta["head_elements"].items()}
   return model
 
 
@@ -332,7 +364,7 @@ def export_model(model: E2Former, directory: str | Path, **meta_extra) -> Path:
   directory = Path(directory).resolve()
   if directory.exists() and any(directory.iterdir()):
     raise FileExistsError(f"{directory} exists and is not empty")
-  meta = make_meta(model.config, element_references_of(model), **meta_extra)
+  meta = make_meta(model.config, element_references_of(model), **{**head_meta(model), **meta_extra})
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(
       directory,
@@ -349,7 +381,7 @@ def export_run(run: str | Path, out: str | Path) -> Path:
   run's training config, validation metrics and test errors (``test_errors.json``) in its meta."""
   step_dir = resolve_step_dir(run)
   meta = read_meta(step_dir)
-  keep = ("step", "train_config", "valid", "best", "params", "elements", "charges", "multiplicities")
+  keep = ("step", "train_config", "valid", "best", "params", "elements", "charges", "multiplicities", "head_elements")
   extra = {k: meta[k] for k in keep if k in meta}
   errors = Path(run) / "test_errors.json"
   if errors.exists():  # without its "checkpoint" entry, a path on the machine that trained
@@ -388,6 +420,8 @@ __all__ = [
   "unflatten",
   "migrate_names",
   "element_references_of",
+  "head_meta",
+  "trained_domain",
 ]
 
 

@@ -13,6 +13,11 @@ from typing import Literal
 import numpy as np
 
 GATES = ("QK_alpha", "QKdot_alpha", "QKdotS_alpha")
+GATE_ACTIVATIONS = ("softmax", "softplus", "sigmoid")
+SOFTMAX_MAX = ("valid", "all_slots", "e2formerv2")
+ENVELOPES = ("e2formerv2", "main")
+ATTENTION_ORDERS = ("first", "zero")
+FORCE_HEADS = ("linear", "painn")
 ATTENTION_IMPLS = ("auto", "pallas", "jnp_node", "jnp_dense", "jnp_edge")
 MATMUL_PRECISIONS = ("highest", "tensorfloat32", "bfloat16")
 
@@ -36,9 +41,26 @@ class ModelConfig:
     radial_hidden: hidden width of every radial MLP (RadialProfile).
     avg_degree: normaliser of the edge-degree embedding sum.
     gate: query/key logit gate, one of ``GATES``.
-    softmax_max: "valid" (max over in-cutoff slots, the authors' ``main`` branch) or "all_slots"
-      (max over every slot, the ``e2formerv2`` branch).
-    forces: "direct" (linear head on the l=1 features) or "conservative" (-dE/dx by ``jax.grad``).
+    gate_activation: "softmax" (normalised over the neighbour slots), or "softplus" / "sigmoid" (the authors'
+      ``main`` variants: alpha = act(logit) * rho * phi, no normalisation).
+    softmax_max: the shift m of the softmax (it matters through the +1e-3 of the denominator): "valid" (max
+      over in-cutoff slots, the authors' ``main`` branch), "all_slots" (max over every one of this model's K
+      slots, empty ones included), or "e2formerv2" (that branch exactly: max over its slot set, the
+      min(N, K, largest in-cutoff count) nearest atoms of the structure, beyond-cutoff ones included, and
+      beta = alpha / (d + 1e-8); molecules only). docs/authors_checkpoints.md section 3.
+    envelope: cutoff envelope phi(t), t = d / cutoff: "e2formerv2" (1 - 10 t^3 + 15 t^4 - 6 t^5, clamped at 0)
+      or "main" (1 - 21 t^5 + 35 t^6 - 15 t^7 for t < 1, else 0; the released checkpoints').
+    attention_orders: the attention of the first num_layers // 2 blocks and of the others: "first" (the
+      first-order equivariant message) or "zero" (sum_j beta_ij v_j, the authors' ``zero-order``).
+    forces: "direct" (a force head on the l=1 features) or "conservative" (-dE/dx by ``jax.grad``).
+    force_head: the direct force head: "linear" (one linear map of the l=1 features) or "painn" (two gated
+      equivariant blocks, the authors' ``with_moe=painn``).
+    heads: names of the energy (and direct force) heads; the first is the default. One head keeps the
+      parameter names ``energy_head``/``force_head``; the others live under ``extra_heads/<name>/``.
+    long_range_layers: zero-order attention blocks on a second neighbour list after the short-range blocks
+      (the authors' ``with_cluster='node'``); 0 = none. Molecules only.
+    long_range_cutoff, long_range_min_distance: the second list's distance window (Angstrom).
+    long_range_max_neighbors: its slots per atom (the authors' int(2.5 max_neighbors)).
     use_charge_spin: add the charge/multiplicity embedding to the l=0 row after each block's first norm.
     spin_input: "multiplicity" feeds the multiplicity 2S+1 to the spin embedding; "zero" always feeds 0
       (what the authors' SPICE runs do, since SPICE has no spin field).
@@ -65,8 +87,17 @@ class ModelConfig:
   radial_hidden: int = 128
   avg_degree: float = 23.01
   gate: Literal["QK_alpha", "QKdot_alpha", "QKdotS_alpha"] = "QK_alpha"
-  softmax_max: Literal["valid", "all_slots"] = "valid"
+  gate_activation: Literal["softmax", "softplus", "sigmoid"] = "softmax"
+  softmax_max: Literal["valid", "all_slots", "e2formerv2"] = "valid"
+  envelope: Literal["e2formerv2", "main"] = "e2formerv2"
+  attention_orders: tuple[str, str] = ("first", "first")
   forces: Literal["direct", "conservative"] = "conservative"
+  force_head: Literal["linear", "painn"] = "linear"
+  heads: tuple[str, ...] = ("default",)
+  long_range_layers: int = 0
+  long_range_cutoff: float = 12.0
+  long_range_min_distance: float = 0.1
+  long_range_max_neighbors: int = 80
   use_charge_spin: bool = True
   spin_input: Literal["multiplicity", "zero"] = "multiplicity"
   num_species: int = 256
@@ -76,14 +107,40 @@ class ModelConfig:
   matmul_precision: Literal["highest", "tensorfloat32", "bfloat16"] = "highest"
 
   def __post_init__(self):
+    for name in ("attention_orders", "heads"):  # JSON and YAML give lists; the config must stay hashable
+      object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.gate not in GATES:
       raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+    if self.gate_activation not in GATE_ACTIVATIONS:
+      raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {self.gate_activation!r}")
+    if self.envelope not in ENVELOPES:
+      raise ValueError(f"envelope must be one of {ENVELOPES}, got {self.envelope!r}")
+    if len(self.attention_orders) != 2 or not set(self.attention_orders) <= set(ATTENTION_ORDERS):
+      raise ValueError(
+        f"attention_orders must be two of {ATTENTION_ORDERS} (first and second half of the blocks), "
+        f"got {self.attention_orders!r}"
+      )
+    if self.force_head not in FORCE_HEADS:
+      raise ValueError(f"force_head must be one of {FORCE_HEADS}, got {self.force_head!r}")
+    if (
+      not self.heads
+      or len(set(self.heads)) != len(self.heads)
+      or not all(isinstance(h, str) and h and "/" not in h for h in self.heads)
+    ):
+      raise ValueError(f"heads must be distinct non-empty names without '/', got {self.heads!r}")
+    if self.long_range_layers < 0 or self.long_range_max_neighbors < 1:
+      raise ValueError("long_range_layers must be >= 0 and long_range_max_neighbors >= 1")
+    if not 0 <= self.long_range_min_distance < self.long_range_cutoff:
+      raise ValueError(
+        f"need 0 <= long_range_min_distance < long_range_cutoff, got {self.long_range_min_distance} and "
+        f"{self.long_range_cutoff}"
+      )
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     if self.matmul_precision not in MATMUL_PRECISIONS:
       raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
-    if self.softmax_max not in ("valid", "all_slots"):
-      raise ValueError(f"softmax_max must be 'valid' or 'all_slots', got {self.softmax_max!r}")
+    if self.softmax_max not in SOFTMAX_MAX:
+      raise ValueError(f"softmax_max must be one of {SOFTMAX_MAX}, got {self.softmax_max!r}")
     if self.forces not in ("direct", "conservative"):
       raise ValueError(f"forces must be 'direct' or 'conservative', got {self.forces!r}")
     if self.spin_input not in ("multiplicity", "zero"):
@@ -109,7 +166,8 @@ class ModelConfig:
     return dataclasses.replace(self, **overrides)
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    """Every field; tuples as lists (JSON and YAML form; ``from_dict`` reads them back)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
   @classmethod
   def from_dict(cls, values: dict) -> ModelConfig:
@@ -118,7 +176,7 @@ class ModelConfig:
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
   # The authors' `main` SPICE run (main:scripts/spice/spice.sh): QKdot_alpha, 5 A, direct forces,
-  # charge path on, multiplicity fed as 0. Their PaiNN force head is not implemented (linear head instead).
+  # charge path on, multiplicity fed as 0. The linear direct force head (their run uses force_head="painn").
   "paper_spice": ModelConfig(cutoff=5.0, gate="QKdot_alpha", forces="direct", spin_input="zero"),
   # main:scripts/pretrain_omol25_stage1.sh: 6 A, QKdot_alpha, direct forces.
   "paper_omol25_stage1": ModelConfig(cutoff=6.0, gate="QKdot_alpha", forces="direct"),

@@ -80,8 +80,10 @@ def predict_dataset(
   num_buckets: int = 2,
   prefetch: int = 2,
   progress: bool = False,
+  head: str | None = None,
 ) -> Predictions:
-  """Predictions of the model given by (config, parameters, element energies) for every structure."""
+  """Predictions of the model given by (config, parameters, element energies) for every structure, from output
+  head ``head`` (None: the default head)."""
   n = len(structures)
   if n == 0:
     raise ValueError("no structures to evaluate")
@@ -98,7 +100,7 @@ def predict_dataset(
     prefetch=prefetch,
     dtype=dtype,
   )
-  fn = compiled_predict(model_cfg)
+  fn = compiled_predict(model_cfg, head=head)
   offsets = np.concatenate([[0], np.cumsum(sizes)])
   energy = np.full(n, np.nan)
   forces = np.full((offsets[-1], 3), np.nan)
@@ -130,6 +132,7 @@ def predict_dataset(
 
 def evaluate_model(model: E2Former, structures: Sequence[ase.Atoms], **kwargs) -> Predictions:
   """``predict_dataset`` for an ``E2Former`` (e.g. from ``checkpoint.load_model``)."""
+  model.head(kwargs.get("head"))  # an unknown head name raises here, naming the model's heads
   _, params, elements, _ = split_model(model)
   return predict_dataset(model.config, params, elements, structures, **kwargs)
 
@@ -326,6 +329,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   parser.add_argument("--skip-bad-frames", action="store_true", help="leave out unreadable frames (counted, warned)")
   parser.add_argument("--dtype", choices=("float32", "float64"), help="compute in this dtype (default: as trained)")
+  parser.add_argument("--head", help="output head of a multi-head checkpoint (default: its first)")
   parser.add_argument(
     "--allow-untrained-elements",
     action="store_true",
@@ -345,8 +349,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args) -> int:
-  from e2former_jax.checkpoint import load_model, resolve_step_dir
-  from e2former_jax.trained_domain import TrainedDomain
+  from e2former_jax.checkpoint import load_model, resolve_step_dir, trained_domain
 
   t0 = time.time()
   if args.batch_atoms < 1:
@@ -355,6 +358,7 @@ def _evaluate(args) -> int:
     jax.config.update("jax_enable_x64", True)
   step_dir = resolve_step_dir(args.checkpoint)
   model = load_model(step_dir, dtype=args.dtype)
+  model.head(args.head)  # an unknown --head is named before the data is read
   keys = {
     k: v
     for k, v in dict(
@@ -367,10 +371,10 @@ def _evaluate(args) -> int:
   structures = read_structures(args.data, fmt=args.format, reader=keys, in_memory=True)
   if not structures:
     raise ValueError(f"{args.data}: no structures to evaluate")
-  TrainedDomain.from_checkpoint(step_dir).check(
+  trained_domain(step_dir, args.head).check(
     structures, model.config, args.allow_untrained_elements, allow_hint="pass --allow-untrained-elements"
   )
-  preds = evaluate_model(model, structures, atom_budget=args.batch_atoms, progress=sys.stderr.isatty())
+  preds = evaluate_model(model, structures, atom_budget=args.batch_atoms, progress=sys.stderr.isatty(), head=args.head)
   table = error_table(preds)
   print(f"checkpoint: {step_dir}\ndata: {args.data} ({len(structures)} structures)")
   print(format_table(table, markdown=args.markdown))

@@ -38,9 +38,24 @@ def gaussian_basis(distance: jax.Array, cutoff: float, num_basis: int, width: fl
 
 
 def polynomial_envelope(distance: jax.Array, cutoff: float) -> jax.Array:
-  """phi(d) = max(1 - 6 t^5 + 15 t^4 - 10 t^3, 0), t = d / cutoff."""
+  """phi(d) = max(1 - 6 t^5 + 15 t^4 - 10 t^3, 0), t = d / cutoff (the ``e2formerv2`` branch)."""
   t = distance / cutoff
   return jnp.maximum(1 - 6 * t**5 + 15 * t**4 - 10 * t**3, 0.0)
+
+
+def main_envelope(distance: jax.Array, cutoff: float) -> jax.Array:
+  """phi(d) = 1 - 21 t^5 + 35 t^6 - 15 t^7 for t = d / cutoff < 1, else 0 (the authors' ``main`` branch: the
+  polynomial envelope of exponent p = 5, 1 - (p+1)(p+2)/2 t^p + p(p+2) t^(p+1) - p(p+1)/2 t^(p+2))."""
+  t = distance / cutoff
+  return jnp.where(t < 1, 1 + t**5 * (-21 + t * (35 - 15 * t)), 0.0)
+
+
+ENVELOPES = {"e2formerv2": polynomial_envelope, "main": main_envelope}
+
+
+def cutoff_envelope(distance: jax.Array, cutoff: float, kind: str) -> jax.Array:
+  """The envelope ``ModelConfig.envelope`` names, phi(d) in [0, 1]."""
+  return ENVELOPES[kind](distance, cutoff)
 
 
 def edge_geometry(graph: AtomGraph, cfg: ModelConfig) -> EdgeGeometry:
@@ -49,6 +64,6 @@ def edge_geometry(graph: AtomGraph, cfg: ModelConfig) -> EdgeGeometry:
   squared = jnp.sum(vectors**2, axis=-1)
   valid = graph.neighbor_mask & (squared <= cfg.cutoff**2) & (squared > 0)
   distance = jnp.sqrt(jnp.where(valid, squared, 1.0))
-  envelope = jnp.where(valid, polynomial_envelope(distance, cfg.cutoff), 0.0)
+  envelope = jnp.where(valid, cutoff_envelope(distance, cfg.cutoff, cfg.envelope), 0.0)
   rbf = gaussian_basis(distance, cfg.cutoff, cfg.num_basis, cfg.basis_width)
   return EdgeGeometry(vectors=vectors, distance=distance, valid=valid, envelope=envelope, rbf=rbf)

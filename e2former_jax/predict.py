@@ -33,9 +33,11 @@ def merge_model(cfg: ModelConfig, params, elements) -> E2Former:
   return nnx.merge(graphdef, params, elements, constants)
 
 
-def total_energy(model: E2Former, graph: AtomGraph, return_attention: bool = False) -> tuple[jax.Array, dict]:
-  """Energies [G] (eV, 0 for padding structures) and the per-atom outputs."""
-  out = model(graph, return_attention)
+def total_energy(
+  model: E2Former, graph: AtomGraph, return_attention: bool = False, head: str | None = None
+) -> tuple[jax.Array, dict]:
+  """Energies [G] (eV, 0 for padding structures) of head ``head`` (None: the default) and the per-atom outputs."""
+  out = model(graph, return_attention, head=head)
   energy = jax.ops.segment_sum(out["atom_energy"], graph.graph_index, graph.num_graphs)
   return jnp.where(graph.graph_mask, energy, 0.0), out
 
@@ -57,8 +59,8 @@ def periodic_projector(cell: jax.Array, pbc: jax.Array) -> jax.Array:
   return jnp.linalg.pinv(lattice) @ lattice
 
 
-def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> dict:
-  """Energies, forces and (optionally) stress of a padded batch.
+def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False, head: str | None = None) -> dict:
+  """Energies, forces and (optionally) stress of a padded batch, from head ``head`` (None: the default head).
 
   Returns:
     "energy": [G] eV; "forces": [N, 3] eV/A (conservative -dE/dx, or the direct head);
@@ -70,7 +72,7 @@ def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> 
   strain = jnp.zeros((graph.num_graphs, 3, 3), graph.positions.dtype)
 
   def energy_of(positions, strain):
-    energy, out = total_energy(model, strained(graph.replace(positions=positions), strain))
+    energy, out = total_energy(model, strained(graph.replace(positions=positions), strain), head=head)
     return jnp.sum(energy), (energy, out)
 
   if model.config.forces == "conservative" or compute_stress:
@@ -97,17 +99,19 @@ def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False) -> 
 
 
 @functools.cache
-def compiled_predict(cfg: ModelConfig, compute_stress: bool = False):
-  """``f(params, elements, graph) -> predict(...)``, jitted once per model config: how a model passes through
-  ``jax.jit`` everywhere in this package (the config is static, the arrays are arguments)."""
+def compiled_predict(cfg: ModelConfig, compute_stress: bool = False, head: str | None = None):
+  """``f(params, elements, graph) -> predict(...)``, jitted once per model config (and head): how a model passes
+  through ``jax.jit`` everywhere in this package (the config is static, the arrays are arguments)."""
 
   def fn(params, elements, graph):
-    return predict(merge_model(cfg, params, elements), graph, compute_stress)
+    return predict(merge_model(cfg, params, elements), graph, compute_stress, head)
 
   return jax.jit(fn)
 
 
-def make_predict_fn(model: E2Former, compute_stress: bool = False):
-  """A jitted ``AtomGraph -> dict`` with the model's current parameters closed over (see ``predict``)."""
+def make_predict_fn(model: E2Former, compute_stress: bool = False, head: str | None = None):
+  """A jitted ``AtomGraph -> dict`` with the model's current parameters closed over (see ``predict``); ``head``
+  names the output head (None: the default; an unknown name raises ``ValueError`` here)."""
+  model.head(head)
   _, params, elements, _ = split_model(model)
-  return functools.partial(compiled_predict(model.config, compute_stress), params, elements)
+  return functools.partial(compiled_predict(model.config, compute_stress, head), params, elements)

@@ -9,6 +9,11 @@
   * "auto": "pallas" on a GPU; on other backends "jnp_dense" up to ``DENSE_MAX_ATOMS`` atom slots, else
     "jnp_node".
 
+Variants of the weights (``jnp_node.attention_weights``): ``softmax_max``, a lower bound ``max_floor`` of the
+softmax shift, and the unnormalised ``activation`` "softplus" / "sigmoid". Every implementation computes every
+variant; the Pallas kernel fuses only the softmax, so "pallas" with another activation runs the "jnp_node" twin
+(same arguments, same results, no Triton launch).
+
 The model's fourth path, "jnp_edge" (the per-edge "standard implementation"), is not this op: it rotates every
 edge into its own frame and needs the EAAS tables, so it lives with the model (``e2former_jax.attention``) and
 uses only ``attention_weights`` from here. Nothing in this package imports e3x or the model.
@@ -19,7 +24,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.jnp_dense import jnp_dense_attention
-from pallas_kernels.jnp_node import jnp_node_attention
+from pallas_kernels.jnp_node import ACTIVATIONS, jnp_node_attention
 
 IMPLEMENTATIONS = ("jnp_node", "jnp_dense", "pallas")
 DENSE_MAX_ATOMS = 256  # "auto" off the GPU uses "jnp_dense" up to this many atom slots, "jnp_node" above
@@ -52,6 +57,8 @@ def node_attention(
   implementation: str = "auto",
   num_shift_rows: int = 0,
   softmax_max: str = "valid",
+  activation: str = "softmax",
+  max_floor=None,
   return_weights: bool = False,
   **kernel_options,
 ):
@@ -70,6 +77,9 @@ def node_attention(
     implementation: "auto" or one of ``IMPLEMENTATIONS``.
     num_shift_rows: how many trailing rows enter the shift-weighted aggregate.
     softmax_max: "valid" (max over in-cutoff slots) or "all_slots".
+    activation: "softmax", or "softplus" / "sigmoid" (unnormalised; "pallas" runs these on "jnp_node").
+    max_floor: optional [N, H] lower bound of the softmax shift (the max of logits that enter only the shift,
+      -inf where there are none).
     return_weights: also return alpha [N, K, H] (not with "pallas", which never forms it).
     **kernel_options: tiling and launch options of the Pallas kernel (``pallas.pallas_node_attention``).
 
@@ -78,15 +88,19 @@ def node_attention(
     alpha; a tuple in that order, or a bare array when only agg is returned.
   """
   implementation = resolve_implementation(implementation, q.shape[0])
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
   args = (q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
-  options = dict(num_shift_rows=num_shift_rows, softmax_max=softmax_max)
+  options = dict(num_shift_rows=num_shift_rows, softmax_max=softmax_max, max_floor=max_floor)
   if implementation == "pallas":
     if return_weights:
       raise ValueError("the pallas implementation never forms the attention weights: use 'jnp_node' or 'jnp_dense'")
-    from pallas_kernels.pallas import pallas_node_attention  # Pallas/Triton imported only when used
+    if activation == "softmax":
+      from pallas_kernels.pallas import pallas_node_attention  # Pallas/Triton imported only when used
 
-    return pallas_node_attention(*args, **options, **kernel_options)
-  if kernel_options:
+      return pallas_node_attention(*args, **options, **kernel_options)
+    implementation = "jnp_node"  # the kernel fuses the softmax only; the other activations run the twin
+  elif kernel_options:
     raise TypeError(f"{implementation!r} takes no kernel options, got {sorted(kernel_options)}")
   fn = jnp_dense_attention if implementation == "jnp_dense" else jnp_node_attention
-  return fn(*args, **options, return_weights=return_weights)
+  return fn(*args, **options, activation=activation, return_weights=return_weights)

@@ -29,10 +29,13 @@ def jnp_dense_attention(
   *,
   num_shift_rows: int = 0,
   softmax_max: str = "valid",
+  activation: str = "softmax",
+  max_floor=None,
   return_weights: bool = False,
 ):
   """Node-centric attention aggregate; arguments and returns as ``jnp_node_attention``."""
-  alpha = attention_weights(attention_logits(q, k, gate, neighbors), envelope, valid, softmax_max)
+  logits = attention_logits(q, k, gate, neighbors)
+  alpha = attention_weights(logits, envelope, valid, softmax_max, activation, max_floor)
   num_atoms, _, num_heads = alpha.shape
   onehot = jax.nn.one_hot(neighbors, rows.shape[0], dtype=rows.dtype)  # [N, K, M]
   hp = jax.lax.Precision.HIGHEST

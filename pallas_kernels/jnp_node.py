@@ -4,8 +4,12 @@ For every target atom i, head h and slot k (source j = neighbors[i, k]):
 
   logit_ikh = gate_ikh * (q_ih . k_jh) / sqrt(d)
   w_ikh     = exp(logit_ikh - m_ih) * envelope_ik      (0 where the slot is not valid)
-  alpha_ikh = w_ikh / (sum_k w_ikh + 1e-3)             (m = max over valid slots, or over all slots)
+  alpha_ikh = w_ikh / (sum_k w_ikh + 1e-3)             (m = max over valid slots, or over all slots, and
+                                                        at least max_floor_ih when that is given)
   beta_ikh  = alpha_ikh * edge_scale_ikh               (edge_scale = rho / |r_ij|)
+
+With activation "softplus" or "sigmoid" (the authors' unnormalised variants) alpha_ikh = act(logit_ikh) *
+envelope_ik instead of the softmax.
   agg_irc   = sum_k beta_ik,(c mod H) * rows_jrc
 
 and, for periodic structures, the shift-weighted aggregate of the last ``num_shift_rows`` rows
@@ -18,6 +22,13 @@ import jax
 import jax.numpy as jnp
 
 EPSILON = 1e-3  # added to the softmax denominator after the max shift (authors' code)
+ACTIVATIONS = ("softmax", "softplus", "sigmoid")
+SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus returns x itself above this (the authors' function)
+
+
+def softplus(x: jax.Array) -> jax.Array:
+  """log(1 + e^x), and x itself for x > 20 as in PyTorch's ``softplus``."""
+  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
 
 
 def attention_logits(q: jax.Array, k: jax.Array, gate: jax.Array, neighbors: jax.Array) -> jax.Array:
@@ -27,21 +38,42 @@ def attention_logits(q: jax.Array, k: jax.Array, gate: jax.Array, neighbors: jax
 
 
 def attention_weights(
-  logits: jax.Array, envelope: jax.Array, valid: jax.Array, softmax_max: str = "valid"
+  logits: jax.Array,
+  envelope: jax.Array,
+  valid: jax.Array,
+  softmax_max: str = "valid",
+  activation: str = "softmax",
+  max_floor: jax.Array | None = None,
 ) -> jax.Array:
   """alpha [N, K, H]: softmax over the K slots with the envelope inside and +1e-3 in the denominator.
+
+  Args:
+    logits: [N, K, H].
+    envelope: [N, K] phi(|r_ij|).
+    valid: [N, K] bool, slot holds a neighbour within the cutoff.
+    softmax_max: "valid" (the shift m is the max over valid slots) or "all_slots" (over every slot).
+    activation: "softmax", or "softplus" / "sigmoid": alpha = act(logit) * phi, no shift, no normalisation.
+    max_floor: optional [N, H]: m is at least this (the max of logits that enter only the shift; -inf where
+      there are none).
 
   The exponent is masked before ``exp``, so slots that are not valid contribute exactly zero and an atom
   without valid slots gets zero weights with finite derivatives of every order.
   """
   valid = valid[..., None]
+  if activation in ("softplus", "sigmoid"):
+    act = softplus if activation == "softplus" else jax.nn.sigmoid
+    return jnp.where(valid, act(jnp.where(valid, logits, 0.0)) * envelope[..., None], 0.0)
+  if activation != "softmax":
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
   if softmax_max == "valid":
     shift = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=1, keepdims=True)
-    shift = jnp.where(jnp.any(valid, axis=1, keepdims=True), shift, 0.0)
   elif softmax_max == "all_slots":
     shift = jnp.max(logits, axis=1, keepdims=True)
   else:
     raise ValueError(f"softmax_max must be 'valid' or 'all_slots', got {softmax_max!r}")
+  if max_floor is not None:
+    shift = jnp.maximum(shift, max_floor[:, None, :])
+  shift = jnp.where(shift > -jnp.inf, shift, 0.0)
   w = jnp.where(valid, jnp.exp(jnp.where(valid, logits - shift, 0.0)) * envelope[..., None], 0.0)
   return w / (jnp.sum(w, axis=1, keepdims=True) + EPSILON)
 
@@ -64,6 +96,8 @@ def jnp_node_attention(
   *,
   num_shift_rows: int = 0,
   softmax_max: str = "valid",
+  activation: str = "softmax",
+  max_floor=None,
   return_weights: bool = False,
 ):
   """Node-centric attention aggregate.
@@ -80,13 +114,16 @@ def jnp_node_attention(
     shifts: optional [N, K, 3] Cartesian image offsets (periodic structures).
     num_shift_rows: how many trailing rows enter the shift-weighted aggregate.
     softmax_max: "valid" or "all_slots".
+    activation: "softmax", "softplus" or "sigmoid" (``attention_weights``).
+    max_floor: optional [N, H] lower bound of the softmax shift (``attention_weights``).
     return_weights: also return alpha [N, K, H].
 
   Returns:
     agg [N, R, C]; with ``shifts`` also agg_shift [N, 3, num_shift_rows, C]; with ``return_weights``
     also alpha, all in a tuple in that order (a bare array when only agg is returned).
   """
-  alpha = attention_weights(attention_logits(q, k, gate, neighbors), envelope, valid, softmax_max)
+  logits = attention_logits(q, k, gate, neighbors)
+  alpha = attention_weights(logits, envelope, valid, softmax_max, activation, max_floor)
   beta = per_channel(alpha * edge_scale, rows.shape[-1])
   gathered = rows[neighbors]  # [N, K, R, C]
   hp = jax.lax.Precision.HIGHEST

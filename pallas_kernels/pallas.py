@@ -110,14 +110,18 @@ def _forward_kernel(
   block_n: int,
   block_h: int,
   all_slots: bool,
+  has_floor: bool,
   shift_rows: tuple[int, int] | None,
 ):
   """One program: ``block_n`` targets x ``block_h`` heads, online softmax over the K slots.
 
   Refs: q [N, H, d], k [M, H, d], gate and scale [N, K, H], env [N, K], valid [N, K] int32, nbr [N, K] int32,
-  rows [M, F, H]; with ``shift_rows`` = (first flat row, count) also shifts [N, K, 3] (input) and the outputs
-  agg [N, F, H] and agg_shift [N, 3, count, H]; else only agg.
+  rows [M, F, H]; with ``has_floor`` also floor [N, H] (the running max starts there); with ``shift_rows`` =
+  (first flat row, count) also shifts [N, K, 3] (input) and the outputs agg [N, F, H] and agg_shift
+  [N, 3, count, H]; else only agg.
   """
+  rest = list(rest)
+  floor_ref = rest.pop(0) if has_floor else None
   if shift_rows is None:
     (agg_ref,) = rest
   else:
@@ -172,7 +176,10 @@ def _forward_kernel(
     return (m_new, l * corr + w, acc, *acc_shift)
 
   zeros = jnp.zeros((block_n, block_h), acc_t)
-  init = [jnp.full((block_n, block_h), -jnp.inf, acc_t), zeros, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t)]
+  m0 = jnp.full((block_n, block_h), -jnp.inf, acc_t)
+  if has_floor:
+    m0 = pltriton.load(floor_ref.at[n2, h2], mask=nh_ok, other=-jnp.inf).astype(acc_t)
+  init = [m0, zeros, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t)]
   if shift_rows is not None:
     init += [jnp.zeros((block_n, _pow2(count), block_h), acc_t)] * 3
   _, l, acc, *acc_shift = lax.fori_loop(0, num_slots, body, tuple(init))
@@ -207,6 +214,7 @@ def _fused_forward(
   neighbors,
   rows,
   shifts,
+  max_floor,
 ):
   """Runs the fused kernel. Returns agg [N, R, C] (and agg_shift [N, 3, S, C] with ``shifts``)."""
   num_n, num_h, _ = q.shape
@@ -217,13 +225,20 @@ def _fused_forward(
   dtype = jnp.result_type(q, k, gate, edge_scale, envelope, rows)
   out_shape = [jax.ShapeDtypeStruct((num_n, num_r * groups, num_h), dtype)]
   args = [q, k, gate, edge_scale, envelope, valid.astype(jnp.int32), neighbors.astype(jnp.int32), flat_rows]
+  if max_floor is not None:
+    args.append(max_floor)
   shift_rows = None
   if shifts is not None:
     shift_rows = ((num_r - num_shift_rows) * groups, num_shift_rows * groups)
     out_shape.append(jax.ShapeDtypeStruct((num_n, 3, num_shift_rows * groups, num_h), dtype))
     args.append(shifts)
   kernel = functools.partial(
-    _forward_kernel, block_n=block_n, block_h=block_h, all_slots=softmax_max == "all_slots", shift_rows=shift_rows
+    _forward_kernel,
+    block_n=block_n,
+    block_h=block_h,
+    all_slots=softmax_max == "all_slots",
+    has_floor=max_floor is not None,
+    shift_rows=shift_rows,
   )
   grid = (pl.cdiv(num_n, block_n), pl.cdiv(num_h, block_h))
   outs = launch.call(kernel, out_shape, grid)(*args)
@@ -441,14 +456,26 @@ def _graph(neighbors, active, num_sources):
 
 
 def _composed(
-  launch: _Launch, softmax_max: str, num_shift_rows: int, graphs, valid, q, k, gate, edge_scale, envelope, rows, shifts
+  launch: _Launch,
+  softmax_max: str,
+  num_shift_rows: int,
+  graphs,
+  valid,
+  q,
+  k,
+  gate,
+  edge_scale,
+  envelope,
+  rows,
+  shifts,
+  max_floor,
 ):
   """The attention as kernels + XLA softmax: differentiable to any order in reverse mode."""
   logit_graph, value_graph = graphs
   num_n, num_h, dim = q.shape
   num_m, num_r, num_c = rows.shape
   dot = gather_dot(launch, logit_graph, jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2))
-  alpha = attention_weights(gate * dot * dim**-0.5, envelope, valid, softmax_max)
+  alpha = attention_weights(gate * dot * dim**-0.5, envelope, valid, softmax_max, max_floor=max_floor)
   beta = alpha * edge_scale
   flat_rows = rows.reshape(num_m, -1, num_h)
   agg = gather_sum(launch, value_graph, beta, flat_rows).reshape(num_n, num_r, num_c)
@@ -478,6 +505,7 @@ def _node_attention(
   neighbors,
   rows,
   shifts,
+  max_floor,
 ):
   return _fused_forward(
     launch,
@@ -494,6 +522,7 @@ def _node_attention(
     neighbors,
     rows,
     shifts,
+    max_floor,
   )
 
 
@@ -513,8 +542,9 @@ def _node_attention_fwd(
   neighbors,
   rows,
   shifts,
+  max_floor,
 ):
-  _reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts)  # jax.hessian reaches this point
+  _reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts, max_floor)  # jax.hessian reaches this
   # Calling the custom_vjp function (not the kernel) keeps an outer reverse pass on these rules.
   out = _node_attention(
     launch,
@@ -532,19 +562,20 @@ def _node_attention_fwd(
     neighbors,
     rows,
     shifts,
+    max_floor,
   )
-  return out, (q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts)
+  return out, (q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts, max_floor)
 
 
 def _node_attention_bwd(launch, backward_launch, block_n, block_h, softmax_max, num_shift_rows, res, ct):
-  q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts = res
+  q, k, gate, edge_scale, envelope, valid, neighbors, rows, shifts, max_floor = res
   num_m = rows.shape[0]
   value_graph = _graph(neighbors, valid, num_m)
   logit_graph = value_graph if softmax_max == "valid" else _graph(neighbors, jnp.ones_like(valid), num_m)
   fn = functools.partial(_composed, backward_launch, softmax_max, num_shift_rows, (logit_graph, value_graph), valid)
-  _, pullback = jax.vjp(fn, q, k, gate, edge_scale, envelope, rows, shifts)
-  dq, dk, dgate, dscale, denv, drows, dshifts = pullback(ct)
-  return dq, dk, dgate, dscale, denv, None, None, drows, dshifts
+  _, pullback = jax.vjp(fn, q, k, gate, edge_scale, envelope, rows, shifts, max_floor)
+  dq, dk, dgate, dscale, denv, drows, dshifts, dfloor = pullback(ct)
+  return dq, dk, dgate, dscale, denv, None, None, drows, dshifts, dfloor
 
 
 _node_attention.defvjp(_node_attention_fwd, _node_attention_bwd)
@@ -563,6 +594,7 @@ def pallas_node_attention(
   *,
   num_shift_rows: int = 0,
   softmax_max: str = "valid",
+  max_floor=None,
   interpret: bool | None = None,
   block_n: int = 1,
   block_h: int = 64,
@@ -583,6 +615,7 @@ def pallas_node_attention(
     shifts: optional [N, K, 3] Cartesian image offsets (periodic structures).
     num_shift_rows: how many trailing rows enter the shift-weighted aggregate.
     softmax_max: "valid" or "all_slots".
+    max_floor: optional [N, H] lower bound of the softmax shift (the running max starts there).
     interpret: run the kernels in Pallas interpret mode; None = when the default backend is not a GPU.
     block_n, block_h: targets and heads per program of the forward kernel (block_h a power of two); the
       default 1 x 64 was the fastest of 12 tilings at the paper's sizes on an H100 (benchmarks/RESULTS.md).
@@ -610,7 +643,9 @@ def pallas_node_attention(
     raise ValueError(f"block_h must be a power of two and block_n >= 1, got {block_h}, {block_n}")
   if shifts is not None and not 0 < num_shift_rows <= rows.shape[1]:
     raise ValueError(f"num_shift_rows must be in [1, R={rows.shape[1]}] with shifts, got {num_shift_rows}")
-  _reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts)
+  if max_floor is not None and max_floor.shape != (num_n, num_h):
+    raise ValueError(f"max_floor must be [N, H] = {(num_n, num_h)}, got {max_floor.shape}")
+  _reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts, max_floor)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   launch = _Launch(bool(interpret), num_warps, num_stages)
@@ -630,4 +665,5 @@ def pallas_node_attention(
     neighbors,
     rows,
     shifts,
+    max_floor,
   )

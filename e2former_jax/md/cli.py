@@ -116,27 +116,35 @@ def _parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in A (jax driver)")
   p.add_argument("--x64", action="store_true", help="jax driver: float64 integrator state (the model keeps its dtype)")
+  p.add_argument("--head", help="output head of a multi-head checkpoint (default: its first)")
   add_debug_flag(p)
   return p
 
 
 def _load_model(opts):
+  """(model with ``--head`` as its default head, description)."""
   if opts.checkpoint:
     from e2former_jax.checkpoint import load_model
 
-    return load_model(opts.checkpoint), str(Path(opts.checkpoint).resolve())
-  from flax import nnx
+    model, name = load_model(opts.checkpoint), str(Path(opts.checkpoint).resolve())
+  else:
+    from flax import nnx
 
-  from e2former_jax.config import get_config
-  from e2former_jax.model import E2Former
+    from e2former_jax.config import get_config
+    from e2former_jax.model import E2Former
 
-  return E2Former(get_config(opts.random_model), rngs=nnx.Rngs(opts.seed)), f"random {opts.random_model}"
+    model = E2Former(get_config(opts.random_model), rngs=nnx.Rngs(opts.seed))
+    name = f"random {opts.random_model}"
+  if opts.head:
+    return model.with_default_head(opts.head), f"{name} (head {opts.head})"
+  return model, name
 
 
 def _trained_domain(opts):
+  from e2former_jax.checkpoint import trained_domain
   from e2former_jax.trained_domain import TrainedDomain
 
-  return TrainedDomain.from_checkpoint(opts.checkpoint) if opts.checkpoint else TrainedDomain()
+  return trained_domain(opts.checkpoint, opts.head) if opts.checkpoint else TrainedDomain()
 
 
 def _prepare(atoms: ase.Atoms, opts) -> ase.Atoms:

@@ -54,10 +54,10 @@ class UnsupportedSwitchError(AuthorsConfigError):
 #   edge_layernorm: "on", or "off" (edge_embedtype containing "wolayernorm");
 #   norm_layer, encoder, basis_type, ffn_type: the authors' names.
 SUPPORTED_SWITCHES: dict[str, frozenset[str]] = {
-  "gate_activation": frozenset({"softmax"}),
-  "attn_type": frozenset({"so2-first-order"}),
-  "with_cluster": frozenset({"off"}),
-  "force_head": frozenset({"gradient", "linear"}),
+  "gate_activation": frozenset({"softmax", "softplus", "sigmoid"}),
+  "attn_type": frozenset({"so2-first-order", "zero-order"}),
+  "with_cluster": frozenset({"off", "node"}),
+  "force_head": frozenset({"gradient", "linear", "painn"}),
   "energy_head": frozenset({"mlp"}),
   "edge_layernorm": frozenset({"on"}),
   "norm_layer": frozenset({"rms_norm_sh"}),
@@ -65,6 +65,18 @@ SUPPORTED_SWITCHES: dict[str, frozenset[str]] = {
   "basis_type": frozenset({"gaussiansmear"}),
   "ffn_type": frozenset({"s3"}),
 }
+
+# The paper branch (e2formerv2) differs from main in these switches and only its default is implemented: its
+# "+softplus" suffix is ignored there (its softplus is tp_type QK_softplus, without rho), and its zero-order and
+# long-range code paths were not compared with this project's.
+E2FORMERV2_SUPPORTED: dict[str, frozenset[str]] = {
+  "gate_activation": frozenset({"softmax"}),
+  "attn_type": frozenset({"so2-first-order"}),
+  "with_cluster": frozenset({"off"}),
+}
+
+# attn_type of the authors -> ModelConfig.attention_orders entry.
+ATTENTION_ORDERS = {"so2-first-order": "first", "zero-order": "zero"}
 
 BRANCHES = ("main", "e2formerv2")
 
@@ -201,7 +213,8 @@ class AuthorsConfig:
   """An authors' config translated.
 
   Attributes:
-    model: the ``ModelConfig`` that builds the same backbone (and one head).
+    model: the ``ModelConfig`` that builds the same model: backbone, every head (``heads``), the branch's
+      envelope and softmax.
     heads: head names in the checkpoint's order (``head.energy_heads.<name>``), after the authors' renaming.
     force_head: "gradient" (forces = -dE/dx, no parameters), "linear", "painn" or "escn".
     with_cluster: the long-range (LSR) blocks: None when off, else the authors' string (e.g. "node").
@@ -362,7 +375,13 @@ def _as_float(value: Any, field: str) -> float:
   return float(value)
 
 
-def _model_config(backbone: Mapping[str, Any], branch: str, force_head: str) -> ModelConfig:
+def _model_config(
+  backbone: Mapping[str, Any],
+  branch: str,
+  switches: Mapping[str, tuple[str, ...]],
+  heads: tuple[str, ...],
+  long_range: Mapping[str, Any] | None,
+) -> ModelConfig:
   """The ``ModelConfig`` of the backbone fields; every violated constraint of the JAX model named at once."""
   channels, lmax = parse_irreps(backbone["irreps_node_embedding"], "irreps_node_embedding")
   head_mult, head_lmax = parse_irreps(backbone["irreps_head"], "irreps_head")
@@ -408,6 +427,8 @@ def _model_config(backbone: Mapping[str, Any], branch: str, force_head: str) -> 
     problems.append(f"max_radius={cutoff}: must be positive")
   if problems:
     raise AuthorsConfigError("the JAX model cannot build this config: " + "; ".join(problems))
+  force_head = switches["force_head"][0]
+  long_range = long_range or {}
   return ModelConfig(
     cutoff=cutoff,
     max_neighbors=max_neighbors,
@@ -423,8 +444,17 @@ def _model_config(backbone: Mapping[str, Any], branch: str, force_head: str) -> 
     radial_hidden=min(128, num_basis // 2),
     avg_degree=avg_degree,
     gate=gate,
-    softmax_max="valid" if branch == "main" else "all_slots",
+    gate_activation=switches["gate_activation"][0],
+    softmax_max="valid" if branch == "main" else "e2formerv2",
+    envelope="main" if branch == "main" else "e2formerv2",
+    attention_orders=tuple(ATTENTION_ORDERS.get(order, "first") for order in switches["attn_type"]),
     forces="conservative" if force_head == "gradient" else "direct",
+    force_head="painn" if force_head == "painn" else "linear",
+    heads=heads,
+    long_range_layers=long_range.get("layers", 0),
+    long_range_cutoff=long_range.get("cutoff_upper", 12.0),
+    long_range_min_distance=long_range.get("cutoff_lower", 0.1),
+    long_range_max_neighbors=int(2.5 * max_neighbors) if long_range else 80,
     use_charge_spin=True,
     spin_input="multiplicity",
     num_species=256,
@@ -474,6 +504,8 @@ def translate(
     raise AuthorsConfigError(f"{source}: AutoGradForce={top['AutoGradForce']!r}: expected true or false")
 
   switches = _switches(backbone, top, branch)
+  if branch == "e2formerv2":
+    supported = {**supported, **{k: supported.get(k, frozenset()) & v for k, v in E2FORMERV2_SUPPORTED.items()}}
   unsupported = []
   for name, values in switches.items():
     if not set(values) <= supported.get(name, frozenset()):
@@ -484,9 +516,9 @@ def translate(
 
   with_cluster = None if switches["with_cluster"] == ("off",) else str(backbone["with_cluster"])
   try:
-    model = _model_config(backbone, branch, switches["force_head"][0])
     heads = head_names(top["dataset_name_list"], top["head_cfg_str"], branch)
     long_range = None if with_cluster is None else _long_range(backbone, with_cluster)
+    model = _model_config(backbone, branch, switches, heads, long_range)
   except AuthorsConfigError as error:
     raise AuthorsConfigError(f"{source}: {error}") from error
 

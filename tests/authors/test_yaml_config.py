@@ -43,35 +43,45 @@ REDUCED = dict(
 EXPECTED = {
   "main_reduced_qk": (
     "main",
-    dict(cutoff=4.5, gate="QK_alpha", forces="conservative", softmax_max="valid"),
+    dict(cutoff=4.5, gate="QK_alpha", forces="conservative", envelope="main", heads=("omol25", "svp")),
     ("omol25", "svp"),
     "gradient",
     (),
   ),
   "main_reduced_qk_lsr": (
     "main",
-    dict(cutoff=4.5, gate="QK_alpha", forces="conservative", softmax_max="valid"),
+    dict(
+      cutoff=4.5,
+      gate="QK_alpha",
+      forces="conservative",
+      envelope="main",
+      heads=("omol25", "svp"),
+      long_range_layers=2,
+      long_range_cutoff=12.0,
+      long_range_min_distance=0.1,
+      long_range_max_neighbors=80,
+    ),
     ("omol25", "svp"),
     "gradient",
-    (("with_cluster", "node"),),
+    (),
   ),
   "main_reduced_qkdot_linear": (
     "main",
-    dict(cutoff=5.0, gate="QKdot_alpha", forces="direct", softmax_max="valid"),
+    dict(cutoff=5.0, gate="QKdot_alpha", forces="direct", envelope="main", heads=("spice",)),
     ("spice",),
     "linear",
     (),
   ),
   "main_reduced_qkdot_painn": (
     "main",
-    dict(cutoff=5.0, gate="QKdot_alpha", forces="direct", softmax_max="valid"),
+    dict(cutoff=5.0, gate="QKdot_alpha", forces="direct", force_head="painn", envelope="main", heads=("spice",)),
     ("spice",),
     "painn",
-    (("with_moe", "painn"),),
+    (),
   ),
   "v2_reduced_qkdots": (
     "e2formerv2",
-    dict(cutoff=6.0, gate="QKdotS_alpha", forces="direct", softmax_max="all_slots"),
+    dict(cutoff=6.0, gate="QKdotS_alpha", forces="direct", softmax_max="e2formerv2", heads=("omol25",)),
     ("omol25",),
     "linear",
     (),
@@ -141,7 +151,9 @@ def test_full_size_v15_candidate():
     radial_hidden=128,
     gate="QK_alpha",
     softmax_max="valid",
+    envelope="main",
     forces="conservative",
+    heads=("omol25", "svp"),
   )
   assert result.heads == ("omol25", "svp")
 
@@ -149,8 +161,8 @@ def test_full_size_v15_candidate():
 @pytest.mark.parametrize(
   ("name", "branch", "unsupported"),
   [
-    ("main_v15candidate_qk_lsr", "main", (("with_cluster", "node"),)),
-    ("main_spice_qkdot_painn", "main", (("with_moe", "painn"),)),
+    ("main_v15candidate_qk_lsr", "main", ()),
+    ("main_spice_qkdot_painn", "main", ()),
     ("main_reduced_qk_escn", "main", (("with_moe", "escn"),)),
     ("v2_paper_qkdots", "e2formerv2", ()),
   ],
@@ -187,8 +199,7 @@ def test_every_unsupported_switch_is_named_with_its_value():
   config = fixture_config("main_reduced_qk")
   backbone = config["backbone_config"]
   backbone.update(
-    tp_type="QK_alpha+softplus",
-    attn_type="zero-order+so2-first-order",
+    attn_type="first-order",
     with_cluster="node_bell",
     edge_embedtype="wolayernorm",
     norm_layer="identity",
@@ -200,8 +211,7 @@ def test_every_unsupported_switch_is_named_with_its_value():
   with pytest.raises(UnsupportedSwitchError) as error:
     translate(config)
   expected = {
-    ("tp_type", "QK_alpha+softplus"),
-    ("attn_type", "zero-order+so2-first-order"),
+    ("attn_type", "first-order"),
     ("with_cluster", "node_bell"),
     ("with_moe", "escn"),
     ("edge_embedtype", "wolayernorm"),
@@ -219,11 +229,9 @@ def test_every_unsupported_switch_is_named_with_its_value():
 @pytest.mark.parametrize(
   ("field", "value", "switch", "normalised"),
   [
-    ("tp_type", "QKdot_alpha+triton+sigmoid", "gate_activation", ("sigmoid",)),
-    ("tp_type", "QK_alpha+softplus", "gate_activation", ("softplus",)),
-    ("attn_type", "zero-order", "attn_type", ("zero-order", "zero-order")),
-    ("attn_type", "so2-first-order+zero-order", "attn_type", ("so2-first-order", "zero-order")),
-    ("with_cluster", "node", "with_cluster", ("node",)),
+    ("attn_type", "first-order", "attn_type", ("first-order", "first-order")),
+    ("attn_type", "so2-first-order+first-order", "attn_type", ("so2-first-order", "first-order")),
+    ("with_cluster", "node_bell", "with_cluster", ("node_bell",)),
     ("edge_embedtype", "default_wolayernorm", "edge_layernorm", ("off",)),
     ("norm_layer", "identity", "norm_layer", ("identity",)),
   ],
@@ -389,3 +397,31 @@ def test_branch_and_file_errors(tmp_path):
   config["backbone_config"]["name"] = "equiformer_v2"
   with pytest.raises(AuthorsConfigError, match="'equiformer_v2' is not an E2Former backbone"):
     translate(config)
+
+
+@pytest.mark.parametrize(
+  ("field", "value", "model_fields"),
+  [
+    ("tp_type", "QKdot_alpha+triton+sigmoid", dict(gate="QKdot_alpha", gate_activation="sigmoid")),
+    ("tp_type", "QK_alpha+softplus", dict(gate_activation="softplus")),
+    ("attn_type", "zero-order", dict(attention_orders=("zero", "zero"))),
+    ("attn_type", "so2-first-order+zero-order", dict(attention_orders=("first", "zero"))),
+  ],
+)
+def test_main_switches_translate_to_model_fields(field, value, model_fields):
+  config = fixture_config("main_reduced_qk")
+  config["backbone_config"][field] = value
+  model = translate(config).model
+  assert model == translate(fixture_config("main_reduced_qk")).model.replace(**model_fields)
+
+
+@pytest.mark.parametrize(
+  ("field", "value"),
+  [("tp_type", "QKdotS_alpha+softplus"), ("attn_type", "zero-order"), ("with_cluster", "node")],
+)
+def test_paper_branch_refuses_what_differs_from_main(field, value):
+  config = fixture_config("v2_reduced_qkdots")
+  config["backbone_config"][field] = value
+  translate(config)  # main builds it
+  with pytest.raises(UnsupportedSwitchError, match=re.escape(f"{field}={value!r}")):
+    translate(config, "e2formerv2")

@@ -409,13 +409,16 @@ class JaxMD:
 
   def _advance(self, dt: float, n: int, first_step: int) -> dict[str, np.ndarray]:
     """Up to ``n`` steps in one chunk: stops early at a neighbour-list overflow (then grows the capacity) and
-    raises at a guard crossing. Returns the observables of the steps taken (numbered from ``first_step``)."""
+    raises at a guard crossing. Returns the observables of the steps taken (numbered from ``first_step``) and
+    counts them in ``step_count`` (steps of length 0, the initialisation, are not counted)."""
     tic = time.perf_counter()
     observed = self._call(dt, n)
     done = np.asarray(observed["done"])
     taken = int(np.sum(done))
     self.chunk_seconds.append((taken if dt > 0 else 0, time.perf_counter() - tic))
     steps = first_step + np.arange(taken)
+    if dt > 0:
+      self.step_count += taken  # before the guard's check, so a stopped run knows where it stopped
     rows = {k: np.asarray(observed[k])[:taken] for k in ("potential", "kinetic", "max_force", "beyond_k", "builds")}
     rows["potential"] = rows["potential"].astype(np.float64)
     rows["kinetic"] = rows["kinetic"].astype(np.float64)
@@ -478,7 +481,8 @@ class JaxMD:
       slots), "builds" (neighbour builds so far). The first run also reports the starting structure as step 0.
 
     Raises:
-      MDBlowUpError: when a step crosses a guard limit (``limits``); the state is that step's.
+      MDBlowUpError: when a step crosses a guard limit (``limits``); the state (``atoms``, ``step_count``) is
+        that step's.
     """
     chunks = []
     if not self.initialised:
@@ -489,7 +493,6 @@ class JaxMD:
     while remaining > 0:
       rows = self._advance(self.dt, min(self.steps_per_call, remaining), self.step_count + 1)
       taken = len(rows["step"])
-      self.step_count += taken
       remaining -= taken
       if taken:
         chunks.append(rows)

@@ -8,6 +8,8 @@ alone, total energies near -1000 eV are resolved to about 1e-4 eV, too coarse fo
 Each run is made once and shared by the tests.
 """
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from e2former_jax.calculator import E2FormerCalculator
 from e2former_jax.checkpoint import DEMO_CHECKPOINT, load_model
 from e2former_jax.data import load_demo
-from e2former_jax.md import JaxMD, MDBlowUpError, MDLog, cli, initial_velocities, read_log, run_ase_md
+from e2former_jax.md import BlowUpLimits, JaxMD, MDBlowUpError, MDLog, cli, initial_velocities, read_log, run_ase_md
 from e2former_jax.md.ase_driver import run_statistics
 
 TIMESTEP_FS = 0.5
@@ -190,6 +192,16 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
   assert cli.main([str(tmp_path / "x.xyz"), "--random-model", "small", "--ensemble", "nvt"]) == 2  # usage
   err = capsys.readouterr().err
   assert "e2former-md: error: cannot read frame '0' of" in err and "e2former-md: error: --ensemble nvt needs" in err
+
+
+def test_jax_driver_raises_at_the_crossing_step_and_keeps_it(model, start):
+  hot = start.copy()
+  initial_velocities(hot, 1000.0, seed=0)
+  sim = JaxMD(model, hot, timestep_fs=10.0, steps_per_call=CHUNK, limits=BlowUpLimits(max_energy_drift=math.inf))
+  with pytest.raises(MDBlowUpError, match=r"step 3 \(30 fs\): temperature") as err:
+    sim.run(CHUNK)
+  assert (err.value.step, err.value.quantity) == (3, "temperature") and sim.step_count == 3
+  assert sim.atoms.get_temperature() == pytest.approx(err.value.value, rel=1e-6) and err.value.value > err.value.limit
 
 
 @pytest.mark.parametrize("driver", ["jax", "ase"])

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     "--driver",
     choices=("ase", "jax"),
     default="ase",
-    help="ase: ASE integrators with E2FormerCalculator; jax: jitted JAX loop (default ase)",
+    help="ase: ASE integrators with E2FormerCalculator; jax: the jitted loop, neighbour list, model and integrator "
+    "compiled together, the fastest (molecules, periodic cells, slabs; default ase)",
   )
   p.add_argument(
     "--ensemble",
@@ -114,7 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     default="auto",
     help="progress bar with ns/day on stderr (auto: when stderr is a terminal)",
   )
-  p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in A (jax driver)")
+  p.add_argument(
+    "--skin",
+    type=float,
+    default=0.5,
+    help="jax driver: Verlet skin in A (the list holds pairs within cutoff + skin and is rebuilt when an atom has "
+    "moved skin/2; default 0.5)",
+  )
   p.add_argument("--x64", action="store_true", help="jax driver: float64 integrator state (the model keeps its dtype)")
   p.add_argument("--head", help="output head of a multi-head checkpoint (default: its first)")
   add_debug_flag(p)

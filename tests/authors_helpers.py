@@ -1,6 +1,7 @@
 """Shared by the import tests: the authors' fixtures, their molecules as one padded batch, and comparisons of a
 model's outputs (energies, atomic energies, forces, per-stage node features) with the authors' outputs."""
 
+import ast
 import functools
 import json
 from pathlib import Path
@@ -156,3 +157,28 @@ def where_it_starts(errors: dict[str, float], stages: dict[str, float], toleranc
   first = next((k for k in ordered if not stages[k] <= tolerance), None)
   start = f"features first differ at {first} ({stages[first]:.2e})" if first else "every stage's features agree"
   return f"outputs above {tolerance:g}: {bad}; {start}"
+
+
+def key_list_config(path: Path) -> dict:
+  """The authors' config of a ``*.keys.txt`` header: '# name: branch=... heads=... AutoGradForce=... with_moe=...'
+  then '# backbone_config={json}'."""
+  lines = path.read_text().splitlines()
+  summary = dict(part.split("=", 1) for part in lines[0].split(": ", 1)[1].split())
+  backbone = json.loads(lines[1].split("=", 1)[1])
+  return {
+    "backbone_config": backbone,
+    "dataset_name_list": summary["heads"],
+    "AutoGradForce": summary["AutoGradForce"] == "True",
+    "with_moe": summary["with_moe"],
+  }
+
+
+def key_list(path: Path) -> list[tuple[str, tuple[int, ...], str, str, str]]:
+  """The rows of a ``*.keys.txt``: (key, shape, dtype, kind, used) with used "used", "UNUSED" or ""."""
+  rows = []
+  for line in path.read_text().splitlines():
+    if line.startswith("#") or not line.strip():
+      continue
+    key, shape, dtype, _, kind, *used = line.split("\t")
+    rows.append((key, tuple(ast.literal_eval(shape)), dtype, kind, used[0] if used else ""))
+  return rows

@@ -23,6 +23,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -336,6 +337,14 @@ def _read_config(config, branch: str) -> AuthorsConfig:
   return read_yaml_config(config, branch)
 
 
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """This project's parameter names (as ``checkpoint.flatten`` writes them) and shapes for ``cfg``, from an
+  abstract model (no arrays are allocated)."""
+  abstract = nnx.state(nnx.eval_shape(lambda: E2Former(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  names = flatten(jax.tree.map(lambda leaf: np.zeros(0), abstract))
+  return {name: tuple(leaf.shape) for name, leaf in zip(names, jax.tree.leaves(abstract))}
+
+
 def checkpoint_parameters(state: Mapping[str, np.ndarray], cfg: ModelConfig, source: str = "checkpoint") -> dict:
   """This project's flat parameters (name -> array) from the authors' state dict, strictly.
 
@@ -343,7 +352,7 @@ def checkpoint_parameters(state: Mapping[str, np.ndarray], cfg: ModelConfig, sou
     AuthorsCheckpointError: naming every unknown key, missing key, shape mismatch, differing constant and
       parameter without a source (``template`` shapes are those of ``E2Former(cfg)``).
   """
-  template = {k: v.shape for k, v in flatten(nnx.state(E2Former(cfg, rngs=nnx.Rngs(0)), nnx.Param)).items()}
+  template = parameter_shapes(cfg)
   sources = parameter_sources(cfg)
   expected = constants(cfg)
   dead = dead_keys(cfg)

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 from authors_helpers import (
   BRANCHES,
+  FIXTURES,
   batch,
   checkpoint_path,
   comparisons,
   config_path,
   evaluate,
+  key_list,
+  key_list_config,
   molecules,
   outputs,
   relative,
@@ -27,8 +30,10 @@ from e2former_jax.authors import (
   head_reference_table,
   import_authors_checkpoint,
   read_state_dict,
+  translate,
 )
 from e2former_jax.authors.cli import main as import_main
+from e2former_jax.authors.importer import checkpoint_parameters, constants
 from e2former_jax.checkpoint import load_model, read_meta
 from e2former_jax.data.references import OMOL25_ELEMENT_REFERENCES
 from e2former_jax.evaluation import main as eval_main
@@ -148,6 +153,35 @@ def test_unsupported_switches_are_named():
   config["backbone_config"].update(attn_type="first-order", with_cluster="node_bell")
   with pytest.raises(UnsupportedSwitchError, match="attn_type='first-order'.*with_cluster='node_bell'"):
     import_authors_checkpoint(state("main_reduced_qk"), config)
+
+
+@pytest.mark.parametrize(
+  ("name", "branch"),
+  [
+    ("main_v15candidate_qk", "main"),
+    ("main_v15candidate_qk_lsr", "main"),
+    ("main_spice_qkdot_painn", "main"),
+    ("v2_paper_qkdots", "e2formerv2"),
+  ],
+)
+def test_full_size_key_lists_map_every_key(name, branch):
+  """The key lists of full-size configurations (the V1.5 candidate with and without long-range blocks, the SPICE
+  PaiNN run, the paper model): every key has a home, and the parameters this project fills hold exactly the
+  trainable tensors the authors' forward pass uses (dead tensors aside)."""
+  path = FIXTURES / "full_size_keys" / f"{name}.keys.txt"
+  cfg = translate(key_list_config(path), branch).model
+  ours = constants(cfg)
+  rows = key_list(path)
+  state_dict = {key: ours[key] if key in ours else np.zeros(shape, dtype) for key, shape, dtype, _, _ in rows}
+  parameters = checkpoint_parameters(state_dict, cfg, name)
+  used = sum(int(np.prod(shape)) for _, shape, _, kind, use in rows if kind == "param" and use == "used")
+  assert sum(value.size for value in parameters.values()) == used
+
+
+def test_escn_heads_are_refused():
+  config = key_list_config(FIXTURES / "full_size_keys" / "main_reduced_qk_escn.keys.txt")
+  with pytest.raises(UnsupportedSwitchError, match="with_moe='escn'"):
+    translate(config)
 
 
 @pytest.mark.parametrize("impl", ["jnp_dense", "jnp_edge", "pallas"])

@@ -1,11 +1,11 @@
 """Translating the authors' YAML config: the fixtures' configs, the full-size key-list headers, switches, errors."""
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from authors_helpers import key_list_config
 
 from e2former_jax.authors import (
   SUPPORTED_SWITCHES,
@@ -118,20 +118,6 @@ def test_long_range_settings_are_reported():
   assert result.long_range == {"layers": 2, "cutoff_lower": 0.1, "cutoff_upper": 12.0, "envelope": "poly"}
   assert translate(fixture_config("main_reduced_qk")).long_range is None
   assert translate(fixture_config("main_reduced_qk")).with_cluster is None
-
-
-def key_list_config(path: Path) -> dict:
-  """The authors' config of a ``*.keys.txt`` header: '# name: branch=... heads=... AutoGradForce=... with_moe=...'
-  then '# backbone_config={json}'."""
-  lines = path.read_text().splitlines()
-  summary = dict(part.split("=", 1) for part in lines[0].split(": ", 1)[1].split())
-  backbone = json.loads(lines[1].split("=", 1)[1])
-  return {
-    "backbone_config": backbone,
-    "dataset_name_list": summary["heads"],
-    "AutoGradForce": summary["AutoGradForce"] == "True",
-    "with_moe": summary["with_moe"],
-  }
 
 
 def test_full_size_v15_candidate():

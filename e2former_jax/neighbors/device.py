@@ -359,6 +359,7 @@ def _neighbor_slots(positions, cell, atom_mask, graph_index, *, pbc, cutoff, max
   shape, offset, basis = bins.shape[bins.graph], bins.offset[bins.graph], bins.basis[bins.graph]
   row = jnp.arange(n, dtype=jnp.int32)
   stencil = jnp.asarray(_stencil(pbc, capacity.reach))  # [S, 3]
+  periodic = [d for d in range(3) if pbc[d]]
 
   def stencil_bin(step):
     """The bins ``step`` [N, ..., 3] away from every row's own: whether each exists, its index and the
@@ -384,7 +385,9 @@ def _neighbor_slots(positions, cell, atom_mask, graph_index, *, pbc, cutoff, max
     code, count = carry
     inside, b, image = stencil_bin(jnp.broadcast_to(stencil[s], (n, 1, 3)))
     start, filled = bins.starts[b[:, 0]], jnp.where(inside[:, 0], bins.counts[b[:, 0]], 0)
-    self_slot = jnp.where(jnp.all(image[:, 0] == 0, axis=-1), row - start, -1)
+    # The atom itself, unless the bin is a periodic image (free directions never are: no constant to fold).
+    own_image = jnp.all(image[:, 0, periodic] == 0, axis=-1) if periodic else jnp.ones(n, bool)
+    self_slot = jnp.where(own_image, row - start, -1)
     offset_vector = _times(image[:, 0].astype(dtype), basis) - bins.wrapped
     # Per-row values are computed once, not again for every candidate inside the fused candidate loop.
     start, filled, self_slot, offset_vector = jax.lax.optimization_barrier((start, filled, self_slot, offset_vector))

@@ -20,16 +20,17 @@ def split_model(model: E2Former):
 
 
 @functools.cache
-def model_template(cfg: ModelConfig):
-  """The graph definition and constant index tables (numpy) of a model of this config; its parameters are
-  dropped. A real model is built because ``nnx.eval_shape`` would turn the numpy tables into shapes."""
+def model_template(cfg: ModelConfig, x64: bool):
+  """The graph definition and constant index tables of a model of this config; its parameters are dropped. A
+  real model is built because ``nnx.eval_shape`` would turn the numpy tables into shapes. ``x64``: whether
+  64-bit JAX was on (the tables' integer type follows it, so a template is kept per setting)."""
   graphdef, _, _, constants = split_model(E2Former(cfg, rngs=nnx.Rngs(0)))
   return graphdef, constants
 
 
 def merge_model(cfg: ModelConfig, params, elements) -> E2Former:
   """The model of config ``cfg`` with these parameters and element energies (inside or outside ``jit``)."""
-  graphdef, constants = model_template(cfg)
+  graphdef, constants = model_template(cfg, bool(jax.config.jax_enable_x64))
   return nnx.merge(graphdef, params, elements, constants)
 
 

@@ -160,6 +160,7 @@ def main():
               row = measure(structure, preset, forces, precision, args)
             except jax.errors.JaxRuntimeError as err:  # out of device memory, most likely
               row["failed"] = " ".join(str(err).split())[:300]
+              gc.collect()  # the failed configuration's buffers
           row.update(device=device.device_kind, date=time.strftime("%Y-%m-%d"), jax=jax.__version__)
           rows.append(row)
           print(json.dumps(row), flush=True)

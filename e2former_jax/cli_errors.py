@@ -1,4 +1,4 @@
-"""How the command-line tools report problems: one line for a user's mistake, a traceback only with ``--debug``.
+"""How the command-line tools run: one line for a user's mistake, a traceback only with ``--debug``, a compile cache.
 
     def main(argv=None) -> int:
       parser = argparse.ArgumentParser(prog="e2former-eval")
@@ -11,7 +11,9 @@ data format, checkpoint, element or key (``ValueError`` and its subclasses ``Dat
 ``UntrainedElementError``; ``KeyError``), a refused option (``TypeError``), a missing optional package
 (``ImportError``, whose message names the extra to install) or ``UsageError``. These print
 ``<prog>: error: <message>`` on stderr and exit with ``EXIT_USER_ERROR`` (``EXIT_USAGE`` for ``UsageError``, as
-argparse does for its own usage errors); anything else is a bug and keeps its traceback. Warnings print as ``<prog>: warning: <message>`` (with file and line under ``--debug``).
+argparse does for its own usage errors); anything else is a bug and keeps its traceback. Warnings print as
+``<prog>: warning: <message>`` (with file and line under ``--debug``). Every command runs with JAX's persistent
+compilation cache on (``e2former_jax.compile_cache``), so a second run of the same program skips compilation.
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ def one_line(err: BaseException) -> str:
 
 
 def run_command(prog: str, body: Callable[[], int | None], debug: bool = False) -> int:
-  """Runs ``body`` and returns its exit status (0 for None); a user's mistake gives one line and
-  ``EXIT_USER_ERROR``, Ctrl-C gives ``EXIT_INTERRUPTED``; with ``debug`` every error keeps its traceback."""
+  """Runs ``body`` with JAX's persistent compilation cache on (``compile_cache``) and returns its exit status
+  (0 for None); a user's mistake gives one line and ``EXIT_USER_ERROR``, Ctrl-C gives ``EXIT_INTERRUPTED``; with
+  ``debug`` every error keeps its traceback."""
+  from e2former_jax.compile_cache import enable_compile_cache
+
+  enable_compile_cache()
   with warnings.catch_warnings():
     if not debug:
 

@@ -108,9 +108,6 @@ def _train(args: argparse.Namespace) -> int:
   t0 = time.time()
   import yaml
 
-  from e2former_jax.compile_cache import enable_compile_cache
-
-  enable_compile_cache()
   from e2former_jax.training.config import (
     TrainConfig,
     apply_overrides,

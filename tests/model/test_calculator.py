@@ -127,7 +127,9 @@ def test_untrained_elements_are_refused_unless_allowed(demo_calculator):
   ethanol.numbers[0] = 92
   ethanol.calc = demo_calculator
   trained = r"trained on H \(1\), C \(6\), N \(7\), O \(8\), F \(9\), S \(16\), Cl \(17\)"
-  with pytest.raises(UntrainedElementError, match=rf"element\(s\) U \(92\) that the checkpoint was not trained on \({trained}\)"):
+  with pytest.raises(
+    UntrainedElementError, match=rf"element\(s\) U \(92\) that the checkpoint was not trained on \({trained}\)"
+  ):
     ethanol.get_potential_energy()
   with pytest.raises(UntrainedElementError):  # the refused structure is not cached as checked
     ethanol.get_potential_energy()

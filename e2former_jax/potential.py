@@ -121,7 +121,9 @@ def device_graph(
 
 
 @functools.cache
-def _compiled(cfg: ModelConfig, pbc: tuple, capacity: SearchCapacity, compute_stress: bool, spatial_order: bool):
+def _compiled(
+  cfg: ModelConfig, pbc: tuple, capacity: SearchCapacity, compute_stress: bool, spatial_order: bool, head: str | None
+):
   """The jitted positions-to-outputs function of one static setting."""
 
   def fn(params, elements, positions, numbers, atom_mask, cell, charge, spin):
@@ -137,7 +139,7 @@ def _compiled(cfg: ModelConfig, pbc: tuple, capacity: SearchCapacity, compute_st
       capacity=capacity,
       spatial_order=spatial_order,
     )
-    out = predict(merge_model(cfg, params, elements), graph, compute_stress)
+    out = predict(merge_model(cfg, params, elements), graph, compute_stress, head)
     result = {"energy": out["energy"][0], "forces": jnp.zeros_like(out["forces"]).at[order].set(out["forces"])}
     if compute_stress:
       result["stress"] = out["stress"][0]
@@ -155,14 +157,17 @@ class DevicePotential:
     compute_stress: also return the stress (periodic directions only; eV/A^3).
     spatial_order: sort atoms by Morton code before the model (results unchanged; faster attention).
     capacity: the neighbour search's current capacity; grown (through fixed buckets) when a build overflows.
+    head: the output head of a multi-head model (None: its default head).
   """
 
   model: E2Former
   compute_stress: bool = False
   spatial_order: bool = True
   capacity: SearchCapacity = dataclasses.field(default_factory=SearchCapacity)
+  head: str | None = None
 
   def __post_init__(self):
+    self.model.head(self.head)  # an unknown head name raises here, naming the model's heads
     _, self.params, self.elements, _ = split_model(self.model)
     self.cfg = self.model.config
     self.dtype = self.cfg.numpy_dtype
@@ -202,7 +207,7 @@ class DevicePotential:
     mask = np.arange(slots_n) < n
     args = (padded.astype(self.dtype), z, mask, cell.astype(self.dtype), np.int32(charge), np.int32(spin))
     while True:
-      fn = _compiled(self.cfg, pbc, self.capacity, self.compute_stress, self.spatial_order)
+      fn = _compiled(self.cfg, pbc, self.capacity, self.compute_stress, self.spatial_order, self.head)
       out, slots = jax.device_get(fn(self.params, self.elements, *args))  # one transfer
       raise_for_bad_input(slots)
       if not bool(slots.overflow):

@@ -90,3 +90,24 @@ def test_buckets_grow_geometrically():
 def test_bad_input_is_named(setup, positions, numbers, message):
   with pytest.raises(ValueError, match=message):
     setup[2](np.asarray(positions, float), np.asarray(numbers, int))
+
+
+def test_calculator_device_path_equals_host_path():
+  """``E2FormerCalculator(neighbor_list="device")`` (the default on a GPU) against the host list: energy, forces
+  and stress of a periodic cell, forces of a molecule; the truncation warning also comes from the device count."""
+  from model_helpers import TINY
+
+  from e2former_jax import E2FormerCalculator
+
+  kw = dict(attention_impl="jnp_node", **{**TINY, "max_neighbors": 6})
+  host, device = (E2FormerCalculator("small", seed=0, neighbor_list=n, **kw) for n in ("host", "device"))
+  cell = _structures()["copper"]
+  results = []
+  for calc in (host, device):
+    cell.calc = calc
+    with pytest.warns(UserWarning, match="dropped because atoms have more than K=6"):
+      results.append((cell.get_potential_energy(), cell.get_forces(), cell.get_stress()))
+  (e0, f0, s0), (e1, f1, s1) = results
+  assert abs(e1 - e0) <= TOL * abs(e0) and relative(f1, f0) <= TOL and relative(s1, s0) <= 1e-4
+  with pytest.raises(ValueError, match="neighbor_list must be one of"):
+    E2FormerCalculator("small", neighbor_list="gpu")

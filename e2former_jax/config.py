@@ -71,6 +71,10 @@ class ModelConfig:
       "jnp_node" above), "pallas", "jnp_node", "jnp_dense", "jnp_edge" (``e2former_jax.attention``).
     matmul_precision: precision of the dense matrix products: "highest" (true float32), "tensorfloat32"
       or "bfloat16".
+    remat: rematerialise each transformer block in the backward pass (``nnx.remat``): reverse mode keeps only
+      the blocks' inputs and recomputes one block at a time, so the peak memory of forces (and of a training
+      step) holds one block's per-edge activations instead of every block's, for about one more forward pass.
+      Off by default; it changes no result beyond float32 round-off.
   """
 
   cutoff: float = 5.0
@@ -105,6 +109,7 @@ class ModelConfig:
   dtype: Literal["float32", "float64"] = "float32"
   attention_impl: Literal["auto", "pallas", "jnp_node", "jnp_dense", "jnp_edge"] = "auto"
   matmul_precision: Literal["highest", "tensorfloat32", "bfloat16"] = "highest"
+  remat: bool = False
 
   def __post_init__(self):
     for name in ("attention_orders", "heads"):  # JSON and YAML give lists; the config must stay hashable

@@ -102,6 +102,24 @@ class TransformerBlock(nnx.Module):
     return x, alpha
 
 
+def _block(block: TransformerBlock, x, system, graph: AtomGraph, geometry, return_attention, shift_slots):
+  return block(x, system, graph, geometry, graph.periodic, return_attention, shift_slots)
+
+
+def _rematerialised_block(
+  block: TransformerBlock, x, system, graph: AtomGraph, geometry, return_attention, shift_slots
+):
+  """``_block`` under ``jax.checkpoint``: the backward pass recomputes the block from its parameters and its input
+  ``x`` (the geometry, shared by all blocks, is closed over and kept). The block is split into a pure function of
+  its state, so nothing is written back to the module from inside the checkpoint."""
+  graphdef, state = nnx.split(block)
+
+  def run(state, x):
+    return _block(nnx.merge(graphdef, state), x, system, graph, geometry, False, shift_slots)[0]
+
+  return jax.checkpoint(run)(state, x), None
+
+
 class LongRangeBlocks(nnx.Module):
   """The authors' long-range blocks (``with_cluster='node'``), after the short-range blocks:
 
@@ -245,8 +263,9 @@ class E2Former(nnx.Module):
     x = self.edge_degree(graph, geometry)
     stages = {"edge_degree": x} if return_stages else None
     attention = []
+    run_block = _rematerialised_block if cfg.remat and not return_attention else _block
     for i, block in enumerate(self.blocks):
-      x, alpha = block(x, system, graph, geometry, graph.periodic, return_attention, shift_slots)
+      x, alpha = run_block(block, x, system, graph, geometry, return_attention, shift_slots)
       attention.append(alpha)
       if return_stages:
         stages[f"block_{i}"] = x

@@ -1,0 +1,111 @@
+"""Memory of a model call from XLA's buffer assignment, with and without ``remat`` (issue 14).
+
+For each size and mode the jitted call is compiled (not run) on the benchmark structure of
+``benchmarks/model.py`` and ``compiled.memory_analysis()`` gives the bytes XLA assigned: temporaries (the
+activations kept for the backward pass live here), arguments and outputs. The per-atom slope between two sizes is
+what memory per atom means for large systems (the constant part, parameters and tables, drops out). On a GPU the
+script also runs each call once and reads the device's peak (``memory_stats``), in one process per row when
+``--fresh-process`` is given.
+
+Modes: ``direct`` (E + direct F, forward only), ``conservative`` (E + F = -dE/dx), ``train`` (gradient of
+E + mean F^2 with respect to the parameters, conservative F: the authors' training protocol).
+
+  PYTHONPATH=$PWD python benchmarks/memory.py --atoms 512 1024 --modes conservative --remat off on
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.model import random_structure
+from e2former_jax.config import get_config
+from e2former_jax.graph import graph_from_atoms
+from e2former_jax.model import E2Former
+from e2former_jax.predict import predict
+
+
+def compiled_call(mode: str, cfg, n: int):
+  structure = random_structure(n)
+  model = E2Former(cfg, rngs=nnx.Rngs(0))
+  graph, _ = graph_from_atoms([structure], cfg.cutoff, cfg.max_neighbors)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  if mode == "train":
+
+    def fn(params, graph):
+      def loss(params):
+        out = predict(nnx.merge(graphdef, params, rest), graph)
+        return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1))
+
+      return jax.grad(loss)(params)
+  else:
+
+    def fn(params, graph):
+      out = predict(nnx.merge(graphdef, params, rest), graph)
+      return out["energy"], out["forces"]
+
+  return jax.jit(fn).lower(params, graph).compile(), (params, graph)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--atoms", type=int, nargs="+", default=[512, 1024])
+  p.add_argument("--modes", nargs="+", default=["direct", "conservative", "train"])
+  p.add_argument("--remat", nargs="+", default=["off", "on"])
+  p.add_argument("--preset", default="paper_spice")
+  p.add_argument("--gate", default="QKdot_alpha")
+  p.add_argument("--impl", default="auto")
+  p.add_argument("--run", action="store_true", help="also run once and read the device's peak memory")
+  p.add_argument("--json")
+  args = p.parse_args()
+  kind = jax.devices()[0].device_kind
+  rows = []
+  for mode in args.modes:
+    for remat in args.remat:
+      cfg = get_config(
+        args.preset,
+        gate=args.gate,
+        attention_impl=args.impl,
+        forces="direct" if mode == "direct" else "conservative",
+        remat=remat == "on",
+      )
+      sizes = {}
+      for n in args.atoms:
+        start = time.perf_counter()
+        compiled, call_args = compiled_call(mode, cfg, n)
+        m = compiled.memory_analysis()
+        row = dict(
+          mode=mode,
+          remat=remat,
+          atoms=n,
+          temp_mib=m.temp_size_in_bytes / 2**20,
+          args_mib=m.argument_size_in_bytes / 2**20,
+          out_mib=m.output_size_in_bytes / 2**20,
+          compile_s=round(time.perf_counter() - start, 1),
+          device=kind,
+          preset=args.preset,
+          gate=args.gate,
+          date=time.strftime("%Y-%m-%d"),
+        )
+        if args.run:
+          jax.block_until_ready(compiled(*call_args))
+          row["peak_gib"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**30
+        sizes[n] = row["temp_mib"] + row["args_mib"] + row["out_mib"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+          with open(args.json, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+      if len(sizes) > 1:
+        (n0, b0), (n1, b1) = sorted(sizes.items())[0], sorted(sizes.items())[-1]
+        print(f"{mode} remat={remat}: {(b1 - b0) / (n1 - n0):.3f} MiB per atom ({n0} -> {n1} atoms)", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -398,8 +398,10 @@ RESUME_OVERRIDABLE = (
   "run.async_checkpointing",
   "data.prefetch",
   "data.eval_atom_budget",
+  "model.remat",
 )
-"""What a resumed run may change: neither the model, nor the data order, nor the optimizer."""
+"""What a resumed run may change: neither the model's function (``model.remat`` only changes how its gradient is
+computed), nor the data order, nor the optimizer."""
 
 
 def resumed_config(saved: TrainConfig, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -1,6 +1,7 @@
 """Test session settings and a per-file time report (printed at the end of every run)."""
 
 import collections
+import gc
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,17 @@ os.environ.setdefault("E2FORMER_JAX_CACHE_DIR", "off")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 _FILE_SECONDS = collections.defaultdict(float)
+
+
+def pytest_runtest_teardown(item, nextitem):
+  """After the last test of a file, JAX's compiled programs are dropped. Each program XLA compiles for the CPU
+  keeps its machine code in memory mappings, and the whole suite in one process would pass Linux's
+  ``vm.max_map_count`` (65,530), after which compilation crashes; a file's programs are not used by the next."""
+  if nextitem is None or nextitem.path != item.path:
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_runtest_logreport(report):

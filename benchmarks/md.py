@@ -50,6 +50,7 @@ from scipy.spatial.transform import Rotation
 
 from e2former_jax.config import get_config
 from e2former_jax.md import BlowUpLimits, JaxMD
+from e2former_jax.md.ase_driver import simulated_ns_per_day
 from e2former_jax.model import E2Former
 
 TIMESTEP_FS = 0.5
@@ -112,7 +113,7 @@ def measure(structure, preset, forces, precision, args) -> dict:
     precision=precision,
     K=cfg.max_neighbors,
     atom_steps_per_s=round(n * args.steps_per_call / median, 1),
-    ns_per_day=round(TIMESTEP_FS * 1e-6 * args.steps_per_call / median * 86400, 4),
+    ns_per_day=round(simulated_ns_per_day(TIMESTEP_FS * args.steps_per_call, median), 4),
     ms_per_step=round(1e3 * median / args.steps_per_call, 3),
     compile_s=round(compile_s, 1),
     steps_per_call=args.steps_per_call,

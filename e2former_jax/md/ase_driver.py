@@ -51,7 +51,7 @@ class MDLog:
     wall = time.perf_counter() if wall is None else wall
     rate = float("nan")
     if self._last is not None and wall > self._last[0] and time_fs > self._last[1]:
-      rate = (time_fs - self._last[1]) * 1e-6 / ((wall - self._last[0]) / 86400.0)
+      rate = simulated_ns_per_day(time_fs - self._last[1], wall - self._last[0])
     self._last = (wall, time_fs)
     if self._file is not None:
       values = (step, time_fs * 1e-3, epot, ekin, epot + ekin, temperature, beyond_k, rate)
@@ -206,9 +206,14 @@ def run_ase_md(
   return out
 
 
+def simulated_ns_per_day(simulated_fs: float, wall_seconds: float) -> float:
+  """Simulated ns per wall-clock day: ``simulated_fs`` of dynamics in ``wall_seconds``."""
+  return simulated_fs * 1e-6 / (wall_seconds / 86400.0)
+
+
 def ns_per_day(seconds_per_step: np.ndarray, timestep_fs: float) -> float:
   """Simulated ns per wall-clock day at the median step time."""
-  return timestep_fs * 1e-6 / (float(np.median(seconds_per_step)) / 86400.0)
+  return simulated_ns_per_day(timestep_fs, float(np.median(seconds_per_step)))
 
 
 def run_statistics(rows: dict[str, np.ndarray], ensemble: str, num_atoms: int) -> str:

@@ -32,6 +32,7 @@ import ase.io
 import numpy as np
 
 from e2former_jax.cli_errors import UsageError, add_debug_flag, one_line, run_command
+from e2former_jax.md.ase_driver import simulated_ns_per_day
 
 EXIT_BLOW_UP = 3  # the run stopped at a guard limit (e2former_jax.md.guard)
 
@@ -210,7 +211,7 @@ class _Progress:
     if self._window is None:
       self._window = (now, step)
     elif now - self._window[0] >= 1.0 and step > self._window[1]:
-      rate = (step - self._window[1]) * self.timestep_fs * 1e-6 / ((now - self._window[0]) / 86400.0)
+      rate = simulated_ns_per_day((step - self._window[1]) * self.timestep_fs, now - self._window[0])
       self.bar.set_postfix_str(f"{rate:.4g} ns/day, T {temperature:.0f} K", refresh=False)
       self._window = (now, step)
     self.bar.update(step - self.bar.n)

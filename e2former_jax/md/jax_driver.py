@@ -42,6 +42,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx
 
 from e2former_jax.graph import AtomGraph, validate_atoms
+from e2former_jax.md.ase_driver import simulated_ns_per_day
 from e2former_jax.md.guard import BlowUpLimits, Guard, exceeded
 from e2former_jax.model import E2Former
 from e2former_jax.neighbors import skin as nl
@@ -507,7 +508,7 @@ class JaxMD:
     calls = calls[1:] if skip_first and len(calls) > 1 else calls
     steps = sum(s for s, _ in calls)
     seconds = sum(t for _, t in calls)
-    return steps * self.timestep_fs * 1e-6 / (seconds / 86400.0) if seconds > 0 else float("nan")
+    return simulated_ns_per_day(steps * self.timestep_fs, seconds) if seconds > 0 else float("nan")
 
   def _input_order(self, values: np.ndarray) -> np.ndarray:
     """Per-slot ``values`` [N, ...] of the real atoms, in the input's atom order [n, ...]."""

@@ -212,7 +212,10 @@ class DevicePotential:
       raise_for_bad_input(slots)
       if not bool(slots.overflow):
         break
-      self.capacity = self.capacity.grown(slots)
+      grown = self.capacity.grown(slots)
+      if grown == self.capacity:  # what fit_neighbor_slots bounds with max_attempts: never rebuild in a loop
+        raise RuntimeError(f"the device neighbour search overflows and its capacity cannot grow ({grown})")
+      self.capacity = grown
     result = {"energy": float(out["energy"]), "forces": out["forces"][:n]}
     if self.compute_stress:
       result["stress"] = out["stress"]

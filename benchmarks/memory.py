@@ -3,9 +3,10 @@
 For each size and mode the jitted call is compiled (not run) on the benchmark structure of
 ``benchmarks/model.py`` and ``compiled.memory_analysis()`` gives the bytes XLA assigned: temporaries (the
 activations kept for the backward pass live here), arguments and outputs. The per-atom slope between two sizes is
-what memory per atom means for large systems (the constant part, parameters and tables, drops out). On a GPU the
-script also runs each call once and reads the device's peak (``memory_stats``), in one process per row when
-``--fresh-process`` is given.
+what memory per atom means for large systems (the constant part, parameters and tables, drops out). With ``--run``
+the script also runs each call (1 warm-up, median of 3) and reads the device's peak (``memory_stats``; sizes in
+increasing order, so each row's peak is its own); a call the device cannot hold is recorded as such and the next
+configuration goes on. The time with remat on against off is its cost.
 
 Modes: ``direct`` (E + direct F, forward only), ``conservative`` (E + F = -dE/dx), ``train`` (gradient of
 E + mean F^2 with respect to the parameters, conservative F: the authors' training protocol).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -51,6 +53,21 @@ def compiled_call(mode: str, cfg, n: int):
       return out["energy"], out["forces"]
 
   return jax.jit(fn).lower(params, graph).compile(), (params, graph)
+
+
+def run_once(compiled, call_args) -> dict:
+  """Median time (ms) of 3 calls after one warm-up and the device's peak memory (GiB), or the error."""
+  try:
+    jax.block_until_ready(compiled(*call_args))
+    times = []
+    for _ in range(3):
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*call_args))
+      times.append(time.perf_counter() - start)
+  except jax.errors.JaxRuntimeError as error:
+    return {"run_error": str(error).splitlines()[0][:200]}
+  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**30
+  return {"ms": round(statistics.median(times) * 1e3, 2), "peak_gib": round(peak, 3)}
 
 
 def main():
@@ -94,8 +111,7 @@ def main():
           date=time.strftime("%Y-%m-%d"),
         )
         if args.run:
-          jax.block_until_ready(compiled(*call_args))
-          row["peak_gib"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**30
+          row.update(run_once(compiled, call_args))
         sizes[n] = row["temp_mib"] + row["args_mib"] + row["out_mib"]
         rows.append(row)
         print(json.dumps(row), flush=True)

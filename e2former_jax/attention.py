@@ -23,7 +23,7 @@ from e2former_jax import eaas
 from e2former_jax.config import ModelConfig
 from e2former_jax.gate import make_gate
 from e2former_jax.geometry import EdgeGeometry
-from e2former_jax.layers import Dense, Embedding, SO3Linear, kaiming_uniform, matmul
+from e2former_jax.layers import Dense, EdgeFeatures, Embedding, SO3Linear, kaiming_uniform, matmul
 from e2former_jax.norms import LayerNorm
 from pallas_kernels.api import node_attention, resolve_implementation
 from pallas_kernels.jnp_node import attention_logits, attention_weights, per_channel
@@ -145,10 +145,9 @@ class E2Attention(nnx.Module):
     self.output = SO3Linear(cfg.lmax, c, c, **kw)
     self.cfg, self.order = cfg, order
 
-  def edge_features(self, numbers: jax.Array, neighbors: jax.Array, geometry: EdgeGeometry) -> jax.Array:
-    """e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)], [N, K, num_basis + 2 type_embed_dim]."""
-    target = jnp.broadcast_to(self.target_type(numbers)[:, None], (*neighbors.shape, self.cfg.type_embed_dim))
-    return jnp.concatenate([geometry.rbf, target, self.source_type(numbers[neighbors])], axis=-1)
+  def edge_features(self, numbers: jax.Array, neighbors: jax.Array, geometry: EdgeGeometry) -> EdgeFeatures:
+    """e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)] of the slots ``neighbors`` (width num_basis + 2 type_embed_dim)."""
+    return EdgeFeatures(geometry.rbf, self.target_type(numbers), self.source_type(numbers), neighbors)
 
   def __call__(
     self,

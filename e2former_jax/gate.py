@@ -37,8 +37,8 @@ def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int) -> jax.A
 
 class Gate(nnx.Module):
   """Base of the gate variants. A variant's ``__call__(y, edge_features, geometry)`` takes normalised features
-  y [N, rows, C], the invariant edge features e_ij [N, K, num_basis + 2 type_embed_dim] and the
-  ``EdgeGeometry``, and returns (g, rho), both [N, K, H]."""
+  y [N, rows, C], the invariant edge features e_ij (``layers.EdgeFeatures``, width num_basis + 2 type_embed_dim)
+  and the ``EdgeGeometry``, and returns (g, rho), both [N, K, H]."""
 
   def __init__(self, cfg: ModelConfig):
     self.cfg = cfg

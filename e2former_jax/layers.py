@@ -5,6 +5,8 @@ Spherical features have shape [..., (L+1)^2, C] (rows l^2 + m + l, channels last
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,8 +58,49 @@ class Embedding(nnx.Module):
     return self.embedding[...][index]
 
 
+@dataclasses.dataclass(frozen=True)
+class EdgeFeatures:
+  """The invariant edge features e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)], held as their parts and never concatenated.
+
+  A linear map of e_ij splits by rows of its kernel W = [W_rbf; W_T; W_S]:
+  e_ij W + b = rbf_ij W_rbf + (T(Z_i) W_T + b)_i + (S(Z_j) W_S)_j, so the type parts are projected once per atom
+  and only the radial basis is multiplied per edge (docs/performance.md, per-edge work).
+
+  Attributes:
+    rbf: [N, K, B] radial basis of the slots.
+    target: [N, T] target-type embedding of each atom.
+    source: [N, T] source-type embedding of each atom.
+    neighbors: [N, K] source atom of each slot.
+  """
+
+  rbf: jax.Array
+  target: jax.Array
+  source: jax.Array
+  neighbors: jax.Array
+
+  @property
+  def size(self) -> int:
+    """Width of e_ij, B + 2T."""
+    return self.rbf.shape[-1] + self.target.shape[-1] + self.source.shape[-1]
+
+  def linear(self, layer: Dense) -> jax.Array:
+    """``layer(e_ij)``, [N, K, out], without forming e_ij."""
+    w = layer.kernel[...]
+    b, t = self.rbf.shape[-1], self.target.shape[-1]
+    if w.shape[0] != self.size:
+      raise ValueError(f"a layer of input width {w.shape[0]} cannot read edge features of width {self.size}")
+    target = matmul(self.target, w[b : b + t], layer.precision)
+    if layer.bias is not None:
+      target = target + layer.bias[...]
+    source = matmul(self.source, w[b + t :], layer.precision)
+    return matmul(self.rbf, w[:b], layer.precision) + target[:, None] + source[self.neighbors]
+
+
 class RadialProfile(nnx.Module):
-  """MLP Linear -> LayerNorm -> SiLU -> ... -> Linear (no norm or activation after the last layer)."""
+  """MLP Linear -> LayerNorm -> SiLU -> ... -> Linear (no norm or activation after the last layer).
+
+  The input is an array [..., in] or ``EdgeFeatures`` (then the first layer is applied by parts).
+  """
 
   def __init__(self, sizes: tuple[int, ...], *, precision: str, dtype, rngs: nnx.Rngs):
     self.linears = nnx.List(
@@ -65,10 +108,12 @@ class RadialProfile(nnx.Module):
     )
     self.norms = nnx.List([LayerNorm(b, dtype=dtype) for b in sizes[1:-1]])
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for linear, norm in zip(self.linears[:-1], self.norms):
-      x = jax.nn.silu(norm(linear(x)))
-    return self.linears[-1](x)
+  def __call__(self, x: jax.Array | EdgeFeatures) -> jax.Array:
+    first, *rest = self.linears
+    x = x.linear(first) if isinstance(x, EdgeFeatures) else first(x)
+    for linear, norm in zip(rest, self.norms):
+      x = linear(jax.nn.silu(norm(x)))
+    return x
 
 
 class SO3Linear(nnx.Module):

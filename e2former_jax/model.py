@@ -13,7 +13,7 @@ from e2former_jax.config import ModelConfig
 from e2former_jax.geometry import EdgeGeometry, edge_geometry
 from e2former_jax.graph import AtomGraph
 from e2former_jax.heads import ElementEnergy, OutputHead, atomic_energy, energy_mlp, make_force_head
-from e2former_jax.layers import Dense, Embedding, GatedFeedForward, RadialProfile, SO3Linear
+from e2former_jax.layers import Dense, EdgeFeatures, Embedding, GatedFeedForward, RadialProfile, SO3Linear
 from e2former_jax.norms import RMSNormSH
 from e2former_jax.slot_sets import e2formerv2_shift_slots, long_range_slots
 
@@ -53,8 +53,9 @@ class EdgeDegreeEmbedding(nnx.Module):
 
   def __call__(self, graph: AtomGraph, geometry: EdgeGeometry) -> jax.Array:
     cfg = self.cfg
-    target = jnp.broadcast_to(self.target_type(graph.numbers)[:, None], (*graph.neighbors.shape, cfg.channels))
-    features = jnp.concatenate([geometry.rbf, target, self.source_type(graph.numbers[graph.neighbors])], -1)
+    features = EdgeFeatures(
+      geometry.rbf, self.target_type(graph.numbers), self.source_type(graph.numbers), graph.neighbors
+    )
     sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
     out = [
       jnp.einsum("nkm,nkc->nmc", sh[..., l * l : (l + 1) ** 2], radial(features), precision=jax.lax.Precision.HIGHEST)

@@ -1,5 +1,6 @@
 """The persistent compilation cache: where it goes, how it is turned off, and that a second process reuses it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -18,10 +19,36 @@ PROGRAM = textwrap.dedent(
   """
 )
 
+# A tiny model's first ``DevicePotential`` call; prints JAX's cache events of that call as JSON.
+MODEL_PROGRAM = textwrap.dedent(
+  """
+  import json, jax, numpy as np
+  from flax import nnx
+  from e2former_jax.compile_cache import enable_compile_cache
+  from e2former_jax.config import get_config
+  from e2former_jax.model import E2Former
+  from e2former_jax.potential import DevicePotential
+  enable_compile_cache()
+  tiny = dict(channels=8, num_heads=2, head_dim=4, qk_hidden=8, type_embed_dim=4, num_basis=8, radial_hidden=8)
+  cfg = get_config("small", **tiny, num_layers=1, max_neighbors=4, attention_impl="jnp_node", forces="direct")
+  potential = DevicePotential(E2Former(cfg, rngs=nnx.Rngs(0)))
+  names = {"compile_requests_use_cache": "requests", "cache_hits": "hits", "cache_misses": "written"}
+  counts = dict.fromkeys(names.values(), 0)
+  def count(event, **_):
+    name = names.get(event.rsplit("/", 1)[-1])
+    if name and event.startswith("/jax/compilation_cache/"):
+      counts[name] += 1
+  jax.monitoring.register_event_listener(count)
+  positions = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0], [3.0, 0.0, 0.0]])
+  potential(positions, np.array([8, 1, 1, 6]))
+  print(json.dumps(counts))
+  """
+)
 
-def _run(env):
+
+def _run(env, program=PROGRAM):
   out = subprocess.run(
-    [sys.executable, "-c", PROGRAM], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    [sys.executable, "-c", program], env={**os.environ, **env}, capture_output=True, text=True, check=True
   )
   return out.stdout
 
@@ -39,3 +66,15 @@ def test_cache_directory_is_filled_and_reused(tmp_path):
 
 def test_cache_can_be_turned_off(tmp_path):
   assert "dir None" in _run({"E2FORMER_JAX_CACHE_DIR": "off", "PYTHONPATH": str(ROOT)})
+
+
+def test_second_process_loads_the_model_program_from_the_cache(tmp_path):
+  """The potential's compiled program (and the small ones its tracing runs) gets the same cache key in a new
+  process: the second process compiles nothing and writes nothing."""
+  env = {"E2FORMER_JAX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny model compiles in about a second
+  first = json.loads(_run(env, MODEL_PROGRAM).splitlines()[-1])
+  # Every program is written, or read back when an identical one was written earlier in the same process.
+  assert first["written"] >= 1 and first["hits"] + first["written"] == first["requests"], first
+  second = json.loads(_run(env, MODEL_PROGRAM).splitlines()[-1])
+  assert second == {"requests": first["requests"], "hits": first["requests"], "written": 0}, second

@@ -27,6 +27,10 @@ disk) and ``written`` (stored). ``process`` is the process's wall time seen from
 included. JAX stores only programs that compiled in at least ``jax_persistent_cache_min_compile_time_secs`` (JAX's
 default 1 s, which is what a user gets; ``--min-compile-secs`` changes it for all three processes).
 
+``--layers`` overrides the number of transformer blocks (all identical in the paper presets): the difference
+between 4 and 1 blocks is what compiling one block instead of four (``jax.lax.scan`` over stacked block
+parameters) could save. ``--variants`` picks the processes (in order; ``second`` needs ``first`` before it).
+
   PYTHONPATH=$PWD python benchmarks/compile_time.py --preset paper_spice --forces direct conservative \
       --atoms 4096 --json $OUT/compile_time.jsonl
 
@@ -110,14 +114,19 @@ class CompileEvents:
     return row | {name: self.counts.get((phase, name), 0) for name in CACHE_EVENTS.values()}
 
 
-def child(preset: str, forces: str, atoms: int, impl: str) -> dict:
-  """One process's measurement (run by ``main`` with ``--child``): import, build, first and second call."""
+def child(preset: str, forces: str, atoms: int, impl: str, layers: int | None) -> dict:
+  """One process's measurement (run by ``main`` with ``--child``): import, build, first and second call.
+  ``layers``: number of transformer blocks (None: the preset's)."""
   start = time.perf_counter()
   import jax  # imported here so that the import is timed
 
   events = CompileEvents()
-  from benchmarks.model import build, random_structure
+  from flax import nnx
+
+  from benchmarks.model import random_structure
   from e2former_jax.compile_cache import enable_compile_cache
+  from e2former_jax.config import get_config
+  from e2former_jax.model import E2Former
   from e2former_jax.potential import DevicePotential
 
   cache_dir = enable_compile_cache()
@@ -125,7 +134,11 @@ def child(preset: str, forces: str, atoms: int, impl: str) -> dict:
 
   events.phase = "build"
   t = time.perf_counter()
-  _, model = build(impl, forces, preset)
+  blocks = {} if layers is None else {"num_layers": layers}
+  cfg = get_config(
+    preset, gate="QKdotS_alpha", forces=forces, attention_impl=impl, matmul_precision="highest", **blocks
+  )
+  model = E2Former(cfg, rngs=nnx.Rngs(0))  # the settings of benchmarks/model.py's build
   potential = DevicePotential(model)
   row["build"] = time.perf_counter() - t
   row["build_compile"] = events.seconds("build", COMPILE)
@@ -145,6 +158,7 @@ def child(preset: str, forces: str, atoms: int, impl: str) -> dict:
   row["run_ms"] = (time.perf_counter() - t) * 1e3
   row.update(first, compile_total=first["trace"] + first["lower"] + first["compile"])
   row.update(
+    num_layers=cfg.num_layers,
     cache_dir=None if cache_dir is None else str(cache_dir),
     min_compile_secs=jax.config.jax_persistent_cache_min_compile_time_secs,
     device=jax.devices()[0].device_kind,
@@ -153,14 +167,14 @@ def child(preset: str, forces: str, atoms: int, impl: str) -> dict:
   return row
 
 
-def run_child(preset: str, forces: str, atoms: int, impl: str, cache: str, min_compile_secs: float | None) -> dict:
-  """Runs ``child`` in a fresh interpreter with the cache setting ``cache`` (a directory or "off")."""
+def run_child(spec: dict, cache: str, min_compile_secs: float | None) -> dict:
+  """Runs ``child(**spec)`` in a fresh interpreter with the cache setting ``cache`` (a directory or "off")."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the package picks the dir
   env[CACHE_ENV] = cache
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
   if min_compile_secs is not None:
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(min_compile_secs)
-  command = [sys.executable, str(Path(__file__).resolve()), "--child", preset, forces, str(atoms), impl]
+  command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
   start = time.perf_counter()
   done = subprocess.run(command, env=env, capture_output=True, text=True)
   process = time.perf_counter() - start
@@ -175,6 +189,7 @@ COLUMNS = (
   "preset",
   "forces",
   "atoms",
+  "num_layers",
   "cache",
   "import",
   "build",
@@ -198,36 +213,45 @@ def cell(value) -> str:
 
 
 def main():
-  if len(sys.argv) == 6 and sys.argv[1] == "--child":
-    preset, forces, atoms, impl = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-    print(MARK + json.dumps(child(preset, forces, atoms, impl)), flush=True)
+  if len(sys.argv) == 3 and sys.argv[1] == "--child":
+    print(MARK + json.dumps(child(**json.loads(sys.argv[2]))), flush=True)
     return
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", nargs="+", default=["paper_spice"], help="model presets (small for a smoke test)")
   p.add_argument("--forces", nargs="+", default=["direct", "conservative"], choices=["direct", "conservative"])
   p.add_argument("--atoms", type=int, nargs="+", default=[4096])
   p.add_argument("--impl", default="auto", help="attention_impl of the model (auto: pallas on a GPU)")
+  p.add_argument("--layers", type=int, nargs="+", default=[None], help="transformer blocks (default: the preset's)")
+  p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="processes to run, in order")
   p.add_argument("--min-compile-secs", type=float, help="jax_persistent_cache_min_compile_time_secs (JAX's: 1)")
   p.add_argument("--json", help="append one JSON line per process")
   args = p.parse_args()
   if any(n < 1 for n in args.atoms):
     p.error(f"--atoms must be positive, got {args.atoms}")
+  if any(n is not None and n < 1 for n in args.layers):
+    p.error(f"--layers must be positive, got {args.layers}")
+  order = args.variants
+  if "second" in order and ("first" not in order or order.index("second") < order.index("first")):
+    p.error("--variants second needs first before it (the second process reads what the first one stored)")
   rows = []
-  for preset in args.preset:
-    for forces in args.forces:
-      for atoms in args.atoms:
-        with tempfile.TemporaryDirectory(prefix="e2former_compile_cache_") as cache_dir:
-          for variant in VARIANTS:
-            result = run_child(
-              preset, forces, atoms, args.impl, "off" if variant == "off" else cache_dir, args.min_compile_secs
-            )
-            row = dict(preset=preset, forces=forces, atoms=atoms, impl=args.impl, cache=variant) | result
-            row["date"] = time.strftime("%Y-%m-%d")
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-              with open(args.json, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+  specs = [
+    dict(preset=preset, forces=forces, atoms=atoms, impl=args.impl, layers=layers)
+    for preset in args.preset
+    for forces in args.forces
+    for atoms in args.atoms
+    for layers in args.layers
+  ]
+  for spec in specs:
+    with tempfile.TemporaryDirectory(prefix="e2former_compile_cache_") as cache_dir:
+      for variant in args.variants:
+        result = run_child(spec, "off" if variant == "off" else cache_dir, args.min_compile_secs)
+        row = dict(spec, cache=variant) | result
+        row["date"] = time.strftime("%Y-%m-%d")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+          with open(args.json, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
   print(f"\n{rows[0].get('device', '?')}, jax {rows[0].get('jax', '?')}; seconds unless named")
   print(" | ".join(COLUMNS))
   for r in rows:

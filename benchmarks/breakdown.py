@@ -81,7 +81,7 @@ def parts(model: E2Former, graph):
     out = []
     for block in blocks:
       att = block.attention
-      out.append(att.gate(y, att.edge_features(graph.numbers, graph.neighbors, geo), geo))
+      out.append(att.gate_and_rho(y, graph.numbers, graph.neighbors, geo))
     return out
 
   h, d = cfg.num_heads, cfg.head_dim

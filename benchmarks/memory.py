@@ -11,12 +11,13 @@ configuration goes on. The time with remat on against off is its cost.
 Modes: ``direct`` (E + direct F, forward only), ``conservative`` (E + F = -dE/dx), ``train`` (gradient of
 E + mean F^2 with respect to the parameters, conservative F: the authors' training protocol).
 
-  PYTHONPATH=$PWD python benchmarks/memory.py --atoms 512 1024 --modes conservative --remat off on
+  PYTHONPATH=$PWD python benchmarks/memory.py --atoms 512 1024 --modes conservative --remat off on --edge-chunk 0 256
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -75,6 +76,7 @@ def main():
   p.add_argument("--atoms", type=int, nargs="+", default=[512, 1024])
   p.add_argument("--modes", nargs="+", default=["direct", "conservative", "train"])
   p.add_argument("--remat", nargs="+", default=["off", "on"])
+  p.add_argument("--edge-chunk", type=int, nargs="+", default=[0], help="ModelConfig.edge_chunk values")
   p.add_argument("--preset", default="paper_spice")
   p.add_argument("--gate", default="QKdot_alpha")
   p.add_argument("--impl", default="auto")
@@ -83,44 +85,48 @@ def main():
   args = p.parse_args()
   kind = jax.devices()[0].device_kind
   rows = []
-  for mode in args.modes:
-    for remat in args.remat:
-      cfg = get_config(
-        args.preset,
+  for mode, remat, edge_chunk in itertools.product(args.modes, args.remat, args.edge_chunk):
+    cfg = get_config(
+      args.preset,
+      gate=args.gate,
+      attention_impl=args.impl,
+      forces="direct" if mode == "direct" else "conservative",
+      remat=remat == "on",
+      edge_chunk=edge_chunk,
+    )
+    sizes = {}
+    for n in args.atoms:
+      start = time.perf_counter()
+      compiled, call_args = compiled_call(mode, cfg, n)
+      m = compiled.memory_analysis()
+      row = dict(
+        mode=mode,
+        remat=remat,
+        edge_chunk=edge_chunk,
+        atoms=n,
+        temp_mib=m.temp_size_in_bytes / 2**20,
+        args_mib=m.argument_size_in_bytes / 2**20,
+        out_mib=m.output_size_in_bytes / 2**20,
+        compile_s=round(time.perf_counter() - start, 1),
+        device=kind,
+        preset=args.preset,
         gate=args.gate,
-        attention_impl=args.impl,
-        forces="direct" if mode == "direct" else "conservative",
-        remat=remat == "on",
+        date=time.strftime("%Y-%m-%d"),
       )
-      sizes = {}
-      for n in args.atoms:
-        start = time.perf_counter()
-        compiled, call_args = compiled_call(mode, cfg, n)
-        m = compiled.memory_analysis()
-        row = dict(
-          mode=mode,
-          remat=remat,
-          atoms=n,
-          temp_mib=m.temp_size_in_bytes / 2**20,
-          args_mib=m.argument_size_in_bytes / 2**20,
-          out_mib=m.output_size_in_bytes / 2**20,
-          compile_s=round(time.perf_counter() - start, 1),
-          device=kind,
-          preset=args.preset,
-          gate=args.gate,
-          date=time.strftime("%Y-%m-%d"),
-        )
-        if args.run:
-          row.update(run_once(compiled, call_args))
-        sizes[n] = row["temp_mib"] + row["args_mib"] + row["out_mib"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-          with open(args.json, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-      if len(sizes) > 1:
-        (n0, b0), (n1, b1) = sorted(sizes.items())[0], sorted(sizes.items())[-1]
-        print(f"{mode} remat={remat}: {(b1 - b0) / (n1 - n0):.3f} MiB per atom ({n0} -> {n1} atoms)", flush=True)
+      if args.run:
+        row.update(run_once(compiled, call_args))
+      sizes[n] = row["temp_mib"] + row["args_mib"] + row["out_mib"]
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      if args.json:
+        with open(args.json, "a") as fh:
+          fh.write(json.dumps(row) + "\n")
+    if len(sizes) > 1:
+      (n0, b0), (n1, b1) = sorted(sizes.items())[0], sorted(sizes.items())[-1]
+      print(
+        f"{mode} remat={remat} edge_chunk={edge_chunk}: {(b1 - b0) / (n1 - n0):.3f} MiB per atom ({n0} -> {n1} atoms)",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

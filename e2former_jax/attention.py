@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from e2former_jax import eaas
+from e2former_jax.chunking import over_atom_chunks
 from e2former_jax.config import ModelConfig
 from e2former_jax.gate import make_gate
 from e2former_jax.geometry import EdgeGeometry
@@ -145,9 +146,19 @@ class E2Attention(nnx.Module):
     self.output = SO3Linear(cfg.lmax, c, c, **kw)
     self.cfg, self.order = cfg, order
 
-  def edge_features(self, numbers: jax.Array, neighbors: jax.Array, geometry: EdgeGeometry) -> EdgeFeatures:
-    """e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)] of the slots ``neighbors`` (width num_basis + 2 type_embed_dim)."""
-    return EdgeFeatures(geometry.rbf, self.target_type(numbers), self.source_type(numbers), neighbors)
+  def gate_and_rho(
+    self, y: jax.Array, numbers: jax.Array, neighbors: jax.Array, geometry: EdgeGeometry
+  ) -> tuple[jax.Array, jax.Array]:
+    """(g, rho), both [N, K, H], of the slots ``neighbors``, from the edge features
+    e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)], in chunks of ``edge_chunk`` target atoms."""
+    source = self.source_type(numbers)
+    graphdef, state = nnx.split(self.gate)
+
+    def per_target(y, target, neighbors, geometry):
+      features = EdgeFeatures(geometry.rbf, target, source, neighbors)
+      return nnx.merge(graphdef, state)(y, features, geometry)
+
+    return over_atom_chunks(per_target, self.cfg.edge_chunk, y, self.target_type(numbers), neighbors, geometry)
 
   def __call__(
     self,
@@ -178,7 +189,7 @@ class E2Attention(nnx.Module):
     impl = "jnp_edge" if cfg.attention_impl == "jnp_edge" else resolve_implementation(cfg.attention_impl, y.shape[0])
     if return_attention and impl not in ("jnp_node", "jnp_dense"):
       raise ValueError("return_attention needs attention_impl='jnp_node' or 'jnp_dense'")
-    gate, rho = self.gate(y, self.edge_features(numbers, neighbors, geometry), geometry)
+    gate, rho = self.gate_and_rho(y, numbers, neighbors, geometry)
     q, k, v = self.query(y), self.key(y), self.value(y)
     if self.order == "zero":
       edge_scale = rho
@@ -231,6 +242,6 @@ class E2Attention(nnx.Module):
     if shift_slots is None:
       return None
     geometry = shift_slots.geometry
-    gate, _ = self.gate(y, self.edge_features(numbers, shift_slots.neighbors, geometry), geometry)
+    gate, _ = self.gate_and_rho(y, numbers, shift_slots.neighbors, geometry)
     logits = attention_logits(q, k, gate, shift_slots.neighbors)
     return jnp.max(jnp.where(geometry.valid[..., None], logits, -jnp.inf), axis=1)

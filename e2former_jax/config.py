@@ -75,6 +75,9 @@ class ModelConfig:
       the blocks' inputs and recomputes one block at a time, so the peak memory of forces (and of a training
       step) holds one block's per-edge activations instead of every block's, for about one more forward pass.
       Off by default; it changes no result beyond float32 round-off.
+    edge_chunk: atoms per chunk of the per-edge MLPs (gate, rho, edge-degree embedding; ``chunking.py``):
+      their [N, K, hidden] temporaries exist for one chunk at a time and the backward pass recomputes them
+      per chunk. 0 (default) computes all atoms at once. Changes no result beyond float32 round-off.
   """
 
   cutoff: float = 5.0
@@ -110,6 +113,7 @@ class ModelConfig:
   attention_impl: Literal["auto", "pallas", "jnp_node", "jnp_dense", "jnp_edge"] = "auto"
   matmul_precision: Literal["highest", "tensorfloat32", "bfloat16"] = "highest"
   remat: bool = False
+  edge_chunk: int = 0
 
   def __post_init__(self):
     for name in ("attention_orders", "heads"):  # JSON and YAML give lists; the config must stay hashable
@@ -154,6 +158,8 @@ class ModelConfig:
       raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
     if self.channels % self.num_heads:
       raise ValueError(f"channels ({self.channels}) must be a multiple of num_heads ({self.num_heads})")
+    if self.edge_chunk < 0:
+      raise ValueError(f"edge_chunk must be 0 (off) or a positive number of atoms, got {self.edge_chunk}")
     if self.cutoff <= 0 or self.max_neighbors < 1 or self.lmax < 1:
       raise ValueError("cutoff must be positive, max_neighbors >= 1 and lmax >= 1")
 

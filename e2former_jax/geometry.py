@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,9 @@ from e2former_jax.config import ModelConfig
 from e2former_jax.graph import AtomGraph
 
 
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["vectors", "distance", "valid", "envelope", "rbf"], meta_fields=[]
+)
 @dataclasses.dataclass(frozen=True)
 class EdgeGeometry:
   """Per-slot geometry shared by all layers.

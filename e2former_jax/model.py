@@ -9,6 +9,7 @@ from flax import nnx
 
 from e2former_jax import so3
 from e2former_jax.attention import E2Attention, ShiftSlots
+from e2former_jax.chunking import over_atom_chunks
 from e2former_jax.config import ModelConfig
 from e2former_jax.geometry import EdgeGeometry, edge_geometry
 from e2former_jax.graph import AtomGraph
@@ -53,15 +54,20 @@ class EdgeDegreeEmbedding(nnx.Module):
 
   def __call__(self, graph: AtomGraph, geometry: EdgeGeometry) -> jax.Array:
     cfg = self.cfg
-    features = EdgeFeatures(
-      geometry.rbf, self.target_type(graph.numbers), self.source_type(graph.numbers), graph.neighbors
-    )
-    sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
-    out = [
-      jnp.einsum("nkm,nkc->nmc", sh[..., l * l : (l + 1) ** 2], radial(features), precision=jax.lax.Precision.HIGHEST)
-      for l, radial in enumerate(self.radial)
-    ]
-    return jnp.concatenate(out, axis=-2) / cfg.avg_degree
+    source = self.source_type(graph.numbers)
+    graphdef, state = nnx.split(self.radial)
+
+    def per_target(target, neighbors, geometry):
+      features = EdgeFeatures(geometry.rbf, target, source, neighbors)
+      sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
+      out = [
+        jnp.einsum("nkm,nkc->nmc", sh[..., l * l : (l + 1) ** 2], radial(features), precision=jax.lax.Precision.HIGHEST)
+        for l, radial in enumerate(nnx.merge(graphdef, state))
+      ]
+      return jnp.concatenate(out, axis=-2)
+
+    x = over_atom_chunks(per_target, cfg.edge_chunk, self.target_type(graph.numbers), graph.neighbors, geometry)
+    return x / cfg.avg_degree
 
 
 class TransformerBlock(nnx.Module):

@@ -1,0 +1,42 @@
+"""Per-target work in chunks of atoms, so that [N, K, ...] temporaries never exist for all atoms at once.
+
+The per-edge MLPs of the gate, rho and the edge-degree embedding produce [N, K, hidden] (and, for ``QKdot_alpha``,
+[N, K, (L+1) C]) tensors whose rows depend only on their target atom. ``over_atom_chunks`` computes such a function
+for ``size`` atoms at a time (``jax.lax.map``), each chunk under ``jax.checkpoint``: the forward pass holds one
+chunk's temporaries, and the backward pass keeps only each chunk's inputs and recomputes its temporaries
+(``ModelConfig.edge_chunk``; docs/performance.md, memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def over_atom_chunks(fn: Callable, size: int, *per_atom):
+  """``fn(*per_atom)`` computed ``size`` atoms at a time.
+
+  Args:
+    fn: a function of per-atom arrays (every leaf's leading axis is the atom axis) whose outputs are per-atom
+      arrays, row i depending only on row i of the inputs (closed-over arrays may be anything).
+    size: atoms per chunk; 0, or at least the number of atoms, calls ``fn`` once on everything.
+    *per_atom: pytrees of arrays with leading axis N.
+
+  Returns:
+    ``fn(*per_atom)``, equal up to float32 round-off. The last chunk is filled up by repeating the last atom
+    (a real atom, so no padding row can produce a NaN whose zero cotangent would still poison a gradient); the
+    extra rows are dropped.
+  """
+  n = jax.tree.leaves(per_atom)[0].shape[0]
+  if size <= 0 or size >= n:
+    return fn(*per_atom)
+  fill = -n % size
+
+  def chunked(x):
+    x = jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x
+    return x.reshape((-1, size, *x.shape[1:]))
+
+  out = jax.lax.map(lambda args: jax.checkpoint(fn)(*args), jax.tree.map(chunked, per_atom))
+  return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:]))[:n], out)

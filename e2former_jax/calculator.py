@@ -9,6 +9,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from flax import nnx
 
 from e2former_jax.caller_warning import warn_at_caller
+from e2former_jax.compile_cache import enable_compile_cache
 from e2former_jax.config import ModelConfig, get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
@@ -59,6 +60,7 @@ class E2FormerCalculator(Calculator):
     **overrides,
   ):
     super().__init__()
+    enable_compile_cache()
     if neighbor_list not in NEIGHBOR_LISTS:
       raise ValueError(f"neighbor_list must be one of {NEIGHBOR_LISTS}, got {neighbor_list!r}")
     if neighbor_list == "auto":

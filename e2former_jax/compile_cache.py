@@ -1,4 +1,5 @@
-"""JAX's persistent compilation cache, on by default for the calculator and the command-line tools.
+"""JAX's persistent compilation cache, on by default for the calculator, ``DevicePotential`` and the command-line
+tools.
 
 Compiling the paper model takes tens of seconds on a GPU; with the cache a second process that runs the same
 program (same model config, shapes, jax version and device) loads it from disk instead. The cache lives in
@@ -15,6 +16,7 @@ from pathlib import Path
 import jax
 
 ENV = "E2FORMER_JAX_CACHE_DIR"
+MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def default_cache_dir() -> Path | None:
@@ -28,7 +30,10 @@ def default_cache_dir() -> Path | None:
 
 def enable_compile_cache() -> Path | None:
   """Turns the persistent cache on (idempotent); returns its directory, or None when it is off or the user's
-  own JAX setting is kept. Programs that compile in under a second are not stored (JAX's default)."""
+  own JAX setting is kept. Every program is stored, also those that compile in under a second (JAX's default
+  skips them): a new process otherwise recompiles about a hundred small programs (tables, initialisation,
+  the neighbour search), seconds in all; ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` keeps the user's
+  threshold."""
   if jax.config.jax_compilation_cache_dir:
     return Path(jax.config.jax_compilation_cache_dir)
   path = default_cache_dir()
@@ -39,4 +44,6 @@ def enable_compile_cache() -> Path | None:
   except OSError:  # a read-only home: run without the cache
     return None
   jax.config.update("jax_compilation_cache_dir", str(path))
+  if MIN_COMPILE_TIME_ENV not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return path

@@ -23,14 +23,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from e2former_jax.compile_cache import enable_compile_cache
 from e2former_jax.config import ModelConfig
 from e2former_jax.elements import MAX_ATOMIC_NUMBER
 from e2former_jax.graph import AtomGraph
 from e2former_jax.model import E2Former
-from e2former_jax.neighbors.device import DeviceSlots, SearchCapacity, neighbor_slots, raise_for_bad_input
+from e2former_jax.neighbors.device import (
+  DeviceSlots,
+  SearchCapacity,
+  fit_neighbor_slots,
+  neighbor_slots,
+  raise_for_bad_input,
+)
 from e2former_jax.predict import merge_model, predict, split_model
 
 MORTON_BITS = 10  # per axis: 1024 bins along the longest side of the bounding box
+CAPACITY_HEADROOM = 1.25  # search capacity for 1.25x the bin and candidate counts of the first structure
 
 
 def atom_bucket(num_atoms: int, smallest: int = 32, growth: float = 1.25) -> int:
@@ -167,7 +175,9 @@ class DevicePotential:
   head: str | None = None
 
   def __post_init__(self):
+    enable_compile_cache()
     self.model.head(self.head)  # an unknown head name raises here, naming the model's heads
+    self._probed = set()
     _, self.params, self.elements, _ = split_model(self.model)
     self.cfg = self.model.config
     self.dtype = self.cfg.numpy_dtype
@@ -206,6 +216,9 @@ class DevicePotential:
     z[:n] = numbers
     mask = np.arange(slots_n) < n
     args = (padded.astype(self.dtype), z, mask, cell.astype(self.dtype), np.int32(charge), np.int32(spin))
+    if (slots_n, pbc) not in self._probed:
+      self._probe_capacity(args[0], args[3], mask, pbc)
+      self._probed.add((slots_n, pbc))
     while True:
       fn = _compiled(self.cfg, pbc, self.capacity, self.compute_stress, self.spatial_order, self.head)
       out, slots = jax.device_get(fn(self.params, self.elements, *args))  # one transfer
@@ -221,6 +234,17 @@ class DevicePotential:
       result["stress"] = out["stress"]
     result["num_dropped"] = int(slots.num_dropped)
     return result
+
+  def _probe_capacity(self, positions, cell, mask, pbc) -> None:
+    """Before the first model program of an atom bucket: the search alone (a small program, quick to compile)
+    finds the capacity this structure needs, with ``CAPACITY_HEADROOM``, so the model program is not compiled
+    once for an overflowing default and again for the grown capacity, and nearby structures (an MD run, a
+    relaxation) fit it too."""
+    cfg = self.cfg
+    slots, _ = fit_neighbor_slots(
+      positions, cell, mask, pbc=pbc, cutoff=cfg.cutoff, max_neighbors=cfg.max_neighbors, capacity=self.capacity
+    )
+    self.capacity = self.capacity.grown(slots, headroom=CAPACITY_HEADROOM)
 
   def from_atoms(self, atoms) -> dict:
     """``self(...)`` for an ``ase.Atoms`` (charge and multiplicity from ``atoms.info``, any spelling)."""

@@ -22,8 +22,10 @@ kernels, each a bilinear form over the set of active slots E, with the softmax i
 Each one's derivative in either argument is one of the other two, so each carries a ``custom_vjp`` written with
 the others and reverse mode works to any order (forces, and force matching by reverse over reverse) with these
 three kernels and no others. ``source_sum`` gathers over a by-source list (CSR of capacity N*K, built from the
-neighbour list with a stable sort, on device): deterministic, no atomics. The per-edge softmax derivatives are
-[N, K, H] XLA arrays, the same size as the gate and edge-scale gradients that the backward must return anyway.
+neighbour list with a stable sort, on device): deterministic, no atomics. Its flat slot ids are int32, so the
+backward takes at most ``max_backward_atoms(K)`` = (2**31 - 1) // K atoms; element offsets are 64-bit wherever
+an array needs it (docs/kernel.md §5). The per-edge softmax derivatives are [N, K, H] XLA arrays, the same size
+as the gate and edge-scale gradients that the backward must return anyway.
 The edge set of the values is the valid slots; that of the logits too, except with softmax_max="all_slots",
 where every slot's logit enters the max: then the source that fills the empty slots (the model's padding atom)
 owns a by-source list as long as the number of empty slots, and its program's loop is that long.
@@ -51,6 +53,7 @@ FORWARD_MODE_MESSAGE = (
   "attention_impl='jnp_node'."
 )
 _REGISTER_BUDGET = 4096  # elements of the largest [block, F, heads] tile of the backward kernels
+INT32_MAX = 2**31 - 1  # kernel index values (atoms, slots, flat slot ids) are int32; offsets are not (§5)
 
 
 def _pow2(n: int) -> int:
@@ -350,6 +353,12 @@ def _source_sum_kernel(w_ref, a_ref, order_ref, ptr_ref, out_ref, *, block_n: in
   )
 
 
+def max_backward_atoms(num_slots: int) -> int:
+  """The most target atoms N whose by-source list fits int32 with K = ``num_slots`` slots: its flat slot ids
+  n*K + k and pointers (up to N*K) are int32 (docs/kernel.md §5, "Index range")."""
+  return INT32_MAX // num_slots
+
+
 def source_csr(neighbors: jax.Array, active: jax.Array, num_sources: int) -> tuple[jax.Array, jax.Array]:
   """By-source list of the active slots (jnp; runs on device, for on-device neighbour lists too).
 
@@ -360,7 +369,24 @@ def source_csr(neighbors: jax.Array, active: jax.Array, num_sources: int) -> tup
   Returns:
     order [N*K] int32, the flat slots n*K + k sorted by source (stable, so by target within a source; inactive
     slots last) and ptr [M+1] int32 with source j owning order[ptr[j]:ptr[j+1]].
+  Raises:
+    ValueError: when N*K or M exceeds int32 (N above ``max_backward_atoms(K)``), at trace time.
   """
+  num_n, num_slots = neighbors.shape
+  if num_n * num_slots > INT32_MAX:
+    raise ValueError(
+      f"node_attention (attention_impl='pallas') cannot differentiate {num_n:,} atoms x {num_slots} neighbour "
+      f"slots: the backward's by-source list (order [N*K] = [{num_n * num_slots:,}] int32 flat slot ids n*K + k, "
+      f"ptr [M+1] int32) indexes {num_n * num_slots:,} slots, beyond int32 ({INT32_MAX:,}); with K = {num_slots} "
+      f"it supports at most {max_backward_atoms(num_slots):,} atoms. Split the system, use fewer neighbour slots, "
+      "or attention_impl='jnp_node' (XLA indexes in 64 bits) where memory allows; the forward alone (direct "
+      "forces) has no such limit."
+    )
+  if num_sources > INT32_MAX:
+    raise ValueError(
+      f"node_attention (attention_impl='pallas'): {num_sources:,} source atoms (k and rows [M, ...]) exceed the "
+      f"int32 atom indices of the kernels and of the by-source pointers ptr [M+1] (at most {INT32_MAX:,})."
+    )
   key = jnp.where(active, neighbors, num_sources).reshape(-1).astype(jnp.int32)
   sorted_key, order = lax.sort((key, jnp.arange(key.shape[0], dtype=jnp.int32)), num_keys=1, is_stable=True)
   ptr = jnp.searchsorted(sorted_key, jnp.arange(num_sources + 1, dtype=jnp.int32), side="left")

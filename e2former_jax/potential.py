@@ -38,17 +38,22 @@ from e2former_jax.neighbors.device import (
 from e2former_jax.predict import merge_model, predict, split_model
 
 MORTON_BITS = 10  # per axis: 1024 bins along the longest side of the bounding box
+LARGE_BUCKET_FROM, LARGE_BUCKET_STEP = 65_536, 16_384  # atom slots
 CAPACITY_HEADROOM = 1.25  # search capacity for 1.25x the bin and candidate counts of the first structure
 
 
 def atom_bucket(num_atoms: int, smallest: int = 32, growth: float = 1.25) -> int:
   """Atom slots for ``num_atoms`` real atoms and one padding atom: the smallest of smallest * growth^k, rounded
   up to a multiple of 32, that holds them (32, 64, 96, 128, 160, 192, 256, 320, 384, 480, ...: from 256 atoms
-  on, each bucket is at most 1.3 times the one before, so 27 programs cover every size up to 20,000 atoms)."""
+  on, each bucket is at most 1.3 times the one before, so 27 programs cover every size up to 20,000 atoms).
+  Where that bucket would exceed ``LARGE_BUCKET_FROM`` slots, the buckets are multiples of ``LARGE_BUCKET_STEP``
+  instead: a large system pays fewer padding atoms than that (1.6% at a million), not up to a quarter of its
+  size."""
   need, bucket = num_atoms + 1, float(smallest)
   while int(32 * np.ceil(bucket / 32)) < need:
     bucket *= growth
-  return int(32 * np.ceil(bucket / 32))
+  geometric = int(32 * np.ceil(bucket / 32))
+  return geometric if geometric <= LARGE_BUCKET_FROM else -(-need // LARGE_BUCKET_STEP) * LARGE_BUCKET_STEP
 
 
 def _spread_bits(x: jax.Array) -> jax.Array:

@@ -30,3 +30,17 @@ def test_first_call_compiles_one_model_program():
   moved = positions + np.random.default_rng(1).uniform(-0.2, 0.2, positions.shape)
   potential(moved, numbers)  # a nearby structure fits the headroom: no new program
   assert potential.capacity == grown and potential_module._compiled.cache_info().misses == 1
+
+
+def test_large_systems_pay_little_padding():
+  """Above 65,536 slots the buckets step by 16,384 atoms: every size fits, with less than 16,384 padding atoms
+  (under 2% at a million), and the buckets join the geometric ones below without a gap."""
+  from e2former_jax.potential import LARGE_BUCKET_FROM, LARGE_BUCKET_STEP, atom_bucket
+
+  for n in (LARGE_BUCKET_FROM - 1, LARGE_BUCKET_FROM, 100_000, 250_000, 1_000_000):
+    bucket = atom_bucket(n)
+    assert n + 1 <= bucket
+    if n + 1 > LARGE_BUCKET_FROM:
+      assert bucket % LARGE_BUCKET_STEP == 0 and bucket - (n + 1) < LARGE_BUCKET_STEP
+  assert atom_bucket(1_000_000) / 1_000_001 < 1.02
+  assert atom_bucket(LARGE_BUCKET_FROM) > atom_bucket(LARGE_BUCKET_FROM - 1) >= LARGE_BUCKET_FROM

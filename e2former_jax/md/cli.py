@@ -125,23 +125,57 @@ def _parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--x64", action="store_true", help="jax driver: float64 integrator state (the model keeps its dtype)")
   p.add_argument("--head", help="output head of a multi-head checkpoint (default: its first)")
+  p.add_argument(
+    "--precision",
+    choices=("highest", "tensorfloat32", "bfloat16"),
+    default=None,
+    help="matrix-product precision of the model (default: the checkpoint's; tensorfloat32 is the authors' MD "
+    "setting, about 1.5x faster on an H100/H200 at forces within ~2e-3 of the largest force, benchmarks/RESULTS.md)",
+  )
+  p.add_argument(
+    "--remat",
+    action="store_true",
+    help="recompute each block in the backward pass (conservative forces: about half the memory; large systems)",
+  )
+  p.add_argument(
+    "--edge-chunk",
+    type=int,
+    default=None,
+    metavar="ATOMS",
+    help="run the per-edge MLPs over chunks of this many atoms (less memory for large systems; e.g. 4096)",
+  )
   add_debug_flag(p)
   return p
 
 
+def _runtime_overrides(opts) -> dict:
+  """``--precision``, ``--remat`` and ``--edge-chunk`` as config fields (``checkpoint.RUNTIME_OVERRIDES``)."""
+  out = {}
+  if opts.precision is not None:
+    out["matmul_precision"] = opts.precision
+  if opts.remat:
+    out["remat"] = True
+  if opts.edge_chunk is not None:
+    if opts.edge_chunk < 1:
+      raise UsageError(f"--edge-chunk must be a positive number of atoms, got {opts.edge_chunk}")
+    out["edge_chunk"] = opts.edge_chunk
+  return out
+
+
 def _load_model(opts):
   """(model with ``--head`` as its default head, description)."""
+  overrides = _runtime_overrides(opts)
   if opts.checkpoint:
     from e2former_jax.checkpoint import load_model
 
-    model, name = load_model(opts.checkpoint), str(Path(opts.checkpoint).resolve())
+    model, name = load_model(opts.checkpoint, **overrides), str(Path(opts.checkpoint).resolve())
   else:
     from flax import nnx
 
     from e2former_jax.config import get_config
     from e2former_jax.model import E2Former
 
-    model = E2Former(get_config(opts.random_model), rngs=nnx.Rngs(opts.seed))
+    model = E2Former(get_config(opts.random_model, **overrides), rngs=nnx.Rngs(opts.seed))
     name = f"random {opts.random_model}"
   if opts.head:
     return model.with_default_head(opts.head), f"{name} (head {opts.head})"
@@ -181,8 +215,14 @@ def _prepare(atoms: ase.Atoms, opts) -> ase.Atoms:
   return atoms
 
 
+GPU_MEMORY_FRACTION = "0.95"  # of the device's memory for JAX's allocator, unless the user set it (JAX: 0.75)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   opts = _parser().parse_args(argv)
+  # MD is this process's only work on the device: let the allocator take almost all of it (large systems). Set
+  # before JAX starts its backend; a value the user exported is kept.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
   return run_command("e2former-md", lambda: _run(opts, argv), debug=opts.debug)
 
 
@@ -260,7 +300,8 @@ def _run(opts, argv) -> int:
     f"{device.device_kind}",
     "structure": f"{opts.structure}[{opts.index}] {atoms.get_chemical_formula()} ({len(atoms)} atoms), "
     f"pbc {atoms.pbc.tolist()}",
-    "model": f"{model_name}: cutoff {cfg.cutoff} A, K {cfg.max_neighbors}, forces {cfg.forces}, dtype {cfg.dtype}",
+    "model": f"{model_name}: cutoff {cfg.cutoff} A, K {cfg.max_neighbors}, forces {cfg.forces}, dtype {cfg.dtype}, "
+    f"precision {cfg.matmul_precision}, remat {cfg.remat}, edge_chunk {cfg.edge_chunk}",
     "dynamics": f"{opts.driver} driver, {opts.ensemble}, dt {opts.timestep} fs, {opts.steps} steps"
     + (f", T {opts.temperature} K, friction {opts.friction} 1/fs" if opts.ensemble == "nvt" else ""),
     "units": "energies eV, temperature K, time ps; ns_per_day over the wall time since the previous row",

@@ -47,3 +47,14 @@ def test_untrained_elements_and_bad_checkpoints_are_one_line_errors(tmp_path, ca
   (bad / "meta" / "metadata").write_text("{not json")
   assert cli.main([str(path), "--checkpoint", str(bad)]) == 1
   assert "unreadable checkpoint meta/metadata (JSONDecodeError" in capsys.readouterr().err
+
+
+def test_precision_remat_and_edge_chunk_reach_the_model():
+  model, _ = cli._load_model(options("--precision", "tensorfloat32", "--remat", "--edge-chunk", "64"))
+  assert (model.config.matmul_precision, model.config.remat, model.config.edge_chunk) == ("tensorfloat32", True, 64)
+  checkpoint = options("--edge-chunk", "16")
+  checkpoint.random_model, checkpoint.checkpoint = None, str(DEMO_CHECKPOINT)
+  model, _ = cli._load_model(checkpoint)
+  assert model.config.edge_chunk == 16 and model.config.matmul_precision == "highest"  # the checkpoint's
+  with pytest.raises(cli.UsageError, match="--edge-chunk must be a positive number of atoms, got 0"):
+    cli._load_model(options("--edge-chunk", "0"))

@@ -1,4 +1,4 @@
-"""Edge geometry shared by all layers: per-slot vectors and distances, radial basis, cutoff envelope."""
+"""Edge geometry shared by all layers: per-slot vectors and distances, cutoff envelope, radial basis."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from e2former_jax.graph import AtomGraph
 
 
 @functools.partial(
-  jax.tree_util.register_dataclass, data_fields=["vectors", "distance", "valid", "envelope", "rbf"], meta_fields=[]
+  jax.tree_util.register_dataclass,
+  data_fields=["vectors", "distance", "valid", "envelope"],
+  meta_fields=["basis"],
 )
 @dataclasses.dataclass(frozen=True)
 class EdgeGeometry:
@@ -24,14 +26,20 @@ class EdgeGeometry:
     distance: [N, K] |r_ij| (Angstrom; 1 where not valid, so divisions stay finite).
     valid: [N, K] slot holds a neighbour within the cutoff.
     envelope: [N, K] phi(|r_ij|), 0 where not valid.
-    rbf: [N, K, num_basis] Gaussian basis of |r_ij|.
+    basis: (cutoff, num_basis, width) of the Gaussian radial basis (static).
   """
 
   vectors: jax.Array
   distance: jax.Array
   valid: jax.Array
   envelope: jax.Array
-  rbf: jax.Array
+  basis: tuple[float, int, float]
+
+  @property
+  def rbf(self) -> jax.Array:
+    """[N, K, num_basis] Gaussian basis of |r_ij|, computed where it is read: inside a chunk of atoms
+    (``chunking.py``) only the chunk's basis exists, in the forward pass and in the backward pass."""
+    return gaussian_basis(self.distance, *self.basis)
 
 
 def gaussian_basis(distance: jax.Array, cutoff: float, num_basis: int, width: float) -> jax.Array:
@@ -69,5 +77,5 @@ def edge_geometry(graph: AtomGraph, cfg: ModelConfig) -> EdgeGeometry:
   valid = graph.neighbor_mask & (squared <= cfg.cutoff**2) & (squared > 0)
   distance = jnp.sqrt(jnp.where(valid, squared, 1.0))
   envelope = jnp.where(valid, cutoff_envelope(distance, cfg.cutoff, cfg.envelope), 0.0)
-  rbf = gaussian_basis(distance, cfg.cutoff, cfg.num_basis, cfg.basis_width)
-  return EdgeGeometry(vectors=vectors, distance=distance, valid=valid, envelope=envelope, rbf=rbf)
+  basis = (cfg.cutoff, cfg.num_basis, cfg.basis_width)
+  return EdgeGeometry(vectors=vectors, distance=distance, valid=valid, envelope=envelope, basis=basis)

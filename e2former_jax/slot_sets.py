@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from e2former_jax.attention import ShiftSlots
 from e2former_jax.config import ModelConfig
-from e2former_jax.geometry import EdgeGeometry, cutoff_envelope, gaussian_basis
+from e2former_jax.geometry import EdgeGeometry, cutoff_envelope
 from e2former_jax.graph import AtomGraph
 
 HYDROGEN = 1
@@ -60,8 +60,8 @@ def slot_geometry(
   squared = jnp.sum(vectors**2, axis=-1)
   distance = jnp.sqrt(jnp.where(valid, squared, 1.0))
   phi = jnp.where(valid, cutoff_envelope(distance, cutoff, cfg.envelope), 0.0) if envelope else jnp.zeros_like(distance)
-  rbf = gaussian_basis(distance, cutoff, cfg.num_basis, cfg.basis_width)
-  return EdgeGeometry(vectors=vectors, distance=distance, valid=valid, envelope=phi, rbf=rbf)
+  basis = (cutoff, cfg.num_basis, cfg.basis_width)
+  return EdgeGeometry(vectors=vectors, distance=distance, valid=valid, envelope=phi, basis=basis)
 
 
 def long_range_slots(graph: AtomGraph, cfg: ModelConfig) -> tuple[jax.Array, EdgeGeometry]:

@@ -16,8 +16,10 @@ from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
 from e2former_jax.predict import make_predict_fn
 
-# The artifact is the same XLA program compiled again after reloading: float32 results agree to round-off.
-TOL = 1e-6
+# The artifact holds the weights as constants, which XLA folds into the program (products of constant tables
+# come out precomputed), so it is the same function in another operation order: float32 round-off of a different
+# summation order, 1e-5 relative as every other comparison across programs (measured up to 4.4e-6).
+TOL = 1e-5
 
 
 @pytest.fixture(scope="module")

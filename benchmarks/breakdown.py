@@ -10,9 +10,11 @@ Parts (each jitted alone on the benchmark structure of ``benchmarks/model.py``, 
   node-level work (queries, keys, values, path linears, FFN, norms), EAAS products and the heads.
 
 ``--mode direct`` times forward passes; ``--mode conservative`` times each part's forward + VJP (what the force
-needs of it) and the model's E + conservative F. FLOPs and bytes are XLA's ``cost_analysis`` of each compiled
-part; the floors are FLOPs / ``--peak-tflops`` and bytes / ``--peak-tbs`` (docs/performance.md). Medians of
-``--repeats`` after 2 warm-ups, each ended by ``block_until_ready``.
+needs of it) and the model's E + conservative F. FLOPs are XLA's ``cost_analysis`` of each part's program as
+lowered (the optimised GPU program no longer counts the matrix products it hands to cuBLAS; Pallas kernels are
+not counted either), bytes that of the compiled program (after fusion); the floors are FLOPs / ``--peak-tflops``
+and bytes / ``--peak-tbs`` (docs/performance.md). Medians of ``--repeats`` after 2 warm-ups, each ended by
+``block_until_ready``.
 
   PYTHONPATH=$PWD python benchmarks/breakdown.py --atoms 4096 16384 --mode direct conservative --json $OUT/b.jsonl
 """
@@ -47,6 +49,13 @@ def _median_ms(fn, args, repeats):
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times) * 1e3
+
+
+def _cost(stage) -> dict:
+  """XLA's cost analysis of a lowered or compiled program, as floats."""
+  cost = stage.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, list) else cost
+  return {k: float(v) for k, v in cost.items()}
 
 
 def _with_vjp(f):
@@ -153,10 +162,10 @@ def main():
       rows, total = [], {}
       for name, (fn, fargs) in parts(model, graph).items():
         f = fn if (mode == "direct" or name == "model") else _with_vjp(fn)
-        compiled = jax.jit(f).lower(*fargs).compile()
-        cost = compiled.cost_analysis() or {}
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+        lowered = jax.jit(f).lower(*fargs)
+        compiled = lowered.compile()
+        flops = _cost(lowered).get("flops", 0.0)  # before GPU rewrites hand the products to cuBLAS (uncounted)
+        nbytes = _cost(compiled).get("bytes accessed", 0.0)  # after fusion
         ms = _median_ms(compiled, fargs, args.repeats)
         total[name] = ms
         floor = max(flops / (args.peak_tflops * 1e12), nbytes / (args.peak_tbs * 1e12)) * 1e3

@@ -14,7 +14,7 @@ from e2former_jax.config import ModelConfig, get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
 from e2former_jax.potential import DevicePotential
-from e2former_jax.predict import make_predict_fn
+from e2former_jax.predict import make_predict_fn, reference_table, total_energy_float64
 from e2former_jax.system_keys import SYSTEM_KEYS
 from e2former_jax.trained_domain import TrainedDomain
 
@@ -161,10 +161,13 @@ class E2FormerCalculator(Calculator):
     graph, beyond = graph_from_atoms(
       [atoms], cfg.cutoff, cfg.max_neighbors, num_atoms=num_atoms, num_graphs=2, dtype=cfg.numpy_dtype
     )
-    if want_stress not in self._predict:
-      self._predict[want_stress] = make_predict_fn(self.model, compute_stress=want_stress, head=self.head)
-    out = jax.device_get(self._predict[want_stress](graph))
-    result = {"energy": float(out["energy"][0]), "forces": out["forces"][: len(atoms)], "num_dropped": beyond}
+    if want_stress not in self._predict:  # the weights and the references are read together, here
+      fn = make_predict_fn(self.model, compute_stress=want_stress, head=self.head)
+      self._predict[want_stress] = fn, reference_table(self.model, self.head)
+    fn, references = self._predict[want_stress]
+    out = jax.device_get(fn(graph))
+    energy = total_energy_float64(out["energy_above_reference"][0], atoms.numbers, references)
+    result = {"energy": energy, "forces": out["forces"][: len(atoms)], "num_dropped": beyond}
     if want_stress:
       result["stress"] = out["stress"][0]
     return result

@@ -254,7 +254,8 @@ class E2Former(nnx.Module):
   ) -> dict:
     """Per-atom outputs of head ``head`` (None: the default head).
 
-    Returns a dict with "atom_energy" [N] (eV, 0 for padding), "features" [N, (L+1)^2, C] (the backbone
+    Returns a dict with "atom_energy" [N] (eV, 0 for padding), "atom_energy_above_reference" [N] (the same
+    without the head's element reference energy, eV), "features" [N, (L+1)^2, C] (the backbone
     output: after the final norm, or the long-range blocks' output), "direct_forces" [N, 3] (eV/A, direct
     heads only), "attention" (list of [N, K, H] per short-range layer, with ``return_attention``) and "stages"
     (with ``return_stages``: node features after the edge-degree embedding, each block and at the end, keys
@@ -280,8 +281,13 @@ class E2Former(nnx.Module):
       x = self.long_range(x, system, graph, stages)
     else:
       x = self.final_norm(x)
-    atom_energy = atomic_energy(parts.energy_head, x[:, 0, :]) + parts.element_energy[...][graph.numbers]
-    out = {"atom_energy": jnp.where(graph.atom_mask, atom_energy, 0.0), "features": x}
+    above_reference = atomic_energy(parts.energy_head, x[:, 0, :])
+    atom_energy = above_reference + parts.element_energy[...][graph.numbers]
+    out = {
+      "atom_energy": jnp.where(graph.atom_mask, atom_energy, 0.0),
+      "atom_energy_above_reference": jnp.where(graph.atom_mask, above_reference, 0.0),
+      "features": x,
+    }
     if cfg.forces == "direct":
       out["direct_forces"] = jnp.where(graph.atom_mask[:, None], parts.force_head(x), 0.0)
     if return_attention:

@@ -35,7 +35,7 @@ from e2former_jax.neighbors.device import (
   neighbor_slots,
   raise_for_bad_input,
 )
-from e2former_jax.predict import merge_model, predict, split_model
+from e2former_jax.predict import merge_model, predict, reference_table, split_model, total_energy_float64
 
 MORTON_BITS = 10  # per axis: 1024 bins along the longest side of the bounding box
 LARGE_BUCKET_FROM, LARGE_BUCKET_STEP = 65_536, 16_384  # atom slots
@@ -153,7 +153,10 @@ def _compiled(
       spatial_order=spatial_order,
     )
     out = predict(merge_model(cfg, params, elements), graph, compute_stress, head)
-    result = {"energy": out["energy"][0], "forces": jnp.zeros_like(out["forces"]).at[order].set(out["forces"])}
+    result = {
+      "energy_above_reference": out["energy_above_reference"][0],
+      "forces": jnp.zeros_like(out["forces"]).at[order].set(out["forces"]),
+    }
     if compute_stress:
       result["stress"] = out["stress"][0]
     return result, slots.replace(neighbors=None, mask=None, shift=None)  # the search's report: scalars only
@@ -186,6 +189,7 @@ class DevicePotential:
     _, self.params, self.elements, _ = split_model(self.model)
     self.cfg = self.model.config
     self.dtype = self.cfg.numpy_dtype
+    self.references = reference_table(self.model, self.head)
 
   def __call__(self, positions, numbers, cell=None, pbc=(False, False, False), charge: int = 0, spin: int = 1) -> dict:
     """Outputs for one structure.
@@ -234,7 +238,8 @@ class DevicePotential:
       if grown == self.capacity:  # what fit_neighbor_slots bounds with max_attempts: never rebuild in a loop
         raise RuntimeError(f"the device neighbour search overflows and its capacity cannot grow ({grown})")
       self.capacity = grown
-    result = {"energy": float(out["energy"]), "forces": out["forces"][:n]}
+    energy = total_energy_float64(out["energy_above_reference"], numbers, self.references)
+    result = {"energy": energy, "forces": out["forces"][:n]}
     if self.compute_stress:
       result["stress"] = out["stress"]
     result["num_dropped"] = int(slots.num_dropped)

@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from e2former_jax.config import ModelConfig
@@ -64,7 +65,9 @@ def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False, hea
   """Energies, forces and (optionally) stress of a padded batch, from head ``head`` (None: the default head).
 
   Returns:
-    "energy": [G] eV; "forces": [N, 3] eV/A (conservative -dE/dx, or the direct head);
+    "energy": [G] eV; "energy_above_reference": [G] eV, the energy less the structure's element reference
+    energies (``total_energy_float64`` adds them on the host); "forces": [N, 3] eV/A (conservative -dE/dx, or
+    the direct head);
     with ``compute_stress`` also "stress": [G, 3, 3] eV/A^3 (1/V dE/d strain with V = |det(cell)|; for a
     structure periodic along some lattice vectors only, such as a slab, its components within the span of
     those vectors, P (1/V dE/d strain) P with P the projector onto that span; zero for molecules and for cells
@@ -82,7 +85,8 @@ def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False, hea
   else:
     _, (energy, out) = energy_of(graph.positions, strain)
     grads = None
-  result = {"energy": energy}
+  above = jax.ops.segment_sum(out["atom_energy_above_reference"], graph.graph_index, graph.num_graphs)
+  result = {"energy": energy, "energy_above_reference": jnp.where(graph.graph_mask, above, 0.0)}
   if model.config.forces == "conservative":
     result["forces"] = jnp.where(graph.atom_mask[:, None], -grads[0], 0.0)
   else:
@@ -97,6 +101,22 @@ def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False, hea
       periodic[:, None, None], p @ d_strain @ p / jnp.where(periodic, volume, 1.0)[:, None, None], 0.0
     )
   return result
+
+
+def reference_table(model: E2Former, head: str | None = None) -> np.ndarray:
+  """Head ``head``'s element reference energies by atomic number, float64 (eV)."""
+  return np.asarray(model.head(head).element_energy[...], np.float64)
+
+
+def total_energy_float64(energy_above_reference: float, numbers: np.ndarray, table: np.ndarray) -> float:
+  """One structure's energy (eV) with its element references summed on the host in float64.
+
+  The element references of a model trained on total energies are large (about -1,036 eV per carbon atom in
+  the authors' tables), so a float32 total of a few hundred atoms already rounds to 0.01 eV and of a million
+  atoms to 0.5 eV. The device sums only the part above the references (float32, small); the references are
+  added here exactly.
+  """
+  return float(energy_above_reference) + float(np.sum(table[np.asarray(numbers)]))
 
 
 @functools.cache

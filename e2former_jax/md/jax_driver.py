@@ -48,7 +48,7 @@ from e2former_jax.model import E2Former
 from e2former_jax.neighbors import skin as nl
 from e2former_jax.neighbors.device import SearchCapacity
 from e2former_jax.potential import morton_order
-from e2former_jax.predict import predict
+from e2former_jax.predict import predict, reference_table, total_energy_float64
 from e2former_jax.system_keys import charge_and_multiplicity
 
 ENSEMBLES = ("nve", "nvt")
@@ -63,7 +63,8 @@ class MDState:
     positions: [N, 3] Angstrom, never wrapped into the cell.
     velocities: [N, 3] Angstrom per ASE time unit.
     forces: [N, 3] eV/A at ``positions``.
-    potential_energy: eV at ``positions``.
+    potential_energy: eV at ``positions``, less the element reference energies of the atoms (constant along a
+      run: the host adds them in float64 where it reports energies, so the device never rounds a large total).
     masses: [N] amu (1 for padding).
     numbers: [N] int32 atomic numbers (0 for padding).
     order: [N] int32 input atom held by each slot.
@@ -184,7 +185,7 @@ def _chunk(
     idx, mask, shift, beyond, neighbors = nl.nearest_slots(spec, s.neighbors, s.positions, cell)
     out = predict(model, _graph(system, s.positions, s.numbers, idx, mask, shift, model_dtype))
     forces = jnp.where(atom_mask[:, None], out["forces"].astype(s.positions.dtype), 0.0)
-    energy = out["energy"][0].astype(s.positions.dtype)
+    energy = out["energy_above_reference"][0].astype(s.positions.dtype)
     return s.replace(forces=forces, potential_energy=energy, neighbors=neighbors), beyond
 
   def step(s: MDState, dt):
@@ -315,6 +316,7 @@ class JaxMD:
     self.spatial_order = bool(spatial_order)
     self.limits = BlowUpLimits() if limits is None else limits
     self._symbols = atoms.get_chemical_symbols()
+    self._reference_energy = total_energy_float64(0.0, atoms.numbers, reference_table(model))
     self._info = dict(atoms.info)
     self._cell = atoms.cell.array.copy()
     self._pbc = atoms.pbc.copy()
@@ -384,7 +386,7 @@ class JaxMD:
         temperature=guard.temperature_limit,
         force=guard.force_limit,
         drift=guard.drift_limit,
-        start_total=guard.start_total,
+        start_total=guard.start_total - self._reference_energy,  # the device's energies leave the references out
       )
     return {k: jnp.asarray(v, self.dtype) for k, v in values.items()}
 
@@ -421,7 +423,7 @@ class JaxMD:
     if dt > 0:
       self.step_count += taken  # before the guard's check, so a stopped run knows where it stopped
     rows = {k: np.asarray(observed[k])[:taken] for k in ("potential", "kinetic", "max_force", "beyond_k", "builds")}
-    rows["potential"] = rows["potential"].astype(np.float64)
+    rows["potential"] = rows["potential"].astype(np.float64) + self._reference_energy
     rows["kinetic"] = rows["kinetic"].astype(np.float64)
     rows["step"] = steps
     rows["time_fs"] = steps * self.timestep_fs
@@ -531,7 +533,9 @@ class JaxMD:
     atoms.set_velocities(self._input_order(np.asarray(self.state.velocities, np.float64)))
     if self.initialised:
       forces = self._input_order(np.asarray(self.state.forces, np.float64))
-      atoms.calc = SinglePointCalculator(atoms, energy=float(self.state.potential_energy), forces=forces)
+      atoms.calc = SinglePointCalculator(
+        atoms, energy=float(self.state.potential_energy) + self._reference_energy, forces=forces
+      )
     return atoms
 
   def neighbor_slots(self):

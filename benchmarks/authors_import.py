@@ -32,6 +32,7 @@ from flax import nnx
 
 from benchmarks.end_to_end import device_path, host_path, median_ms
 from benchmarks.model import random_structure
+from benchmarks.report import emit, stamp
 from e2former_jax.authors.importer import constants, import_authors_checkpoint
 from e2former_jax.authors.yaml_config import translate
 from e2former_jax.config import get_config
@@ -116,12 +117,9 @@ def main():
         e_host, f_host = host_call(structure)
         row["energy_rel_diff"] = float(abs(e_dev - e_host) / max(abs(e_host), 1e-30))
         row["force_rel_diff"] = float(np.abs(f_dev - f_host).max() / np.abs(f_host).max())
-        row.update(device=device.device_kind, date=time.strftime("%Y-%m-%d"), jax=jax.__version__)
+        stamp(row)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-          with open(args.json, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        emit(row, args.json)
   print(f"\n{device.device_kind}, jax {jax.__version__}")
   head = ["model", "atoms", "forces", "precision", "device_ms", "first_call_s", "force_rel_diff"]
   print(" | ".join(head))

@@ -21,7 +21,6 @@ Also timed: the device neighbour search alone (``--slots``), as a share of the d
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.model import random_structure
+from benchmarks.report import emit, stamp
 from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
@@ -134,12 +134,9 @@ def main():
           row["force_rel_diff"] = float(np.abs(f1 - f0).max() / np.abs(f0).max())
         if args.slots:
           row["slots_ms"] = round(slots_ms(structure, cfg, args.repeats), 3)
-        row.update(device=device.device_kind, date=time.strftime("%Y-%m-%d"), jax=jax.__version__)
+        stamp(row)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-          with open(args.json, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        emit(row, args.json)
   print(f"\n{device.device_kind}, jax {jax.__version__}, python {platform.python_version()}")
   head = ["atoms", "forces", "precision", *[f"{p}_ms" for p in args.paths], "force_rel_diff"]
   head += ["slots_ms"] if args.slots else []

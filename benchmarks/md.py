@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import platform
 import statistics
@@ -48,6 +47,7 @@ import numpy as np
 from flax import nnx
 from scipy.spatial.transform import Rotation
 
+from benchmarks.report import emit, stamp
 from e2former_jax.config import get_config
 from e2former_jax.md import BlowUpLimits, JaxMD
 from e2former_jax.md.ase_driver import simulated_ns_per_day
@@ -162,12 +162,9 @@ def main():
             except jax.errors.JaxRuntimeError as err:  # out of device memory, most likely
               row["failed"] = " ".join(str(err).split())[:300]
               gc.collect()  # the failed configuration's buffers
-          row.update(device=device.device_kind, date=time.strftime("%Y-%m-%d"), jax=jax.__version__)
+          stamp(row)
           rows.append(row)
-          print(json.dumps(row), flush=True)
-          if args.json:
-            with open(args.json, "a") as fh:
-              fh.write(json.dumps(row) + "\n")
+          emit(row, args.json)
   print(f"\nMD throughput, {device.device_kind}, jax {jax.__version__}, python {platform.python_version()}, ", end="")
   print(f"{TIMESTEP_FS} fs, skin {args.skin} A, a list build every {args.rebuild_every} steps")
   head = ["atoms", "preset", "forces", "precision", "atom_steps_per_s", "ns_per_day", "ms_per_step", "compile_s"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import time
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.model import random_structure
+from benchmarks.report import emit
 from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
@@ -117,10 +117,7 @@ def main():
         row.update(run_once(compiled, call_args))
       sizes[n] = row["temp_mib"] + row["args_mib"] + row["out_mib"]
       rows.append(row)
-      print(json.dumps(row), flush=True)
-      if args.json:
-        with open(args.json, "a") as fh:
-          fh.write(json.dumps(row) + "\n")
+      emit(row, args.json)
     if len(sizes) > 1:
       (n0, b0), (n1, b1) = sorted(sizes.items())[0], sorted(sizes.items())[-1]
       print(

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import statistics
 import time
@@ -47,6 +46,7 @@ import optax
 from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx
 
+from benchmarks.report import emit
 from e2former_jax.config import get_config
 from e2former_jax.data.batching import Bucket, batch_from_atoms
 from e2former_jax.graph import graph_from_atoms
@@ -195,10 +195,7 @@ def main():
     result["check_vs"] = other
     result["energy_rel_diff"] = float(jnp.max(jnp.abs(other_energy - energy)) / jnp.max(jnp.abs(energy)))
     result["force_rel_diff"] = float(jnp.max(jnp.abs(other_forces - forces_)) / jnp.max(jnp.abs(forces_)))
-  print(json.dumps(result), flush=True)
-  if args.json:
-    with open(args.json, "a") as f:
-      f.write(json.dumps(result) + "\n")
+  emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+from kernel_helpers import PAPER, attention_inputs, cuda_lowering
 
 from pallas_kernels.jnp_dense import jnp_dense_attention as dense_node_attention
 from pallas_kernels.jnp_node import jnp_node_attention as node_attention_ref
@@ -173,32 +172,19 @@ def test_forward_mode_fails_with_clear_message():
 # CUDA lowering on the CPU host (an abstract H100): Pallas-to-Triton errors fail here, not on the GPU.
 # ---------------------------------------------------------------------------------------------------------
 
-H100 = AbstractMesh(
-  (1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-)
 TRITON_CALL = "__gpu$xla.gpu.triton"
-PAPER = dict(h=128, d=8, c=256, r=29, k=32)
+PAPER_SLOTS = 32
+ORDER = ("q", "k", "gate", "edge_scale", "envelope", "valid", "neighbors", "rows", "shifts")  # node_attention's
 
 
 def _lower_for_cuda(fn, *args) -> str:
-  with warnings.catch_warnings(), use_abstract_mesh(H100):
-    warnings.simplefilter("ignore", DeprecationWarning)  # every Triton lowering warns about the backend
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return cuda_lowering(fn, *args).as_text()
 
 
-def _abstract_inputs(n, k, h, d, c, r, s):
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  return (
-    f32(n, h, d),
-    f32(n, h, d),
-    f32(n, k, h),
-    f32(n, k, h),
-    f32(n, k),
-    jax.ShapeDtypeStruct((n, k), jnp.bool_),
-    jax.ShapeDtypeStruct((n, k), jnp.int32),
-    f32(n, r, c),
-    f32(n, k, 3) if s else None,
-  )
+def _abstract_inputs(n, s):
+  """The paper's sizes for N atoms (K = 32); image shifts when there are ``s`` shift rows."""
+  inputs = attention_inputs(n, PAPER_SLOTS, **PAPER, shifts=bool(s))
+  return tuple(inputs[name] for name in ORDER)
 
 
 def _kernel_names(text: str) -> set[str]:
@@ -209,7 +195,7 @@ def _kernel_names(text: str) -> set[str]:
 @pytest.mark.parametrize("softmax_max,s", [("valid", 0), ("all_slots", 9)])
 def test_every_kernel_lowers_for_cuda(softmax_max, s):
   """Forward kernel, the three backward kernels and their second-order uses, at the paper's sizes."""
-  args = _abstract_inputs(64, **PAPER, s=s)
+  args = _abstract_inputs(64, s)
 
   def loss(q, k, gate, scale, env, rows, shifts, valid, neighbors):
     out = node_attention(
@@ -245,8 +231,8 @@ def _large_buffers(text: str, threshold: int, skip_ops=("custom_call", "reshape"
 def test_forward_holds_no_per_edge_buffer():
   """At N=4096 and the paper's sizes nothing of N*K*H/2 elements or more exists outside the kernel."""
   n = 4096
-  args = _abstract_inputs(n, **PAPER, s=0)
-  threshold = n * PAPER["k"] * PAPER["h"] // 2
+  args = _abstract_inputs(n, 0)
+  threshold = n * PAPER_SLOTS * PAPER["h"] // 2
   kernel = lambda *a: node_attention(*a, interpret=False)
   kernel_text = _lower_for_cuda(kernel, *args)
   assert _kernel_names(kernel_text) == {"_forward_kernel"}

@@ -14,7 +14,6 @@ lowered for CUDA against an abstract H100 on the CPU host.
 from __future__ import annotations
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -22,31 +21,17 @@ import pytest
 from jax._src.interpreters import mlir  # the Triton dialect's context, to read the kernels back (jax pinned)
 from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as tt_dialect
-from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+from kernel_helpers import PAPER, attention_inputs, cuda_lowering
 
 from pallas_kernels.pallas import INT32_MAX, max_backward_atoms, pallas_node_attention
 
-PAPER = dict(h=128, d=8, c=256, r=29)  # heads, key size, channels, rows per atom of the paper model
-H100 = AbstractMesh(
-  (1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-)
+# The order of ``_loss``'s arguments: the differentiable ones first.
+ORDER = ("q", "k", "gate", "edge_scale", "envelope", "rows", "shifts", "valid", "neighbors")
 
 
 def _abstract_inputs(n, k, h, d, c, r, m=None, shifts=False):
-  """(q, k, gate, edge_scale, envelope, rows, shifts, valid, neighbors) of N targets, M sources, K slots."""
-  m = n if m is None else m
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  return (
-    f32(n, h, d),
-    f32(m, h, d),
-    f32(n, k, h),
-    f32(n, k, h),
-    f32(n, k),
-    f32(m, r, c),
-    f32(n, k, 3) if shifts else None,
-    jax.ShapeDtypeStruct((n, k), jnp.bool_),
-    jax.ShapeDtypeStruct((n, k), jnp.int32),
-  )
+  inputs = attention_inputs(n, k, h, d, c, r, m=m, shifts=shifts)
+  return tuple(inputs[name] for name in ORDER)
 
 
 def _loss(q, k, gate, scale, env, rows, shifts, valid, neighbors, interpret=None):
@@ -103,9 +88,7 @@ def _operations(op):
 
 def _triton_kernels(fn, *args):
   """[(kernel name, Triton module, shapes of its arguments: operands then results)] of a CUDA lowering."""
-  with warnings.catch_warnings(), use_abstract_mesh(H100):
-    warnings.simplefilter("ignore", DeprecationWarning)  # every Triton lowering warns about the backend
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  lowered = cuda_lowering(fn, *args)
   context = mlir.JaxIrContext()
   context.append_dialect_registry(mlir.upstream_dialects)
   tt_dialect.register_dialect(context)

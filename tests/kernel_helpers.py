@@ -1,0 +1,38 @@
+"""Shared by the kernel tests: the CUDA lowering of a function on the CPU host (an abstract H100: Pallas kernels
+are lowered to Triton, not compiled), and abstract inputs of the attention op (nothing allocated)."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+PAPER = dict(h=128, d=8, c=256, r=29)  # heads, key size, channels, rows per atom of the paper model
+H100 = AbstractMesh(
+  (1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+)
+
+
+def cuda_lowering(fn, *args):
+  """``jax.jit(fn)`` on ``args`` lowered for CUDA against the abstract H100 (a ``jax.stages.Lowered``)."""
+  with warnings.catch_warnings(), use_abstract_mesh(H100):
+    warnings.simplefilter("ignore", DeprecationWarning)  # every Triton lowering warns about the backend
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def attention_inputs(n, k, h, d, c, r, *, m=None, shifts=False) -> dict:
+  """Abstract inputs of ``node_attention`` by name: N targets, M sources (default N), K slots, H heads of key
+  size d, rows [M, r, c], image shifts [N, K, 3] when ``shifts`` (else None)."""
+  m = n if m is None else m
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  return dict(
+    q=f32(n, h, d),
+    k=f32(m, h, d),
+    gate=f32(n, k, h),
+    edge_scale=f32(n, k, h),
+    envelope=f32(n, k),
+    valid=jax.ShapeDtypeStruct((n, k), jnp.bool_),
+    neighbors=jax.ShapeDtypeStruct((n, k), jnp.int32),
+    rows=f32(m, r, c),
+    shifts=f32(n, k, 3) if shifts else None,
+  )

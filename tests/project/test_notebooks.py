@@ -101,10 +101,36 @@ def test_performance_reads_both_layouts(tmp_path):
     dict(mode="infer", atoms=64, impl="jnp_dense", ms=30.0, device="cpu", deterministic=True),
   ]
   (tmp_path / "model_y.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  other = {  # breakdown.py, precision.py, authors_import.py and memory.py with edge chunks
+    "breakdown_z.jsonl": [
+      dict(part="gates", ms=5.0, atoms=4096, mode="direct"),
+      dict(part="model", ms=24.0, atoms=4096, mode="direct"),
+    ],
+    "precision_z.jsonl": [dict(case="paper_direct", precision="highest", ms=33.0, force_rel_dev=0.0, atoms=4096)],
+    "authors_z.jsonl": [dict(model="v15", atoms=1024, forces="conservative", precision="highest", device_ms=22.0)],
+    "memory_z.jsonl": [
+      dict(
+        mode="conservative",
+        remat="on",
+        edge_chunk=4096,
+        atoms=32768,
+        temp_mib=1.0,
+        args_mib=1.0,
+        out_mib=0.0,
+        ms=1000.0,
+      )
+    ],
+  }
+  for name, rows_of_file in other.items():
+    (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows_of_file))
   nb = execute("performance.ipynb", env={"E2FORMER_RESULTS_DIR": str(tmp_path)})
   text = text_of(nb)
+  assert "breakdown_z\n  device: not named\n  2 rows, N = [4096], paths ['gates', 'model'], cases ['direct']" in text
+  assert "precision_z\n  device: not named\n  1 rows, N = [4096], paths ['highest'], cases ['paper_direct']" in text
+  assert "authors_z\n  device: not named\n  1 rows, N = [1024], paths ['v15']" in text
+  assert "paths ['remat on, edge_chunk 4096'], cases ['conservative']" in text
   assert "3 rows, N = [1024, 8192], paths ['jnp_node', 'pallas']" in text
   assert "cases ['infer', 'infer deterministic']" in text
   assert "N=  1,024 forward                  pallas       4.00x" in text
   assert "N=     64 infer                    jnp_dense    4.00x" in text
-  assert figures(nb) == 2
+  assert figures(nb) == 6

@@ -48,7 +48,12 @@ def test_edge_chunk_changes_no_result(gate, softmax_max):
   results = []
   for edge_chunk in (0, 7):
     cfg = get_config(
-      "small", **TINY, gate=gate, softmax_max=softmax_max, attention_impl="jnp_node", edge_chunk=edge_chunk
+      "small",
+      **{**TINY, "num_layers": 1},  # one block exercises the chunked gate as well as two
+      gate=gate,
+      softmax_max=softmax_max,
+      attention_impl="jnp_node",
+      edge_chunk=edge_chunk,
     )
     model = E2Former(cfg, rngs=nnx.Rngs(0))
     graph, _ = graph_from_atoms(structures, cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, NUM_GRAPHS + 1)

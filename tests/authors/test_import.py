@@ -17,6 +17,7 @@ from authors_helpers import (
   comparisons,
   config_path,
   evaluate,
+  evaluate_together,
   key_list,
   key_list_config,
   molecules,
@@ -184,14 +185,24 @@ def test_escn_heads_are_refused():
     translate(config)
 
 
-@pytest.mark.parametrize("impl", ["jnp_dense", "jnp_edge", "pallas"])
+IMPLS = ("jnp_dense", "jnp_edge", "pallas")  # compared with jnp_node; pallas in interpret mode on the CPU
+
+
+@functools.cache
+def attention_paths(name: str) -> dict:
+  """attention_impl -> ``evaluate`` of the fixture's molecules, the imported weights on every other path than
+  jnp_node, in one compiled call."""
+  graph = batch(imported(name), molecules(name))
+  return dict(zip(IMPLS, evaluate_together([imported(name, impl) for impl in IMPLS], graph), strict=True))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_every_attention_path_gives_the_same_results(impl):
   """First-order and zero-order (long-range) blocks on every path (pallas in interpret mode on the CPU) against
   jnp_node; the e2formerv2 shift and the other weight variants on every path: tests/ops/test_attention_variants.py."""
   name = "main_reduced_qk_lsr"
-  reference, other = imported(name), imported(name, impl)
-  graph = batch(reference, molecules(name))
-  expected, result = evaluate(reference, graph), evaluate(other, graph)
+  reference = imported(name)
+  expected, result = evaluate(reference, batch(reference, molecules(name))), attention_paths(name)[impl]
   for head in reference.config.heads:
     for key in ("energy", "atom_energy", "forces_autograd"):
       assert relative(result[head][key], expected[head][key]) <= TOL_PATHS, (head, key)

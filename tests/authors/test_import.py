@@ -16,7 +16,6 @@ from authors_helpers import (
   checkpoint_path,
   comparisons,
   config_path,
-  evaluate,
   evaluate_together,
   key_list,
   key_list_config,
@@ -71,11 +70,27 @@ def with_attention(model, attention_impl):
   return other
 
 
-@pytest.mark.parametrize("name", sorted(BRANCHES))
+FIXTURE_NAMES = sorted(BRANCHES)
+
+
+def every_fixture(**models) -> dict:
+  """Fixture name -> ``evaluate`` of its imported model on its molecules, every fixture in one compiled call (one
+  program for the float32 comparisons of this file); ``models`` puts another model of a fixture's config (other
+  weights or element energies) in that fixture's place, through the same program."""
+  chosen = [models[name] if name in models else imported(name) for name in FIXTURE_NAMES]
+  graphs = [batch(model, molecules(name)) for model, name in zip(chosen, FIXTURE_NAMES, strict=True)]
+  return dict(zip(FIXTURE_NAMES, evaluate_together(chosen, graphs), strict=True))
+
+
+@functools.cache
+def imported_outputs() -> dict:
+  """``every_fixture()``, computed once."""
+  return every_fixture()
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_float32_outputs_equal_the_authors(name):
-  model = imported(name)
-  graph = batch(model, molecules(name))
-  for head, result in evaluate(model, graph).items():
+  for head, result in imported_outputs()[name].items():
     errors = comparisons(name, result, head, "float32")
     assert max(errors.values()) <= TOL32, {k: f"{v:.2e}" for k, v in errors.items() if v > TOL32}
 
@@ -84,11 +99,11 @@ def test_heads_and_element_references_as_the_authors_calculator_adds_them():
   raw, total = imported("main_reduced_qk"), imported("main_reduced_qk", element_references=True)
   assert raw.config.heads == ("omol25", "svp")
   structures = molecules("main_reduced_qk")
-  graph = batch(raw, structures)
+  raw_out, total_out = imported_outputs()["main_reduced_qk"], every_fixture(main_reduced_qk=total)["main_reduced_qk"]
   for head in ("omol25", "svp"):
     table, _ = head_reference_table(head)
     added = [sum(table[int(z)] for z in atoms.numbers) for atoms in structures]
-    difference = evaluate(total, graph)[head]["energy"] - evaluate(raw, graph)[head]["energy"]
+    difference = total_out[head]["energy"] - raw_out[head]["energy"]
     np.testing.assert_allclose(difference[: len(structures)], added, rtol=1e-6)
   # omol25 in eV; svp in kcal/mol times 0.0433634 eV per kcal/mol (hydrogen: -372.43346 kcal/mol)
   assert table[1] == pytest.approx(-372.43346 * 0.0433634)
@@ -201,9 +216,8 @@ def test_every_attention_path_gives_the_same_results(impl):
   """First-order and zero-order (long-range) blocks on every path (pallas in interpret mode on the CPU) against
   jnp_node; the e2formerv2 shift and the other weight variants on every path: tests/ops/test_attention_variants.py."""
   name = "main_reduced_qk_lsr"
-  reference = imported(name)
-  expected, result = evaluate(reference, batch(reference, molecules(name))), attention_paths(name)[impl]
-  for head in reference.config.heads:
+  expected, result = imported_outputs()[name], attention_paths(name)[impl]
+  for head in imported(name).config.heads:
     for key in ("energy", "atom_energy", "forces_autograd"):
       assert relative(result[head][key], expected[head][key]) <= TOL_PATHS, (head, key)
 
@@ -226,8 +240,7 @@ def test_import_command_writes_a_checkpoint_the_tools_load(tmp_path, capsys):
   assert meta["head_element_references"]["svp"]["1"] == pytest.approx(-372.43346 * 0.0433634)
   assert meta["imported_from"]["checkpoint"] == f"{name}.pt" and meta["imported_from"]["branch"] == "main"
   loaded, reference = load_model(out), imported(name, element_references=True)
-  graph = batch(reference, molecules(name))
-  expected, result = evaluate(reference, graph), evaluate(loaded, graph)
+  expected, result = every_fixture(**{name: reference})[name], every_fixture(**{name: loaded})[name]
   for head in ("omol25", "svp"):
     np.testing.assert_array_equal(result[head]["energy"], expected[head]["energy"])
     calculator = E2FormerCalculator.from_checkpoint(out, head=head)

@@ -144,3 +144,22 @@ def transformed(atoms, rotation=None, translation=None, permutation=None):
   if permutation is not None:
     atoms = atoms[permutation]
   return atoms
+
+
+def force_matching_gradients(cfg, structures, num_graphs=NUM_GRAPHS):
+  """(energies, forces, parameter-gradient leaves) of the model of config ``cfg`` (seed 0) on ``structures``, the
+  gradients of the force-matching loss sum(E) + mean |F|^2, in one jitted call."""
+  model = E2Former(cfg, rngs=nnx.Rngs(0))
+  graph, _ = graph_from_atoms(structures, cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, num_graphs)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def evaluate_and_grad(params, graph):
+    def loss(params):
+      out = predict(nnx.merge(graphdef, params, rest), graph)
+      return jax.numpy.sum(out["energy"]) + jax.numpy.mean(jax.numpy.sum(out["forces"] ** 2, -1)), out
+
+    return jax.grad(loss, has_aux=True)(params)
+
+  grads, out = evaluate_and_grad(params, graph)
+  return out["energy"], out["forces"], jax.tree.leaves(grads)

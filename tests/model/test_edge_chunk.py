@@ -5,14 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, molecules, relative
+from model_helpers import NUM_GRAPHS, TINY, force_matching_gradients, molecules, relative
 
 from e2former_jax.chunking import over_atom_chunks
 from e2former_jax.config import get_config
-from e2former_jax.graph import graph_from_atoms
-from e2former_jax.model import E2Former
-from e2former_jax.predict import predict
 
 
 def test_over_atom_chunks_equals_one_call_and_keeps_gradients_finite():
@@ -55,20 +51,7 @@ def test_edge_chunk_changes_no_result(gate, softmax_max):
       attention_impl="jnp_node",
       edge_chunk=edge_chunk,
     )
-    model = E2Former(cfg, rngs=nnx.Rngs(0))
-    graph, _ = graph_from_atoms(structures, cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, NUM_GRAPHS + 1)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    @jax.jit
-    def evaluate_and_grad(params, graph):
-      def loss(params):
-        out = predict(nnx.merge(graphdef, params, rest), graph)
-        return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1)), out
-
-      return jax.grad(loss, has_aux=True)(params)
-
-    grads, out = evaluate_and_grad(params, graph)
-    results.append((out["energy"], out["forces"], jax.tree.leaves(grads)))
+    results.append(force_matching_gradients(cfg, structures, NUM_GRAPHS + 1))
   (e0, f0, g0), (e1, f1, g1) = results
   assert relative(e1, e0) <= 1e-5 and relative(f1, f0) <= 1e-5
   assert max(relative(b, a) for a, b in zip(g0, g1, strict=True)) <= 1e-5

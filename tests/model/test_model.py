@@ -8,7 +8,6 @@ import functools
 
 import ase.build
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,6 +17,7 @@ from model_helpers import (
   TINY,
   evaluate,
   evaluate_together,
+  force_matching_gradients,
   molecules,
   predictor,
   random_rotation,
@@ -28,7 +28,7 @@ from model_helpers import (
 from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
-from e2former_jax.predict import merge_model, predict, split_model
+from e2former_jax.predict import merge_model, split_model
 
 # float32 tolerances of the issue: energy 1e-6 and forces 1e-5 relative (max|diff| / max|reference|).
 ENERGY_TOL, FORCE_TOL = 1e-6, 1e-5
@@ -184,20 +184,7 @@ def test_remat_changes_no_result():
   results = []
   for remat in (False, True):
     cfg = get_config("small", **TINY, attention_impl="jnp_node", remat=remat)
-    model = E2Former(cfg, rngs=nnx.Rngs(0))
-    graph, _ = graph_from_atoms(mols, cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, NUM_GRAPHS)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    @jax.jit
-    def evaluate_and_grad(params, graph):
-      def loss(params):
-        out = predict(nnx.merge(graphdef, params, rest), graph)
-        return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1)), out
-
-      return jax.grad(loss, has_aux=True)(params)
-
-    grads, out = evaluate_and_grad(params, graph)
-    results.append((out["energy"], out["forces"], jax.tree.leaves(grads)))
+    results.append(force_matching_gradients(cfg, mols, NUM_GRAPHS))
   (e0, f0, g0), (e1, f1, g1) = results
   assert relative(e1, e0) <= 1e-5 and relative(f1, f0) <= 1e-5
   assert max(relative(b, a) for a, b in zip(g0, g1, strict=True)) <= 1e-5

@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     choices=("highest", "tensorfloat32", "bfloat16"),
     default=None,
     help="matrix-product precision of the model (default: the checkpoint's; tensorfloat32 is the authors' MD "
-    "setting, about 1.5x faster on an H100/H200 at forces within ~2e-3 of the largest force, benchmarks/RESULTS.md)",
+    "setting: the paper model's call 1.5-1.7x faster on an H200 at forces within 2.4e-3 of the largest force, "
+    "benchmarks/RESULTS.md)",
   )
   p.add_argument(
     "--remat",

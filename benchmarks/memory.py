@@ -77,6 +77,7 @@ def main():
   p.add_argument("--modes", nargs="+", default=["direct", "conservative", "train"])
   p.add_argument("--remat", nargs="+", default=["off", "on"])
   p.add_argument("--edge-chunk", type=int, nargs="+", default=[0], help="ModelConfig.edge_chunk values")
+  p.add_argument("--node-chunk", type=int, nargs="+", default=[0], help="ModelConfig.node_chunk values")
   p.add_argument("--preset", default="paper_spice")
   p.add_argument("--gate", default="QKdot_alpha")
   p.add_argument("--impl", default="auto")
@@ -85,7 +86,9 @@ def main():
   args = p.parse_args()
   kind = jax.devices()[0].device_kind
   rows = []
-  for mode, remat, edge_chunk in itertools.product(args.modes, args.remat, args.edge_chunk):
+  for mode, remat, edge_chunk, node_chunk in itertools.product(
+    args.modes, args.remat, args.edge_chunk, args.node_chunk
+  ):
     cfg = get_config(
       args.preset,
       gate=args.gate,
@@ -93,6 +96,7 @@ def main():
       forces="direct" if mode == "direct" else "conservative",
       remat=remat == "on",
       edge_chunk=edge_chunk,
+      node_chunk=node_chunk,
     )
     sizes = {}
     for n in args.atoms:
@@ -103,6 +107,7 @@ def main():
         mode=mode,
         remat=remat,
         edge_chunk=edge_chunk,
+        node_chunk=node_chunk,
         atoms=n,
         temp_mib=m.temp_size_in_bytes / 2**20,
         args_mib=m.argument_size_in_bytes / 2**20,
@@ -121,7 +126,8 @@ def main():
     if len(sizes) > 1:
       (n0, b0), (n1, b1) = sorted(sizes.items())[0], sorted(sizes.items())[-1]
       print(
-        f"{mode} remat={remat} edge_chunk={edge_chunk}: {(b1 - b0) / (n1 - n0):.3f} MiB per atom ({n0} -> {n1} atoms)",
+        f"{mode} remat={remat} edge_chunk={edge_chunk} node_chunk={node_chunk}: "
+        f"{(b1 - b0) / (n1 - n0):.3f} MiB per atom ({n0} -> {n1} atoms)",
         flush=True,
       )
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from e2former_jax import eaas
-from e2former_jax.chunking import over_atom_chunks
+from e2former_jax.chunking import over_atom_chunks_of
 from e2former_jax.config import ModelConfig
 from e2former_jax.gate import make_gate
 from e2former_jax.geometry import EdgeGeometry
@@ -152,13 +152,34 @@ class E2Attention(nnx.Module):
     """(g, rho), both [N, K, H], of the slots ``neighbors``, from the edge features
     e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)], in chunks of ``edge_chunk`` target atoms."""
     source = self.source_type(numbers)
-    graphdef, state = nnx.split(self.gate)
 
-    def per_target(y, target, neighbors, geometry):
-      features = EdgeFeatures(geometry.rbf, target, source, neighbors)
-      return nnx.merge(graphdef, state)(y, features, geometry)
+    def per_target(gate, y, target, neighbors, geometry):
+      return gate(y, EdgeFeatures(geometry.rbf, target, source, neighbors), geometry)
 
-    return over_atom_chunks(per_target, self.cfg.edge_chunk, y, self.target_type(numbers), neighbors, geometry)
+    target = self.target_type(numbers)
+    return over_atom_chunks_of(self.gate, per_target, self.cfg.edge_chunk, y, target, neighbors, geometry)
+
+  def node_inputs(self, y: jax.Array, positions: jax.Array, node_rows: bool):
+    """Per atom: q, k [N, H, d], v [N, rows, C] and, with ``node_rows``, the rows the node-centric op aggregates,
+    [v (x) p; v] [N, R + rows, C] for the first-order message or v for the zero-order one (else None)."""
+    q, k, v = self.query(y), self.key(y), self.value(y)
+    if not node_rows:
+      return q, k, v, None
+    rows = (
+      jnp.concatenate([eaas.vector_product(v, positions, self.cfg.lmax), v], axis=-2) if self.order == "first" else v
+    )
+    return q, k, v, rows
+
+  def readout(self, message: jax.Array) -> jax.Array:
+    """[N, R, C] first-order message (path linears, then the output map) or [N, rows, C] zero-order message
+    (output map) -> [N, rows, C]."""
+    return self.output(self.path_linear(message) if self.order == "first" else message)
+
+  def node_readout(self, agg: jax.Array, agg_shift: jax.Array | None, positions: jax.Array) -> jax.Array:
+    """``readout`` of the message assembled from the node-centric op's aggregates (``node_centric_message``)."""
+    if self.order == "zero":
+      return self.readout(agg)
+    return self.readout(node_centric_message(agg, positions, self.cfg.lmax, agg_shift))
 
   def __call__(
     self,
@@ -190,7 +211,10 @@ class E2Attention(nnx.Module):
     if return_attention and impl not in ("jnp_node", "jnp_dense"):
       raise ValueError("return_attention needs attention_impl='jnp_node' or 'jnp_dense'")
     gate, rho = self.gate_and_rho(y, numbers, neighbors, geometry)
-    q, k, v = self.query(y), self.key(y), self.value(y)
+    chunk, node_rows = cfg.node_chunk, impl != "jnp_edge"
+    q, k, v, rows = over_atom_chunks_of(
+      self, lambda layer, y, p: layer.node_inputs(y, p, node_rows), chunk, y, positions
+    )
     if self.order == "zero":
       edge_scale = rho
     elif cfg.softmax_max == "e2formerv2":
@@ -211,8 +235,8 @@ class E2Attention(nnx.Module):
         message = edge_aligned_message(v, beta, neighbors, geometry.vectors, cfg.lmax)
       else:
         message = jnp.einsum("nkc,nkrc->nrc", beta, v[neighbors], precision=jax.lax.Precision.HIGHEST)
+      out = over_atom_chunks_of(self, E2Attention.readout, chunk, message)
     else:
-      rows = jnp.concatenate([eaas.vector_product(v, positions, cfg.lmax), v], axis=-2) if first else v
       outputs = node_attention(
         q,
         k,
@@ -229,12 +253,9 @@ class E2Attention(nnx.Module):
         **weights,
       )
       outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-      if first:
-        message = node_centric_message(outputs[0], positions, cfg.lmax, outputs[1] if periodic else None)
-      else:
-        message = outputs[0]
+      agg_shift = outputs[1] if periodic and first else None
+      out = over_atom_chunks_of(self, E2Attention.node_readout, chunk, outputs[0], agg_shift, positions)
       alpha = outputs[-1] if return_attention else None
-    out = self.output(self.path_linear(message) if first else message)
     return (out, alpha) if return_attention else out
 
   def shift_floor(self, y, q, k, numbers, shift_slots: ShiftSlots | None) -> jax.Array | None:

@@ -322,7 +322,7 @@ def assign_params(model: E2Former, flat: dict[str, np.ndarray], strict: bool = T
   return report
 
 
-RUNTIME_OVERRIDES = ("dtype", "attention_impl", "matmul_precision", "remat", "edge_chunk")
+RUNTIME_OVERRIDES = ("dtype", "attention_impl", "matmul_precision", "remat", "edge_chunk", "node_chunk")
 """``ModelConfig`` fields a trained model may be loaded with: they change how it is computed, not what."""
 
 

@@ -78,6 +78,11 @@ class ModelConfig:
     edge_chunk: atoms per chunk of the per-edge MLPs (gate, rho, edge-degree embedding; ``chunking.py``):
       their [N, K, hidden] temporaries exist for one chunk at a time and the backward pass recomputes them
       per chunk. 0 (default) computes all atoms at once. Changes no result beyond float32 round-off.
+    node_chunk: atoms per chunk of each block's node-level maps (queries, keys, values and the EAAS rows before
+      the attention op; the message, path linears, output map, FFN and residual sums after it): their
+      [N, rows, width] temporaries exist for one chunk at a time, and with ``remat`` a block's backward pass
+      holds one chunk's of them. 0 (default) computes all atoms at once. Changes no result beyond float32
+      round-off.
   """
 
   cutoff: float = 5.0
@@ -114,6 +119,7 @@ class ModelConfig:
   matmul_precision: Literal["highest", "tensorfloat32", "bfloat16"] = "highest"
   remat: bool = False
   edge_chunk: int = 0
+  node_chunk: int = 0
 
   def __post_init__(self):
     for name in ("attention_orders", "heads"):  # JSON and YAML give lists; the config must stay hashable
@@ -158,8 +164,9 @@ class ModelConfig:
       raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
     if self.channels % self.num_heads:
       raise ValueError(f"channels ({self.channels}) must be a multiple of num_heads ({self.num_heads})")
-    if self.edge_chunk < 0:
-      raise ValueError(f"edge_chunk must be 0 (off) or a positive number of atoms, got {self.edge_chunk}")
+    for name in ("edge_chunk", "node_chunk"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be 0 (off) or a positive number of atoms, got {getattr(self, name)}")
     if self.cutoff <= 0 or self.max_neighbors < 1 or self.lmax < 1:
       raise ValueError("cutoff must be positive, max_neighbors >= 1 and lmax >= 1")
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from e2former_jax import so3
 from e2former_jax.attention import E2Attention, ShiftSlots
-from e2former_jax.chunking import over_atom_chunks
+from e2former_jax.chunking import over_atom_chunks_of
 from e2former_jax.config import ModelConfig
 from e2former_jax.geometry import EdgeGeometry, edge_geometry
 from e2former_jax.graph import AtomGraph
@@ -55,23 +55,32 @@ class EdgeDegreeEmbedding(nnx.Module):
   def __call__(self, graph: AtomGraph, geometry: EdgeGeometry) -> jax.Array:
     cfg = self.cfg
     source = self.source_type(graph.numbers)
-    graphdef, state = nnx.split(self.radial)
 
-    def per_target(target, neighbors, geometry):
+    def per_target(radials, target, neighbors, geometry):
       features = EdgeFeatures(geometry.rbf, target, source, neighbors)
       sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
       out = [
         jnp.einsum("nkm,nkc->nmc", sh[..., l * l : (l + 1) ** 2], radial(features), precision=jax.lax.Precision.HIGHEST)
-        for l, radial in enumerate(nnx.merge(graphdef, state))
+        for l, radial in enumerate(radials)
       ]
       return jnp.concatenate(out, axis=-2)
 
-    x = over_atom_chunks(per_target, cfg.edge_chunk, self.target_type(graph.numbers), graph.neighbors, geometry)
+    target = self.target_type(graph.numbers)
+    x = over_atom_chunks_of(self.radial, per_target, cfg.edge_chunk, target, graph.neighbors, geometry)
     return x / cfg.avg_degree
 
 
+def _residual_feed_forward(block: TransformerBlock, x: jax.Array, attention: jax.Array) -> jax.Array:
+  """x' = x + attention; x' + FFN(RMSNorm(x')), per atom."""
+  x = x + attention
+  return x + block.ffn(block.norm_ffn(x))
+
+
 class TransformerBlock(nnx.Module):
-  """x + Attention(RMSNorm(x) + s_b on l=0); then x + FFN(RMSNorm(x)). ``order``: the attention's message."""
+  """x + Attention(RMSNorm(x) + s_b on l=0); then x + FFN(RMSNorm(x)). ``order``: the attention's message.
+
+  The FFN and both residual sums run over chunks of ``node_chunk`` atoms (``chunking.py``).
+  """
 
   def __init__(self, cfg: ModelConfig, *, order: str = "first", dtype, rngs: nnx.Rngs):
     self.norm_attention = RMSNormSH(cfg.lmax, cfg.channels, dtype=dtype)
@@ -104,9 +113,7 @@ class TransformerBlock(nnx.Module):
       shift_slots,
     )
     attention, alpha = attention if return_attention else (attention, None)
-    x = x + attention
-    x = x + self.ffn(self.norm_ffn(x))
-    return x, alpha
+    return over_atom_chunks_of(self, _residual_feed_forward, self.attention.cfg.node_chunk, x, attention), alpha
 
 
 def _block(block: TransformerBlock, x, system, graph: AtomGraph, geometry, return_attention, shift_slots):

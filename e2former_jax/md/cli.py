@@ -145,21 +145,32 @@ def _parser() -> argparse.ArgumentParser:
     metavar="ATOMS",
     help="run the per-edge MLPs over chunks of this many atoms (less memory for large systems; e.g. 4096)",
   )
+  p.add_argument(
+    "--node-chunk",
+    type=int,
+    default=None,
+    metavar="ATOMS",
+    help="run each block's node-level maps over chunks of this many atoms (with --remat and --edge-chunk: the "
+    "least memory for conservative forces of large systems; e.g. 4096)",
+  )
   add_debug_flag(p)
   return p
 
 
 def _runtime_overrides(opts) -> dict:
-  """``--precision``, ``--remat`` and ``--edge-chunk`` as config fields (``checkpoint.RUNTIME_OVERRIDES``)."""
+  """``--precision``, ``--remat``, ``--edge-chunk`` and ``--node-chunk`` as config fields
+  (``checkpoint.RUNTIME_OVERRIDES``)."""
   out = {}
   if opts.precision is not None:
     out["matmul_precision"] = opts.precision
   if opts.remat:
     out["remat"] = True
-  if opts.edge_chunk is not None:
-    if opts.edge_chunk < 1:
-      raise UsageError(f"--edge-chunk must be a positive number of atoms, got {opts.edge_chunk}")
-    out["edge_chunk"] = opts.edge_chunk
+  for name in ("edge_chunk", "node_chunk"):
+    size = getattr(opts, name)
+    if size is not None:
+      if size < 1:
+        raise UsageError(f"--{name.replace('_', '-')} must be a positive number of atoms, got {size}")
+      out[name] = size
   return out
 
 
@@ -302,7 +313,8 @@ def _run(opts, argv) -> int:
     "structure": f"{opts.structure}[{opts.index}] {atoms.get_chemical_formula()} ({len(atoms)} atoms), "
     f"pbc {atoms.pbc.tolist()}",
     "model": f"{model_name}: cutoff {cfg.cutoff} A, K {cfg.max_neighbors}, forces {cfg.forces}, dtype {cfg.dtype}, "
-    f"precision {cfg.matmul_precision}, remat {cfg.remat}, edge_chunk {cfg.edge_chunk}",
+    f"precision {cfg.matmul_precision}, remat {cfg.remat}, edge_chunk {cfg.edge_chunk}, "
+    f"node_chunk {cfg.node_chunk}",
     "dynamics": f"{opts.driver} driver, {opts.ensemble}, dt {opts.timestep} fs, {opts.steps} steps"
     + (f", T {opts.temperature} K, friction {opts.friction} 1/fs" if opts.ensemble == "nvt" else ""),
     "units": "energies eV, temperature K, time ps; ns_per_day over the wall time since the previous row",

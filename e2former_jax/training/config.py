@@ -400,9 +400,10 @@ RESUME_OVERRIDABLE = (
   "data.eval_atom_budget",
   "model.remat",
   "model.edge_chunk",
+  "model.node_chunk",
 )
-"""What a resumed run may change: neither the model's function (``model.remat`` and ``model.edge_chunk`` only
-change how it and its gradient are computed), nor the data order, nor the optimizer."""
+"""What a resumed run may change: neither the model's function (``model.remat``, ``model.edge_chunk`` and
+``model.node_chunk`` only change how it and its gradient are computed), nor the data order, nor the optimizer."""
 
 
 def resumed_config(saved: TrainConfig, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -49,12 +49,16 @@ def test_untrained_elements_and_bad_checkpoints_are_one_line_errors(tmp_path, ca
   assert "unreadable checkpoint meta/metadata (JSONDecodeError" in capsys.readouterr().err
 
 
-def test_precision_remat_and_edge_chunk_reach_the_model():
-  model, _ = cli._load_model(options("--precision", "tensorfloat32", "--remat", "--edge-chunk", "64"))
-  assert (model.config.matmul_precision, model.config.remat, model.config.edge_chunk) == ("tensorfloat32", True, 64)
+def test_precision_remat_and_chunks_reach_the_model():
+  opts = options("--precision", "tensorfloat32", "--remat", "--edge-chunk", "64", "--node-chunk", "32")
+  model, _ = cli._load_model(opts)
+  cfg = model.config
+  assert (cfg.matmul_precision, cfg.remat, cfg.edge_chunk, cfg.node_chunk) == ("tensorfloat32", True, 64, 32)
   checkpoint = options("--edge-chunk", "16")
   checkpoint.random_model, checkpoint.checkpoint = None, str(DEMO_CHECKPOINT)
   model, _ = cli._load_model(checkpoint)
   assert model.config.edge_chunk == 16 and model.config.matmul_precision == "highest"  # the checkpoint's
   with pytest.raises(cli.UsageError, match="--edge-chunk must be a positive number of atoms, got 0"):
     cli._load_model(options("--edge-chunk", "0"))
+  with pytest.raises(cli.UsageError, match="--node-chunk must be a positive number of atoms, got -2"):
+    cli._load_model(options("--node-chunk", "-2"))

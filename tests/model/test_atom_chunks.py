@@ -1,0 +1,71 @@
+"""Per-atom work computed in chunks of atoms (``ModelConfig.edge_chunk``: the per-edge MLPs; ``node_chunk``: the
+node-level maps of each block) changes no result."""
+
+import ase.build
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from model_helpers import NUM_GRAPHS, TINY, force_matching_gradients, molecules, relative
+
+from e2former_jax.chunking import over_atom_chunks
+from e2former_jax.config import get_config
+
+
+def test_over_atom_chunks_equals_one_call_and_keeps_gradients_finite():
+  """A chunk size that does not divide N (the filled-up last chunk), outputs and gradients; the function is
+  singular at a zero row, which the fill must never create."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)))
+  table = jnp.arange(3.0)
+
+  def fn(x):
+    return {"norm": jnp.linalg.norm(x, axis=-1), "scaled": x * table}
+
+  def loss(x, size):
+    out = over_atom_chunks(fn, size, x)
+    return jnp.sum(out["norm"] ** 3) + jnp.sum(jnp.sin(out["scaled"]))
+
+  whole, whole_grad = loss(x, 0), jax.grad(loss)(x, 0)
+  for size in (3, 4, 10, 16):
+    np.testing.assert_allclose(loss(x, size), whole, rtol=1e-6)
+    grad = jax.grad(loss)(x, size)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, whole_grad, rtol=1e-6)
+
+
+CHUNKED_CASES = {
+  # the first-order message through the node-centric op, a periodic cell in the batch
+  "first_order": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="jnp_node"),
+  # the zero-order message, the e2formerv2 softmax (its shift slots run the chunked gate too) and remat
+  "zero_order_remat": dict(
+    gate="QKdotS_alpha", softmax_max="e2formerv2", attention_orders=("first", "zero"), attention_impl="jnp_node"
+  ),
+  # the per-edge ("standard") message: only its readout is chunked per atom
+  "edge_aligned": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="jnp_edge"),
+}
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES)
+def test_chunks_change_no_result(case):
+  """Energies, conservative forces and the parameter gradients of a force-matching loss with the per-edge MLPs
+  in chunks of 7 atoms and the node-level maps in chunks of 5 (neither divides the 48 atom slots) against no
+  chunking: the same operations in another grouping, so float32 round-off only (1e-5 relative). Molecules and a
+  periodic cell in one batch (molecules only for the ``e2formerv2`` softmax, whose shift slots are defined for
+  molecules)."""
+  options = CHUNKED_CASES[case]
+  structures = molecules()
+  if options["softmax_max"] != "e2formerv2":
+    structures.append(ase.build.bulk("Si", "diamond", a=5.43, cubic=True))
+  results = []
+  for chunks in (dict(edge_chunk=0, node_chunk=0), dict(edge_chunk=7, node_chunk=5, remat=case.endswith("remat"))):
+    cfg = get_config("small", **{**TINY, "num_layers": 1}, **options, **chunks)  # one block: its maps and gate
+    results.append(force_matching_gradients(cfg, structures, NUM_GRAPHS + 1))
+  (e0, f0, g0), (e1, f1, g1) = results
+  assert relative(e1, e0) <= 1e-5 and relative(f1, f0) <= 1e-5
+  assert max(relative(b, a) for a, b in zip(g0, g1, strict=True)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["edge_chunk", "node_chunk"])
+def test_a_negative_chunk_is_refused(name):
+  with pytest.raises(ValueError, match=f"{name} must be 0"):
+    get_config("small", **{name: -1})

@@ -24,7 +24,7 @@ from e2former_jax.chunking import over_atom_chunks_of
 from e2former_jax.config import ModelConfig
 from e2former_jax.gate import make_gate
 from e2former_jax.geometry import EdgeGeometry
-from e2former_jax.layers import Dense, EdgeFeatures, Embedding, SO3Linear, kaiming_uniform, matmul
+from e2former_jax.layers import Dense, EdgeFeatures, Embedding, SO3Linear, kaiming_uniform, matmul, side_by_side
 from e2former_jax.norms import LayerNorm
 from pallas_kernels.api import node_attention, resolve_implementation
 from pallas_kernels.jnp_node import attention_logits, attention_weights, per_channel
@@ -65,6 +65,8 @@ class QueryKey(nnx.Module):
   """Rotation-invariant queries or keys from bilinear invariants (``SO3_Linear2Scalar_e2former``).
 
   s_l = sum_m A_(l,m) * B_(l,m) for A, B two SO3 linear maps of y; q = MLP([s_0; ...; s_L]) -> [H, d].
+  ``E2Attention.node_inputs`` applies A and B together with the other maps of y (``layers.side_by_side``) and
+  hands them to ``from_projections``.
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
@@ -76,11 +78,12 @@ class QueryKey(nnx.Module):
     self.out = Dense(cfg.qk_hidden, cfg.num_heads * cfg.head_dim, **kw)
     self.lmax, self.num_heads, self.head_dim = cfg.lmax, cfg.num_heads, cfg.head_dim
 
-  def __call__(self, y: jax.Array) -> jax.Array:
-    prod = self.left(y) * self.right(y)
+  def from_projections(self, left: jax.Array, right: jax.Array) -> jax.Array:
+    """The query (or key) from A = ``left(y)`` and B = ``right(y)``, both [N, rows, qk_hidden] -> [N, H, d]."""
+    prod = left * right
     invariants = [jnp.sum(prod[..., l * l : (l + 1) ** 2, :], axis=-2) for l in range(self.lmax + 1)]
     h = jax.nn.silu(self.norm(self.mix(jnp.concatenate(invariants, axis=-1))))
-    return self.out(h).reshape(y.shape[:-2] + (self.num_heads, self.head_dim))
+    return self.out(h).reshape(left.shape[:-2] + (self.num_heads, self.head_dim))
 
 
 class PathLinear(nnx.Module):
@@ -162,7 +165,9 @@ class E2Attention(nnx.Module):
   def node_inputs(self, y: jax.Array, positions: jax.Array, node_rows: bool):
     """Per atom: q, k [N, H, d], v [N, rows, C] and, with ``node_rows``, the rows the node-centric op aggregates,
     [v (x) p; v] [N, R + rows, C] for the first-order message or v for the zero-order one (else None)."""
-    q, k, v = self.query(y), self.key(y), self.value(y)
+    maps = (self.query.left, self.query.right, self.key.left, self.key.right, self.value)
+    query_left, query_right, key_left, key_right, v = side_by_side(maps, y)  # y read once, one wide product
+    q, k = self.query.from_projections(query_left, query_right), self.key.from_projections(key_left, key_right)
     if not node_rows:
       return q, k, v, None
     rows = (

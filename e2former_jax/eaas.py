@@ -141,7 +141,12 @@ def _eaas_forward(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   product = aligned_sparse_product(aligned, table)
   length = jnp.sqrt(jnp.sum(safe**2, axis=-1))[..., None, None]
   rotated_back = jnp.einsum("...ji,...jc->...ic", d_out, product, precision=hp) * length
-  return jnp.where(near_origin[..., None], dense_vector_product(h, vectors, lmax), rotated_back)
+  # The dense product is evaluated only when some vector needs it (an atom at the centre of the structure).
+  return jax.lax.cond(
+    jnp.any(near_origin),
+    lambda: jnp.where(near_origin[..., None], dense_vector_product(h, vectors, lmax), rotated_back),
+    lambda: rotated_back,
+  )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

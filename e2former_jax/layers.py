@@ -141,11 +141,25 @@ class SO3Linear(nnx.Module):
     self.precision = precision
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    w = self.kernel[...][self.degrees]  # [(L+1)^2, C_in, C_out]
-    y = matmul(x, w, self.precision, "...ri,rio->...ro")
-    if self.bias is not None:
-      y = y.at[..., 0, :].add(self.bias[...])
+    (y,) = side_by_side((self,), x)
     return y
+
+
+def side_by_side(maps: tuple[SO3Linear, ...], x: jax.Array) -> list[jax.Array]:
+  """Several ``SO3Linear`` maps of the same input as one matrix product (their kernels side by side, so the input
+  is read once and the product is wide), then split: ``[m(x) for m in maps]``, each [..., (L+1)^2, C_out(m)].
+
+  The maps must share lmax, input width and precision."""
+  first = maps[0]
+  w = jnp.concatenate([m.kernel[...] for m in maps], axis=-1)[first.degrees]  # [(L+1)^2, C_in, sum C_out]
+  y = matmul(x, w, first.precision, "...ri,rio->...ro")
+  out, start = [], 0
+  for m in maps:
+    width = m.kernel.shape[-1]
+    part = y[..., start : start + width]
+    out.append(part if m.bias is None else part.at[..., 0, :].add(m.bias[...]))
+    start += width
+  return out
 
 
 class GatedFeedForward(nnx.Module):

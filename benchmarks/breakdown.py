@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.model import random_structure
-from e2former_jax.config import get_config
+from benchmarks.model import benchmark_config, random_structure
 from e2former_jax.eaas import eaas_table
 from e2former_jax.geometry import edge_geometry
 from e2former_jax.graph import graph_from_atoms
@@ -149,13 +148,8 @@ def main():
   for n in args.atoms:
     structure = random_structure(n)
     for mode in args.mode:
-      cfg = get_config(
-        "paper_spice",
-        gate=args.gate,
-        forces="direct" if mode == "direct" else "conservative",
-        attention_impl=args.impl,
-        matmul_precision=args.precision,
-      )
+      forces = "direct" if mode == "direct" else "conservative"
+      cfg = benchmark_config(forces, impl=args.impl, gate=args.gate, precision=args.precision)
       model = E2Former(cfg, rngs=nnx.Rngs(0))
       graph, _ = graph_from_atoms([structure], cfg.cutoff, cfg.max_neighbors)
       graph = jax.device_put(graph)

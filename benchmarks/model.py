@@ -66,8 +66,22 @@ def random_structure(num_atoms: int, density: float = 0.1, seed: int = 0) -> ase
   return ase.Atoms(numbers=rng.choice([1, 6, 7, 8], size=num_atoms), positions=positions)
 
 
+def benchmark_config(
+  forces: str,
+  *,
+  impl: str = "auto",
+  gate: str = "QKdotS_alpha",
+  precision: str = "highest",
+  preset: str = "paper_spice",
+  **overrides,
+):
+  """The benchmarks' model: the paper backbone (``preset``) with the ``gate``, forces "direct" or
+  "conservative", attention path ``impl`` and matmul ``precision``; other ``ModelConfig`` fields by name."""
+  return get_config(preset, gate=gate, forces=forces, attention_impl=impl, matmul_precision=precision, **overrides)
+
+
 def build(impl: str, forces: str, preset: str = "paper_spice"):
-  cfg = get_config(preset, gate="QKdotS_alpha", forces=forces, attention_impl=impl, matmul_precision="highest")
+  cfg = benchmark_config(forces, impl=impl, preset=preset)
   return cfg, E2Former(cfg, rngs=nnx.Rngs(0))
 
 

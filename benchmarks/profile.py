@@ -37,9 +37,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.model import random_structure
+from benchmarks.model import benchmark_config, random_structure
 from benchmarks.report import stamp
-from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
 from e2former_jax.predict import predict
@@ -184,14 +183,9 @@ def model_call(mode: str, model: E2Former, graph):
 
 
 def profile(mode: str, n: int, args) -> dict:
-  cfg = get_config(
-    "paper_spice",
-    gate=args.gate,
-    forces="direct" if mode == "direct" else "conservative",
-    attention_impl=args.impl,
-    matmul_precision=args.precision,
-    remat=args.remat,
-    edge_chunk=args.edge_chunk,
+  forces = "direct" if mode == "direct" else "conservative"
+  cfg = benchmark_config(
+    forces, impl=args.impl, gate=args.gate, precision=args.precision, remat=args.remat, edge_chunk=args.edge_chunk
   )
   model = E2Former(cfg, rngs=nnx.Rngs(0))
   graph, _ = graph_from_atoms([random_structure(n)], cfg.cutoff, cfg.max_neighbors)

@@ -1,4 +1,5 @@
-"""Test session settings and a per-file time report (printed at the end of every run)."""
+"""Test session settings and a per-file time report (printed at the end of every run, also with pytest-xdist
+workers: the workers send every test's report back, and the report names the worker that ran each file)."""
 
 import collections
 import gc
@@ -13,7 +14,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("E2FORMER_JAX_CACHE_DIR", "off")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
+# The slowest files (seconds in a quiet one-process run, 2026-12-05), slowest first. With pytest-xdist's
+# ``--dist loadfile`` a worker takes the next whole file when it is nearly done with its current one, in
+# collection order; starting with the long files keeps one worker from running a long file alone at the end.
+# A file missing here (new or renamed) runs after these, in its usual order.
+SLOWEST_FILES = (
+  "tests/authors/test_import.py",  # 118 s
+  "tests/model/test_model.py",  # 115 s
+  "tests/model/test_atom_chunks.py",  # about 110 s with the node_chunk tests (262 s in a loaded two-worker run)
+  "tests/training/test_training.py",  # 77 s
+  "tests/model/test_potential.py",  # 58 s
+  "tests/project/test_notebooks.py",  # 56 s
+  "tests/model/test_model_float64.py",  # 51 s
+  "tests/training/test_distributed.py",  # 51 s
+  "tests/authors/test_import_float64.py",  # 45 s
+  "tests/model/test_calculator.py",  # 40 s
+  "tests/training/test_evaluation.py",  # 38 s
+  "tests/md/test_md.py",  # 38 s
+)
+
 _FILE_SECONDS = collections.defaultdict(float)
+_FILE_WORKER = {}
+
+
+def _file_of(nodeid: str) -> str:
+  return nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist, the files of ``SLOWEST_FILES`` first (each file's tests keep their order)."""
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    rank = {path: i for i, path in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(_file_of(item.nodeid), len(rank)))
 
 
 def pytest_runtest_teardown(item, nextitem):
@@ -28,11 +60,22 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 def pytest_runtest_logreport(report):
-  _FILE_SECONDS[report.nodeid.split("::")[0]] += report.duration
+  """Sums each file's durations; on the xdist controller ``report.node`` is the worker that sent the report."""
+  path = _file_of(report.nodeid)
+  _FILE_SECONDS[path] += report.duration
+  node = getattr(report, "node", None)
+  if node is not None:
+    _FILE_WORKER[path] = node.gateway.id
 
 
 def pytest_terminal_summary(terminalreporter):
   terminalreporter.section("time per test file (setup + call + teardown)")
   for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
-    terminalreporter.write_line(f"{seconds:8.1f} s  {path}")
+    worker = f"  [{_FILE_WORKER[path]}]" if path in _FILE_WORKER else ""
+    terminalreporter.write_line(f"{seconds:8.1f} s  {path}{worker}")
+  per_worker = collections.defaultdict(float)
+  for path, worker in _FILE_WORKER.items():
+    per_worker[worker] += _FILE_SECONDS[path]
+  for worker, seconds in sorted(per_worker.items()):
+    terminalreporter.write_line(f"{seconds:8.1f} s  total of worker {worker}")
   terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f} s  total")

@@ -35,6 +35,9 @@ def test_what_a_resume_may_change():
   longer = C.resumed_config(saved, ["run.steps=20000", "run.eval_every=1000"])
   assert longer.run.steps == 20000 and longer.optim.schedule_steps == saved.run.steps == 8640
   C.check_resumable(saved, longer)
+  memory = C.resumed_config(saved, ["model.remat=true", "model.edge_chunk=64", "model.node_chunk=32"])
+  assert [memory.model[k] for k in ("remat", "edge_chunk", "node_chunk")] == [True, 64, 32]
+  C.check_resumable(saved, memory)  # how the model is computed, not what it computes
   pinned = C.resumed_config(C.load_config("paper_omol25_stage2"), ["run.steps=5"])
   assert pinned.optim.schedule_steps == 100_000_000  # an explicit schedule stays as it was
   with pytest.raises(ValueError, match="cannot change optim.lr, model.channels"):

@@ -1,19 +1,32 @@
 """JAX's persistent compilation cache, on by default for the calculator, ``DevicePotential`` and the command-line
-tools.
+tools, and the traced programs of ``DevicePotential`` kept beside it.
 
 Compiling the paper model takes tens of seconds on a GPU; with the cache a second process that runs the same
 program (same model config, shapes, jax version and device) loads it from disk instead. The cache lives in
 ``$E2FORMER_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/e2former_jax/jax`` (``~/.cache/e2former_jax/jax``).
 ``E2FORMER_JAX_CACHE_DIR=off`` turns it off; a cache directory the user already gave JAX
 (``jax.config.update("jax_compilation_cache_dir", ...)`` or ``JAX_COMPILATION_CACHE_DIR``) is left as it is.
+
+JAX's cache starts after tracing and lowering, which for the paper model are seconds of Python in every process.
+``StoredPrograms`` keeps the lowered program itself (a ``jax.export`` artifact) in the ``programs/``
+subdirectory of the cache, keyed by everything that defines it (the function's description, the shapes, the
+source of this package, the jax version and the device): a second process deserializes it instead of tracing,
+and JAX's cache then has its compiled form.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
+import jaxlib
+import numpy as np
+from jax import export as jax_export
 
 ENV = "E2FORMER_JAX_CACHE_DIR"
 MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
@@ -47,3 +60,121 @@ def enable_compile_cache() -> Path | None:
   if MIN_COMPILE_TIME_ENV not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return path
+
+
+PROGRAMS_SUBDIR = "programs"
+_PACKAGES = ("e2former_jax", "pallas_kernels")
+
+
+def programs_dir() -> Path | None:
+  """Where ``StoredPrograms`` keeps its artifacts (None when the cache is turned off)."""
+  base = default_cache_dir()
+  return None if base is None else base / PROGRAMS_SUBDIR
+
+
+def source_fingerprint() -> str:
+  """A hash of every Python source file of this package and its kernels: a stored program is never used by
+  other code than the code that traced it."""
+  root = Path(__file__).resolve().parents[1]
+  digest = hashlib.sha256()
+  for package in _PACKAGES:
+    for path in sorted((root / package).rglob("*.py")):
+      digest.update(path.relative_to(root).as_posix().encode())
+      digest.update(path.read_bytes())
+  return digest.hexdigest()
+
+
+class StoredPrograms:
+  """``jax.jit(fn)`` whose traced and lowered programs are also kept on disk (``programs_dir``), one per input
+  signature (tree structure, shapes, dtypes).
+
+  A call with a new signature loads the program stored by an earlier process when there is one, else traces and
+  exports ``fn`` (``jax.export``) and stores it; either way it then runs ``jax.jit`` of the exported call, whose
+  compiled form JAX's persistent cache keeps. Inputs may be any pytree of arrays; outputs must be built of
+  dicts, lists and tuples (what an export artifact can describe). An unreadable artifact is traced again and
+  replaced; a program that cannot be exported, or whose export does not compile here, runs as plain
+  ``jax.jit(fn)`` with a warning (the cost is the trace in every process, not a result).
+
+  Args:
+    fn: the function (pure; its closed-over values must be part of ``description``).
+    description: a string that names everything static about ``fn`` (configuration, options).
+    disabled_checks: ``jax.export`` safety checks to disable (the Pallas Triton custom call on GPUs).
+  """
+
+  def __init__(self, fn: Callable, description: str, disabled_checks: Sequence = ()):
+    self.fn, self.description, self.disabled_checks = fn, description, tuple(disabled_checks)
+    self._programs = {}
+
+  def __call__(self, *args):
+    leaves, tree = jax.tree.flatten(args)
+    signature = (tree, tuple((np.shape(x), _dtype_of(x).name) for x in leaves))
+    program = self._programs.get(signature)
+    if program is not None:
+      return program(*leaves)
+    fn = self.fn
+
+    def flat(*leaves):
+      return fn(*jax.tree.unflatten(tree, leaves))
+
+    traced = jax.jit(flat)
+    program, reason = self._load_or_export(flat, tree, signature[1])
+    if program is not None:
+      try:
+        out = program(*leaves)
+      except Exception as error:  # the stored program does not compile or run here: trace as usual
+        program, reason = None, f"{type(error).__name__}: {error}"
+    if program is None:
+      out = traced(*leaves)  # raises what the function itself raises
+      warnings.warn(f"a traced program could not be stored ({reason}); it is traced in every process", stacklevel=2)
+      program = traced
+    self._programs[signature] = program
+    return out
+
+  def key(self, tree, shapes) -> str:
+    """The artifact's name: a hash of the description, the signature, the source, jax and the device."""
+    device = jax.devices()[0]
+    parts = (self.description, str(tree), str(shapes), source_fingerprint(), jax.__version__, jaxlib.__version__)
+    parts += (device.platform, device.device_kind, str(jax.config.jax_enable_x64))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+  def _load_or_export(self, flat: Callable, tree, shapes) -> tuple[Callable | None, str]:
+    """(``jax.jit`` of the stored or newly exported program, "") or (None, why it could not be exported)."""
+    directory = programs_dir()
+    path = None if directory is None else directory / f"{self.key(tree, shapes)}.jaxexport"
+    exported = None
+    if path is not None and path.is_file():
+      try:
+        exported = jax_export.deserialize(bytearray(path.read_bytes()))
+      except Exception:  # a damaged or foreign file: trace again and replace it
+        exported = None
+    if exported is None:
+      abstract = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+      try:
+        exported = jax_export.export(jax.jit(flat), disabled_checks=self.disabled_checks)(*abstract)
+        data = exported.serialize()
+      except Exception as error:
+        return None, f"{type(error).__name__}: {error}"
+      if path is not None:
+        _write_atomically(path, data)
+    return jax.jit(exported.call), ""
+
+
+def _dtype_of(x) -> np.dtype:
+  """The dtype JAX gives ``x`` (an array's own; Python numbers canonicalised as JAX does)."""
+  dtype = getattr(x, "dtype", None)
+  return np.dtype(jax.dtypes.canonicalize_dtype(np.result_type(x) if dtype is None else dtype))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+  """Writes ``data`` so that a reader sees the whole file or none (concurrent processes may race); a read-only
+  or full disk only costs the next process a trace."""
+  temporary = None
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as fh:
+      temporary = fh.name
+      fh.write(data)
+    os.replace(temporary, path)
+  except OSError:
+    if temporary is not None and os.path.exists(temporary):
+      os.unlink(temporary)

@@ -22,10 +22,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export as jax_export
 
-from e2former_jax.compile_cache import enable_compile_cache
+from e2former_jax.compile_cache import StoredPrograms, enable_compile_cache
 from e2former_jax.config import ModelConfig
 from e2former_jax.elements import MAX_ATOMIC_NUMBER
+from e2former_jax.export import TRITON_CALL
 from e2former_jax.graph import AtomGraph
 from e2former_jax.model import E2Former
 from e2former_jax.neighbors.device import (
@@ -40,6 +42,7 @@ from e2former_jax.predict import merge_model, predict, reference_table, split_mo
 MORTON_BITS = 10  # per axis: 1024 bins along the longest side of the bounding box
 LARGE_BUCKET_FROM, LARGE_BUCKET_STEP = 65_536, 16_384  # atom slots
 CAPACITY_HEADROOM = 1.25  # search capacity for 1.25x the bin and candidate counts of the first structure
+SEARCH_REPORT = tuple(f.name for f in dataclasses.fields(DeviceSlots) if f.name not in ("neighbors", "mask", "shift"))
 
 
 def atom_bucket(num_atoms: int, smallest: int = 32, growth: float = 1.25) -> int:
@@ -136,8 +139,9 @@ def device_graph(
 @functools.cache
 def _compiled(
   cfg: ModelConfig, pbc: tuple, capacity: SearchCapacity, compute_stress: bool, spatial_order: bool, head: str | None
-):
-  """The jitted positions-to-outputs function of one static setting."""
+) -> StoredPrograms:
+  """The jitted positions-to-outputs function of one static setting, its traced programs kept on disk
+  (``compile_cache.StoredPrograms``): (outputs, the search's report as a dict of scalars)."""
 
   def fn(params, elements, positions, numbers, atom_mask, cell, charge, spin):
     graph, order, slots = device_graph(
@@ -159,9 +163,10 @@ def _compiled(
     }
     if compute_stress:
       result["stress"] = out["stress"][0]
-    return result, slots.replace(neighbors=None, mask=None, shift=None)  # the search's report: scalars only
+    return result, {name: getattr(slots, name) for name in SEARCH_REPORT}
 
-  return jax.jit(fn)
+  setting = f"DevicePotential {cfg!r} pbc={pbc} {capacity!r} stress={compute_stress} sorted={spatial_order} {head=}"
+  return StoredPrograms(fn, setting, [jax_export.DisabledSafetyCheck.custom_call(TRITON_CALL)])
 
 
 @dataclasses.dataclass
@@ -230,7 +235,8 @@ class DevicePotential:
       self._probed.add((slots_n, pbc))
     while True:
       fn = _compiled(self.cfg, pbc, self.capacity, self.compute_stress, self.spatial_order, self.head)
-      out, slots = jax.device_get(fn(self.params, self.elements, *args))  # one transfer
+      out, report = jax.device_get(fn(self.params, self.elements, *args))  # one transfer
+      slots = DeviceSlots(neighbors=None, mask=None, shift=None, **report)
       raise_for_bad_input(slots)
       if not bool(slots.overflow):
         break

@@ -28,7 +28,14 @@ MODEL_PROGRAM = textwrap.dedent(
   from e2former_jax.config import get_config
   from e2former_jax.model import E2Former
   from e2former_jax.potential import DevicePotential
+  import e2former_jax.potential as potential_module
   enable_compile_cache()
+  traces = [0]
+  search = potential_module.device_graph
+  def counted(*args, **kwargs):  # runs while the model program is traced, not when a stored one is loaded
+    traces[0] += 1
+    return search(*args, **kwargs)
+  potential_module.device_graph = counted
   tiny = dict(channels=8, num_heads=2, head_dim=4, qk_hidden=8, type_embed_dim=4, num_basis=8, radial_hidden=8)
   cfg = get_config("small", **tiny, num_layers=1, max_neighbors=4, attention_impl="jnp_node", forces="direct")
   potential = DevicePotential(E2Former(cfg, rngs=nnx.Rngs(0)))
@@ -41,7 +48,7 @@ MODEL_PROGRAM = textwrap.dedent(
   jax.monitoring.register_event_listener(count)
   positions = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0], [3.0, 0.0, 0.0]])
   potential(positions, np.array([8, 1, 1, 6]))
-  print(json.dumps(counts))
+  print(json.dumps(dict(counts, traces=traces[0])))
   """
 )
 
@@ -69,11 +76,12 @@ def test_cache_can_be_turned_off(tmp_path):
 
 
 def test_second_process_loads_the_model_program_from_the_cache(tmp_path):
-  """The potential's compiled program (and the small ones its tracing runs) gets the same cache key in a new
-  process: the second process compiles nothing and writes nothing."""
+  """The potential's traced program is stored (``programs/``) and its compiled form gets the same cache key in a
+  new process: the second process neither traces the model nor compiles nor writes anything."""
   env = {"E2FORMER_JAX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
   first = json.loads(_run(env, MODEL_PROGRAM).splitlines()[-1])
   # Every program is written, or read back when an identical one was written earlier in the same process.
   assert first["written"] >= 1 and first["hits"] + first["written"] == first["requests"], first
+  assert first["traces"] >= 1 and len(list((tmp_path / "cache" / "programs").glob("*.jaxexport"))) == 1
   second = json.loads(_run(env, MODEL_PROGRAM).splitlines()[-1])
-  assert second == {"requests": first["requests"], "hits": first["requests"], "written": 0}, second
+  assert second["traces"] == 0 and second["written"] == 0 and second["hits"] == second["requests"] >= 1, second

@@ -9,6 +9,7 @@ the basis change against the values of docs/model.md §4.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import e3x
@@ -19,6 +20,17 @@ import numpy as np
 
 def num_rows(lmax: int) -> int:
   return (lmax + 1) ** 2
+
+
+def host_tables():
+  """Context for the numpy tables computed with JAX (CG coefficients, Wigner-D fits): their eager operations run
+  on the CPU backend when there is one, so a GPU process does not compile dozens of one-off programs for the
+  GPU while the model is first traced. The tables leave as numpy arrays."""
+  try:
+    cpu = jax.devices("cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS without cpu
+    return contextlib.nullcontext()
+  return jax.default_device(cpu)
 
 
 def degree_of_rows(lmax: int) -> np.ndarray:
@@ -67,7 +79,7 @@ def clebsch_gordan(l1: int, l2: int, l3: int) -> np.ndarray:
   (a (x) b)^{l3}_{m3} = sum_{m1, m2} C[m1, m2, m3] a^{l1}_{m1} b^{l2}_{m2}, with the l=1 block in (x, y, z)
   order, the authors' ``wigner_3j_wonorm``.
   """
-  with jax.ensure_compile_time_eval(), jax.enable_x64(True):
+  with host_tables(), jax.ensure_compile_time_eval(), jax.enable_x64(True):
     cg = e3x.so3.clebsch_gordan_for_degrees(l1, l2, l3, cartesian_order=False)
     return np.asarray(cg, dtype=np.float64)
 
@@ -78,7 +90,7 @@ def _sample_inverse(l: int) -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.default_rng(1234 + l)
   points = rng.normal(size=(4 * l + 4, 3))
   points /= np.linalg.norm(points, axis=1, keepdims=True)
-  with jax.ensure_compile_time_eval(), jax.enable_x64(True):
+  with host_tables(), jax.ensure_compile_time_eval(), jax.enable_x64(True):
     ys = np.asarray(spherical_harmonics(jnp.asarray(points), l), np.float64)[:, l * l :]
   return points, np.linalg.pinv(ys)
 

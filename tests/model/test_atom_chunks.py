@@ -69,3 +69,28 @@ def test_chunks_change_no_result(case):
 def test_a_negative_chunk_is_refused(name):
   with pytest.raises(ValueError, match=f"{name} must be 0"):
     get_config("small", **{name: -1})
+
+
+def test_chunks_bound_the_memory_of_rematerialised_blocks():
+  """The point of chunking: with every block rematerialised, the backward pass holds one chunk's temporaries
+  instead of all atoms'. XLA's buffer assignment of the gradient of four blocks of per-atom maps with
+  [N, 9, 1024] temporaries (compiled, not run): chunks of 128 of 1,024 atoms need well under the unchunked
+  temporaries (26 against 83 MiB on the CPU; asserted: at least a third less)."""
+  rng = np.random.default_rng(0)
+  w1 = jnp.asarray(rng.normal(size=(64, 1024)) / 8, jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(1024, 64)) / 32, jnp.float32)
+
+  def node_maps(y):
+    return jnp.tanh(jnp.tanh(y @ w1) @ w2) * y
+
+  def loss(y, size):
+    for _ in range(4):
+      y = jax.checkpoint(lambda y: y + over_atom_chunks(node_maps, size, y))(y)
+    return jnp.sum(y**2)
+
+  y = jax.ShapeDtypeStruct((1024, 9, 64), jnp.float32)
+  temporaries = {
+    size: jax.jit(jax.grad(loss), static_argnums=1).lower(y, size).compile().memory_analysis().temp_size_in_bytes
+    for size in (0, 128)
+  }
+  assert temporaries[128] < 0.67 * temporaries[0], temporaries

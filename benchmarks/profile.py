@@ -231,6 +231,9 @@ def profile(mode: str, n: int, args) -> dict:
 
 
 def main():
+  # CUDA graphs (XLA's command buffers) would show a whole call as one trace event; the script turns them off
+  # before JAX starts its backend, so the trace sees every kernel.
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--atoms", type=int, nargs="+", default=[4096])
   p.add_argument("--modes", nargs="+", default=["direct", "conservative"], choices=["direct", "conservative", "train"])

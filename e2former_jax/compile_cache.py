@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -89,74 +90,95 @@ class StoredPrograms:
   signature (tree structure, shapes, dtypes).
 
   A call with a new signature loads the program stored by an earlier process when there is one, else traces and
-  exports ``fn`` (``jax.export``) and stores it; either way it then runs ``jax.jit`` of the exported call, whose
-  compiled form JAX's persistent cache keeps. Inputs may be any pytree of arrays; outputs must be built of
-  dicts, lists and tuples (what an export artifact can describe). An unreadable artifact is traced again and
-  replaced; a program that cannot be exported, or whose export does not compile here, runs as plain
-  ``jax.jit(fn)`` with a warning (the cost is the trace in every process, not a result).
+  exports ``fn`` (``jax.export``, flattened to arrays in and out) and stores it with the tree structure of its
+  outputs; either way it then runs ``jax.jit`` of the exported call, whose compiled form JAX's persistent cache
+  keeps. Inputs and outputs may be any pytrees of arrays. An unreadable artifact is traced again and replaced; a
+  program that cannot be exported (a host callback, say), or whose artifact does not compile here, runs as
+  plain ``jax.jit`` with a warning (the cost is the trace in every process, not a result).
 
   Args:
     fn: the function (pure; its closed-over values must be part of ``description``).
     description: a string that names everything static about ``fn`` (configuration, options).
     disabled_checks: ``jax.export`` safety checks to disable (the Pallas Triton custom call on GPUs).
+    donate_argnums: positions of the arguments whose buffers the call may reuse (``jax.jit``'s).
   """
 
-  def __init__(self, fn: Callable, description: str, disabled_checks: Sequence = ()):
+  FORMAT = "e2former-jax stored program 1"
+
+  def __init__(self, fn: Callable, description: str, disabled_checks: Sequence = (), donate_argnums=()):
     self.fn, self.description, self.disabled_checks = fn, description, tuple(disabled_checks)
+    self.donate_argnums = tuple(donate_argnums)
     self._programs = {}
 
   def __call__(self, *args):
     leaves, tree = jax.tree.flatten(args)
     signature = (tree, tuple((np.shape(x), _dtype_of(x).name) for x in leaves))
-    program = self._programs.get(signature)
-    if program is not None:
-      return program(*leaves)
-    fn = self.fn
+    entry = self._programs.get(signature)
+    if entry is not None:
+      program, out_tree = entry
+      return jax.tree.unflatten(out_tree, program(*leaves))
+    fn, traced_tree = self.fn, {}
 
     def flat(*leaves):
-      return fn(*jax.tree.unflatten(tree, leaves))
+      out_leaves, traced_tree["out"] = jax.tree.flatten(fn(*jax.tree.unflatten(tree, leaves)))
+      return tuple(out_leaves)
 
-    traced = jax.jit(flat)
-    program, reason = self._load_or_export(flat, tree, signature[1])
+    donated = _leaf_positions(args, self.donate_argnums)
+    program, out_tree, reason = self._load_or_export(flat, traced_tree, tree, signature[1], donated)
     if program is not None:
       try:
         out = program(*leaves)
       except Exception as error:  # the stored program does not compile or run here: trace as usual
         program, reason = None, f"{type(error).__name__}: {error}"
     if program is None:
-      out = traced(*leaves)  # raises what the function itself raises
+      program = jax.jit(flat, donate_argnums=donated)
+      out = program(*leaves)  # raises what the function itself raises
+      out_tree = traced_tree["out"]
       warnings.warn(f"a traced program could not be stored ({reason}); it is traced in every process", stacklevel=2)
-      program = traced
-    self._programs[signature] = program
-    return out
+    self._programs[signature] = (program, out_tree)
+    return jax.tree.unflatten(out_tree, out)
 
   def key(self, tree, shapes) -> str:
     """The artifact's name: a hash of the description, the signature, the source, jax and the device."""
     device = jax.devices()[0]
-    parts = (self.description, str(tree), str(shapes), source_fingerprint(), jax.__version__, jaxlib.__version__)
-    parts += (device.platform, device.device_kind, str(jax.config.jax_enable_x64))
+    parts = (self.FORMAT, self.description, str(tree), str(shapes), str(self.donate_argnums), source_fingerprint())
+    parts += (jax.__version__, jaxlib.__version__, device.platform, device.device_kind, str(jax.config.jax_enable_x64))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
-  def _load_or_export(self, flat: Callable, tree, shapes) -> tuple[Callable | None, str]:
-    """(``jax.jit`` of the stored or newly exported program, "") or (None, why it could not be exported)."""
+  def _load_or_export(self, flat: Callable, traced_tree: dict, tree, shapes, donated):
+    """(``jax.jit`` of the stored or newly exported program, its output tree, "") or (None, None, why it could
+    not be exported). ``flat`` records its output tree in ``traced_tree["out"]`` when it is traced."""
     directory = programs_dir()
     path = None if directory is None else directory / f"{self.key(tree, shapes)}.jaxexport"
-    exported = None
+    exported = out_tree = None
     if path is not None and path.is_file():
       try:
-        exported = jax_export.deserialize(bytearray(path.read_bytes()))
+        out_tree, data = pickle.loads(path.read_bytes())
+        exported = jax_export.deserialize(bytearray(data))
       except Exception:  # a damaged or foreign file: trace again and replace it
         exported = None
     if exported is None:
       abstract = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
       try:
         exported = jax_export.export(jax.jit(flat), disabled_checks=self.disabled_checks)(*abstract)
-        data = exported.serialize()
+        out_tree = traced_tree["out"]
+        data = pickle.dumps((out_tree, exported.serialize()))
       except Exception as error:
-        return None, f"{type(error).__name__}: {error}"
+        return None, None, f"{type(error).__name__}: {error}"
       if path is not None:
         _write_atomically(path, data)
-    return jax.jit(exported.call), ""
+    return jax.jit(exported.call, donate_argnums=donated), out_tree, ""
+
+
+def _leaf_positions(args: tuple, argnums: tuple[int, ...]) -> tuple[int, ...]:
+  """Positions, among the leaves of ``args``, of the leaves of the arguments ``argnums``."""
+  positions, start = [], 0
+  for i, arg in enumerate(args):
+    count = len(jax.tree.leaves(arg))
+    if i in argnums:
+      positions.extend(range(start, start + count))
+    start += count
+  return tuple(positions)
 
 
 def _dtype_of(x) -> np.dtype:

@@ -42,7 +42,6 @@ from e2former_jax.predict import merge_model, predict, reference_table, split_mo
 MORTON_BITS = 10  # per axis: 1024 bins along the longest side of the bounding box
 LARGE_BUCKET_FROM, LARGE_BUCKET_STEP = 65_536, 16_384  # atom slots
 CAPACITY_HEADROOM = 1.25  # search capacity for 1.25x the bin and candidate counts of the first structure
-SEARCH_REPORT = tuple(f.name for f in dataclasses.fields(DeviceSlots) if f.name not in ("neighbors", "mask", "shift"))
 
 
 def atom_bucket(num_atoms: int, smallest: int = 32, growth: float = 1.25) -> int:
@@ -141,7 +140,7 @@ def _compiled(
   cfg: ModelConfig, pbc: tuple, capacity: SearchCapacity, compute_stress: bool, spatial_order: bool, head: str | None
 ) -> StoredPrograms:
   """The jitted positions-to-outputs function of one static setting, its traced programs kept on disk
-  (``compile_cache.StoredPrograms``): (outputs, the search's report as a dict of scalars)."""
+  (``compile_cache.StoredPrograms``): (outputs, the search's report)."""
 
   def fn(params, elements, positions, numbers, atom_mask, cell, charge, spin):
     graph, order, slots = device_graph(
@@ -163,7 +162,7 @@ def _compiled(
     }
     if compute_stress:
       result["stress"] = out["stress"][0]
-    return result, {name: getattr(slots, name) for name in SEARCH_REPORT}
+    return result, slots.replace(neighbors=None, mask=None, shift=None)  # the search's report: scalars only
 
   setting = f"DevicePotential {cfg!r} pbc={pbc} {capacity!r} stress={compute_stress} sorted={spatial_order} {head=}"
   return StoredPrograms(fn, setting, [jax_export.DisabledSafetyCheck.custom_call(TRITON_CALL)])
@@ -235,8 +234,7 @@ class DevicePotential:
       self._probed.add((slots_n, pbc))
     while True:
       fn = _compiled(self.cfg, pbc, self.capacity, self.compute_stress, self.spatial_order, self.head)
-      out, report = jax.device_get(fn(self.params, self.elements, *args))  # one transfer
-      slots = DeviceSlots(neighbors=None, mask=None, shift=None, **report)
+      out, slots = jax.device_get(fn(self.params, self.elements, *args))  # one transfer
       raise_for_bad_input(slots)
       if not bool(slots.overflow):
         break

@@ -83,13 +83,39 @@ def test_a_damaged_program_is_traced_again_and_replaced(cache):
 @flax.struct.dataclass
 class Report:
   value: jax.Array
+  counts: jax.Array
+
+
+def test_outputs_of_any_pytree_type_are_stored(cache):
+  fn, traces = counted(lambda x: Report(jnp.sum(x), jnp.arange(2)))
+  StoredPrograms(fn, "report")(np.ones(3, np.float32))
+  out = StoredPrograms(fn, "report")(np.ones(3, np.float32))  # loaded
+  assert isinstance(out, Report) and float(out.value) == 3.0 and traces[0] == 1
+
+
+def test_donated_arguments_are_donated_by_the_stored_program(cache):
+  def step(state, x):
+    return {"total": state["total"] + x}
+
+  first = StoredPrograms(step, "step", donate_argnums=(0,))
+  state = first({"total": jnp.zeros(4)}, jnp.ones(4))
+  later = StoredPrograms(step, "step", donate_argnums=(0,))  # loaded from disk
+  given = state["total"]
+  state = later(state, jnp.ones(4))
+  np.testing.assert_array_equal(state["total"], 2.0)
+  assert given.is_deleted()
 
 
 def test_a_program_that_cannot_be_exported_runs_traced_with_a_warning(cache):
-  """An output type an export artifact cannot describe: the function still runs, and says why it traces."""
+  """A host callback cannot be serialized: the function still runs, and says why it traces."""
+
+  def doubled(x):
+    return jax.pure_callback(lambda a: np.asarray(a) * 2, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
   with pytest.warns(UserWarning, match="could not be stored"):
-    out = StoredPrograms(lambda x: Report(jnp.sum(x)), "report")(np.ones(3, np.float32))
-  assert float(out.value) == 3.0 and not list(cache.glob("*.jaxexport"))
+    out = StoredPrograms(doubled, "callback")(np.ones(3, np.float32))
+  np.testing.assert_array_equal(out, 2.0)
+  assert not list(cache.glob("*.jaxexport"))
 
 
 def test_nothing_is_written_with_the_cache_off(monkeypatch):

@@ -28,6 +28,7 @@ import jax
 import jaxlib
 import numpy as np
 from jax import export as jax_export
+from jax.sharding import SingleDeviceSharding
 
 ENV = "E2FORMER_JAX_CACHE_DIR"
 MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
@@ -112,7 +113,7 @@ class StoredPrograms:
 
   def __call__(self, *args):
     leaves, tree = jax.tree.flatten(args)
-    signature = (tree, tuple((np.shape(x), _dtype_of(x).name) for x in leaves))
+    signature = (tree, tuple((np.shape(x), _dtype_of(x)) for x in leaves))
     entry = self._programs.get(signature)
     if entry is not None:
       program, out_tree = entry
@@ -167,7 +168,10 @@ class StoredPrograms:
         return None, None, f"{type(error).__name__}: {error}"
       if path is not None:
         _write_atomically(path, data)
-    return jax.jit(exported.call, donate_argnums=donated), out_tree, ""
+    # Placed on the default device explicitly: without in_shardings the exported call is traced and compiled again
+    # when the same inputs come once uncommitted and then committed (as a donated state does).
+    device = SingleDeviceSharding(jax.devices()[0])
+    return jax.jit(exported.call, in_shardings=device, donate_argnums=donated), out_tree, ""
 
 
 def _leaf_positions(args: tuple, argnums: tuple[int, ...]) -> tuple[int, ...]:
@@ -181,10 +185,11 @@ def _leaf_positions(args: tuple, argnums: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(positions)
 
 
-def _dtype_of(x) -> np.dtype:
-  """The dtype JAX gives ``x`` (an array's own; Python numbers canonicalised as JAX does)."""
+def _dtype_of(x):
+  """The dtype JAX gives ``x`` (an array's own, PRNG key types included; Python numbers canonicalised as JAX
+  does)."""
   dtype = getattr(x, "dtype", None)
-  return np.dtype(jax.dtypes.canonicalize_dtype(np.result_type(x) if dtype is None else dtype))
+  return jax.dtypes.canonicalize_dtype(np.result_type(x) if dtype is None else dtype, allow_extended_dtype=True)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -26,6 +26,7 @@ does. Each chunk takes a time step and an "active" flag per step, so one compile
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import time
 import warnings
@@ -40,7 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx
+from jax import export as jax_export
 
+from e2former_jax.compile_cache import StoredPrograms
+from e2former_jax.export import TRITON_CALL
 from e2former_jax.graph import AtomGraph, validate_atoms
 from e2former_jax.md.ase_driver import simulated_ns_per_day
 from e2former_jax.md.guard import BlowUpLimits, Guard, exceeded
@@ -108,19 +112,34 @@ _CHUNKS: weakref.WeakKeyDictionary[E2Former, Callable] = weakref.WeakKeyDictiona
 
 
 def chunk_fn(model: E2Former):
-  """The jitted chunk of ``model`` (one per model object, so every ``JaxMD`` of it shares compilations).
+  """The compiled chunk of ``model`` (one per model object, so every ``JaxMD`` of it shares compilations).
 
-  ``fn(params, spec, ensemble, spatial_order, state, system, dts, active, gamma, kT, limits)`` with ``spec``,
-  ``ensemble`` and ``spatial_order`` static and ``state`` donated. (A GraphDef is not hashable, so it is
-  closed over instead of being a static argument.)
+  ``fn(params, *, spec, ensemble, spatial_order, state, system, dts, active, gamma, kT, limits)``: ``spec``,
+  ``ensemble`` and ``spatial_order`` pick the program, ``state`` is donated. Each program is a
+  ``compile_cache.StoredPrograms``: a later process with the same model, options and sizes loads it instead of
+  tracing the model, the list and the integrator again.
   """
   if model not in _CHUNKS:
     graphdef = nnx.graphdef(model)
-    _CHUNKS[model] = jax.jit(
-      functools.partial(_chunk, graphdef),
-      static_argnames=("spec", "ensemble", "spatial_order"),
-      donate_argnames=("state",),
-    )
+    model_key = hashlib.sha256(repr(graphdef).encode()).hexdigest()  # the module structure and its static fields
+    programs = {}
+
+    def run(params, *, spec, ensemble, spatial_order, state, system, dts, active, gamma, kT, limits):
+      static = (spec, ensemble, spatial_order)
+      if static not in programs:
+
+        def program(params, state, system, dts, active, gamma, kT, limits):
+          return _chunk(graphdef, params, spec, ensemble, spatial_order, state, system, dts, active, gamma, kT, limits)
+
+        programs[static] = StoredPrograms(
+          program,
+          f"JaxMD chunk {model_key} {spec!r} ensemble={ensemble} sorted={spatial_order}",
+          [jax_export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+          donate_argnums=(1,),
+        )
+      return programs[static](params, state, system, dts, active, gamma, kT, limits)
+
+    _CHUNKS[model] = run
   return _CHUNKS[model]
 
 

@@ -97,13 +97,18 @@ def test_donated_arguments_are_donated_by_the_stored_program(cache):
   def step(state, x):
     return {"total": state["total"] + x}
 
-  first = StoredPrograms(step, "step", donate_argnums=(0,))
-  state = first({"total": jnp.zeros(4)}, jnp.ones(4))
+  StoredPrograms(step, "step", donate_argnums=(0,))({"total": jnp.zeros(4)}, jnp.ones(4))
   later = StoredPrograms(step, "step", donate_argnums=(0,))  # loaded from disk
+  state = later({"total": jnp.zeros(4)}, jnp.ones(4))  # an uncommitted state, as a new run's first
   given = state["total"]
-  state = later(state, jnp.ones(4))
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+  )
+  state = later(state, jnp.ones(4))  # the committed output of the last call, as every later chunk's
   np.testing.assert_array_equal(state["total"], 2.0)
   assert given.is_deleted()
+  assert not compiles  # committed or not, the inputs go to one device: the program is not compiled again
 
 
 def test_a_program_that_cannot_be_exported_runs_traced_with_a_warning(cache):

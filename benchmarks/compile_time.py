@@ -11,6 +11,9 @@ on ``random_structure(n)`` of ``benchmarks/model.py``:
   empty temporary directory: a user's first run;
 * ``second``: the same directory again: a user's second run, which should load the program from disk.
 
+``--target md`` times ``e2former_jax.md.JaxMD`` instead (a water box of about n atoms, ``child`` says how):
+the jitted MD chunk, which holds the neighbour list, the model and the integrator.
+
 Each process reports, in seconds: ``import`` (jax and the package), ``build`` (model construction with random
 weights and ``DevicePotential``: eager, many small programs; ``build_compile`` of it is their XLA compilation), and
 for its first call, from JAX's ``jax.monitoring`` time spans '/jax/core/compile/jaxpr_trace_duration',
@@ -48,10 +51,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "COMPILE_TIME_RESULT "
 CACHE_ENV = "E2FORMER_JAX_CACHE_DIR"
 VARIANTS = ("off", "first", "second")
+STEPS_PER_CALL = 10  # JaxMD's default chunk
 TRACE, LOWER, COMPILE = (
   "/jax/core/compile/jaxpr_trace_duration",
   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -114,9 +120,12 @@ class CompileEvents:
     return row | {name: self.counts.get((phase, name), 0) for name in CACHE_EVENTS.values()}
 
 
-def child(preset: str, forces: str, atoms: int, impl: str, layers: int | None) -> dict:
+def child(preset: str, forces: str, atoms: int, impl: str, layers: int | None, target: str = "potential") -> dict:
   """One process's measurement (run by ``main`` with ``--child``): import, build, first and second call.
-  ``layers``: number of transformer blocks (None: the preset's)."""
+  ``layers``: number of transformer blocks (None: the preset's). ``target`` "potential": a ``DevicePotential``
+  call on ``random_structure(atoms)``; "md": ``JaxMD`` on ``benchmarks.md.water_box(atoms)`` (masses of 1e6
+  amu, NVE 0.5 fs), whose first call is the driver's construction (one force evaluation) and one chunk of
+  ``STEPS_PER_CALL`` steps, and whose second call is one more chunk."""
   start = time.perf_counter()
   import jax  # imported here so that the import is timed
 
@@ -139,22 +148,36 @@ def child(preset: str, forces: str, atoms: int, impl: str, layers: int | None) -
     preset, gate="QKdotS_alpha", forces=forces, attention_impl=impl, matmul_precision="highest", **blocks
   )
   model = E2Former(cfg, rngs=nnx.Rngs(0))  # the settings of benchmarks/model.py's build
-  potential = DevicePotential(model)
+  potential = DevicePotential(model) if target == "potential" else None
   row["build"] = time.perf_counter() - t
   row["build_compile"] = events.seconds("build", COMPILE)
   row["build_programs"] = len(events.spans.get(("build", COMPILE), []))
 
-  structure = random_structure(atoms)
-  positions, numbers = structure.get_positions(), structure.get_atomic_numbers()
+  if target == "potential":
+    structure = random_structure(atoms)
+    positions, numbers = structure.get_positions(), structure.get_atomic_numbers()
+    calls = [lambda: potential(positions, numbers)] * 2
+  else:
+    from benchmarks.md import water_box
+    from e2former_jax.md import JaxMD
+
+    structure = water_box(atoms)
+    structure.set_masses(np.full(len(structure), 1e6))
+    md = {}
+    calls = [
+      lambda: md.setdefault("driver", JaxMD(model, structure, timestep_fs=0.5)).run(STEPS_PER_CALL),
+      lambda: md["driver"].run(STEPS_PER_CALL),
+    ]
   events.phase = "first_call"
   t = time.perf_counter()
-  potential(positions, numbers)
+  calls[0]()
   row["first_call"] = time.perf_counter() - t
-  row["capacity"] = [potential.capacity.cell_capacity, potential.capacity.candidate_capacity]  # after any growth
+  if potential is not None:
+    row["capacity"] = [potential.capacity.cell_capacity, potential.capacity.candidate_capacity]  # after growth
   first = events.summary("first_call")
   events.phase = "second_call"
   t = time.perf_counter()
-  potential(positions, numbers)
+  calls[1]()
   row["run_ms"] = (time.perf_counter() - t) * 1e3
   row.update(first, compile_total=first["trace"] + first["lower"] + first["compile"])
   row.update(
@@ -186,6 +209,7 @@ def run_child(spec: dict, cache: str, min_compile_secs: float | None) -> dict:
 
 
 COLUMNS = (
+  "target",
   "preset",
   "forces",
   "atoms",
@@ -224,6 +248,7 @@ def main():
   p.add_argument("--layers", type=int, nargs="+", default=[None], help="transformer blocks (default: the preset's)")
   p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="processes to run, in order")
   p.add_argument("--min-compile-secs", type=float, help="jax_persistent_cache_min_compile_time_secs (JAX's: 1)")
+  p.add_argument("--target", choices=["potential", "md"], default="potential", help="DevicePotential or JaxMD")
   p.add_argument("--json", help="append one JSON line per process")
   args = p.parse_args()
   if any(n < 1 for n in args.atoms):
@@ -235,7 +260,7 @@ def main():
     p.error("--variants second needs first before it (the second process reads what the first one stored)")
   rows = []
   specs = [
-    dict(preset=preset, forces=forces, atoms=atoms, impl=args.impl, layers=layers)
+    dict(preset=preset, forces=forces, atoms=atoms, impl=args.impl, layers=layers, target=args.target)
     for preset in args.preset
     for forces in args.forces
     for atoms in args.atoms

@@ -18,6 +18,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def _num_atoms(per_atom) -> int:
+  return jax.tree.leaves(per_atom)[0].shape[0]
+
+
+def _splits(size: int, per_atom) -> bool:
+  """Whether chunks of at most ``size`` atoms split the atoms at all (0 means no chunks)."""
+  return 0 < size < _num_atoms(per_atom)
+
+
 def over_atom_chunks(fn: Callable, size: int, *per_atom):
   """``fn(*per_atom)`` computed ``size`` atoms at a time.
 
@@ -33,9 +42,9 @@ def over_atom_chunks(fn: Callable, size: int, *per_atom):
     (a real atom, so no padding row can produce a NaN whose zero cotangent would still poison a gradient); the
     extra rows are dropped.
   """
-  n = jax.tree.leaves(per_atom)[0].shape[0]
-  if size <= 0 or size >= n:
+  if not _splits(size, per_atom):
     return fn(*per_atom)
+  n = _num_atoms(per_atom)
   count = -(-n // size)
   size = -(-n // count)  # the fewest chunks of at most ``size`` atoms, as even as they go: fill < count
   fill = count * size - n
@@ -51,8 +60,7 @@ def over_atom_chunks(fn: Callable, size: int, *per_atom):
 def over_atom_chunks_of(module: nnx.Module, fn: Callable, size: int, *per_atom):
   """``fn(module, *per_atom)`` computed ``size`` atoms at a time (``over_atom_chunks``), with the module passed
   as its graph and state so that no module is touched from inside the transforms."""
-  n = jax.tree.leaves(per_atom)[0].shape[0]
-  if size <= 0 or size >= n:
+  if not _splits(size, per_atom):  # no chunks: no split and merge of the module either
     return fn(module, *per_atom)
   graphdef, state = nnx.split(module)
   return over_atom_chunks(lambda *args: fn(nnx.merge(graphdef, state), *args), size, *per_atom)

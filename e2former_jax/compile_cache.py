@@ -1,5 +1,5 @@
 """JAX's persistent compilation cache, on by default for the calculator, ``DevicePotential`` and the command-line
-tools, and the traced programs of ``DevicePotential`` kept beside it.
+tools, and the traced programs of ``DevicePotential`` and of the jitted MD loop kept beside it.
 
 Compiling the paper model takes tens of seconds on a GPU; with the cache a second process that runs the same
 program (same model config, shapes, jax version and device) loads it from disk instead. The cache lives in
@@ -16,12 +16,13 @@ and JAX's cache then has its compiled form.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -29,6 +30,8 @@ import jaxlib
 import numpy as np
 from jax import export as jax_export
 from jax.sharding import SingleDeviceSharding
+
+from pallas_kernels.api import TRITON_CALL
 
 ENV = "E2FORMER_JAX_CACHE_DIR"
 MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
@@ -65,6 +68,7 @@ def enable_compile_cache() -> Path | None:
 
 
 PROGRAMS_SUBDIR = "programs"
+_DISABLED_CHECKS = (jax_export.DisabledSafetyCheck.custom_call(TRITON_CALL),)
 _PACKAGES = ("e2former_jax", "pallas_kernels")
 
 
@@ -74,9 +78,10 @@ def programs_dir() -> Path | None:
   return None if base is None else base / PROGRAMS_SUBDIR
 
 
+@functools.cache
 def source_fingerprint() -> str:
-  """A hash of every Python source file of this package and its kernels: a stored program is never used by
-  other code than the code that traced it."""
+  """A hash of every Python source file of this package and its kernels (read once per process): a stored
+  program is never used by other code than the code that traced it."""
   root = Path(__file__).resolve().parents[1]
   digest = hashlib.sha256()
   for package in _PACKAGES:
@@ -97,17 +102,20 @@ class StoredPrograms:
   program that cannot be exported (a host callback, say), or whose artifact does not compile here, runs as
   plain ``jax.jit`` with a warning (the cost is the trace in every process, not a result).
 
+  The export allows the Pallas kernels' Triton custom call (``pallas_kernels.api.TRITON_CALL``), which jax.export
+  refuses by default because its compiled kernel is tied to the jaxlib that made it: a stored program is only
+  ever loaded by the same jax and jaxlib (``key``).
+
   Args:
     fn: the function (pure; its closed-over values must be part of ``description``).
     description: a string that names everything static about ``fn`` (configuration, options).
-    disabled_checks: ``jax.export`` safety checks to disable (the Pallas Triton custom call on GPUs).
     donate_argnums: positions of the arguments whose buffers the call may reuse (``jax.jit``'s).
   """
 
   FORMAT = "e2former-jax stored program 1"
 
-  def __init__(self, fn: Callable, description: str, disabled_checks: Sequence = (), donate_argnums=()):
-    self.fn, self.description, self.disabled_checks = fn, description, tuple(disabled_checks)
+  def __init__(self, fn: Callable, description: str, donate_argnums=()):
+    self.fn, self.description = fn, description
     self.donate_argnums = tuple(donate_argnums)
     self._programs = {}
 
@@ -161,7 +169,7 @@ class StoredPrograms:
     if exported is None:
       abstract = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
       try:
-        exported = jax_export.export(jax.jit(flat), disabled_checks=self.disabled_checks)(*abstract)
+        exported = jax_export.export(jax.jit(flat), disabled_checks=_DISABLED_CHECKS)(*abstract)
         out_tree = traced_tree["out"]
         data = pickle.dumps((out_tree, exported.serialize()))
       except Exception as error:

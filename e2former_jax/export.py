@@ -32,6 +32,7 @@ from e2former_jax.cli_errors import add_debug_flag, run_command
 from e2former_jax.graph import AtomGraph
 from e2former_jax.model import E2Former
 from e2former_jax.predict import make_predict_fn
+from pallas_kernels.api import TRITON_CALL
 
 GRAPH_FIELDS = (
   "positions",
@@ -47,7 +48,6 @@ GRAPH_FIELDS = (
   "pbc",
   "graph_mask",
 )
-TRITON_CALL = "__gpu$xla.gpu.triton"
 EXPORT_ATTENTION = ("jnp_node", "jnp_dense", "pallas")
 
 

@@ -22,12 +22,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import export as jax_export
 
 from e2former_jax.compile_cache import StoredPrograms, enable_compile_cache
 from e2former_jax.config import ModelConfig
 from e2former_jax.elements import MAX_ATOMIC_NUMBER
-from e2former_jax.export import TRITON_CALL
 from e2former_jax.graph import AtomGraph
 from e2former_jax.model import E2Former
 from e2former_jax.neighbors.device import (
@@ -165,7 +163,7 @@ def _compiled(
     return result, slots.replace(neighbors=None, mask=None, shift=None)  # the search's report: scalars only
 
   setting = f"DevicePotential {cfg!r} pbc={pbc} {capacity!r} stress={compute_stress} sorted={spatial_order} {head=}"
-  return StoredPrograms(fn, setting, [jax_export.DisabledSafetyCheck.custom_call(TRITON_CALL)])
+  return StoredPrograms(fn, setting)
 
 
 @dataclasses.dataclass

@@ -27,6 +27,7 @@ from pallas_kernels.jnp_dense import jnp_dense_attention
 from pallas_kernels.jnp_node import ACTIVATIONS, jnp_node_attention
 
 IMPLEMENTATIONS = ("jnp_node", "jnp_dense", "pallas")
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the XLA custom call the Pallas kernels lower to on GPUs
 DENSE_MAX_ATOMS = 256  # "auto" off the GPU uses "jnp_dense" up to this many atom slots, "jnp_node" above
 
 

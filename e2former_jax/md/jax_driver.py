@@ -41,10 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx
-from jax import export as jax_export
 
 from e2former_jax.compile_cache import StoredPrograms
-from e2former_jax.export import TRITON_CALL
 from e2former_jax.graph import AtomGraph, validate_atoms
 from e2former_jax.md.ase_driver import simulated_ns_per_day
 from e2former_jax.md.guard import BlowUpLimits, Guard, exceeded
@@ -134,7 +132,6 @@ def chunk_fn(model: E2Former):
         programs[static] = StoredPrograms(
           program,
           f"JaxMD chunk {model_key} {spec!r} ensemble={ensemble} sorted={spatial_order}",
-          [jax_export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
           donate_argnums=(1,),
         )
       return programs[static](params, state, system, dts, active, gamma, kT, limits)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from kernel_helpers import PAPER, attention_inputs, cuda_lowering
 
+from pallas_kernels.api import TRITON_CALL
 from pallas_kernels.jnp_dense import jnp_dense_attention as dense_node_attention
 from pallas_kernels.jnp_node import jnp_node_attention as node_attention_ref
 from pallas_kernels.pallas import pallas_node_attention as node_attention
@@ -172,7 +173,6 @@ def test_forward_mode_fails_with_clear_message():
 # CUDA lowering on the CPU host (an abstract H100): Pallas-to-Triton errors fail here, not on the GPU.
 # ---------------------------------------------------------------------------------------------------------
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
 PAPER_SLOTS = 32
 ORDER = ("q", "k", "gate", "edge_scale", "envelope", "valid", "neighbors", "rows", "shifts")  # node_attention's
 

@@ -132,9 +132,8 @@ def child(preset: str, forces: str, atoms: int, impl: str, layers: int | None, t
   events = CompileEvents()
   from flax import nnx
 
-  from benchmarks.model import random_structure
+  from benchmarks.model import benchmark_config, random_structure
   from e2former_jax.compile_cache import enable_compile_cache
-  from e2former_jax.config import get_config
   from e2former_jax.model import E2Former
   from e2former_jax.potential import DevicePotential
 
@@ -144,10 +143,8 @@ def child(preset: str, forces: str, atoms: int, impl: str, layers: int | None, t
   events.phase = "build"
   t = time.perf_counter()
   blocks = {} if layers is None else {"num_layers": layers}
-  cfg = get_config(
-    preset, gate="QKdotS_alpha", forces=forces, attention_impl=impl, matmul_precision="highest", **blocks
-  )
-  model = E2Former(cfg, rngs=nnx.Rngs(0))  # the settings of benchmarks/model.py's build
+  cfg = benchmark_config(forces, impl=impl, preset=preset, **blocks)
+  model = E2Former(cfg, rngs=nnx.Rngs(0))
   potential = DevicePotential(model) if target == "potential" else None
   row["build"] = time.perf_counter() - t
   row["build_compile"] = events.seconds("build", COMPILE)

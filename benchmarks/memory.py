@@ -26,18 +26,16 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.model import random_structure
+from benchmarks.model import model_function, random_structure
 from benchmarks.report import emit
 from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
 from e2former_jax.neighbors.device import fit_neighbor_slots
 from e2former_jax.potential import device_graph
-from e2former_jax.predict import predict
 
 
 def benchmark_graph(cfg, n: int, where: str):
@@ -65,22 +63,7 @@ def benchmark_graph(cfg, n: int, where: str):
 def compiled_call(mode: str, cfg, n: int, where: str = "host"):
   model = E2Former(cfg, rngs=nnx.Rngs(0))
   graph = benchmark_graph(cfg, n, where)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  if mode == "train":
-
-    def fn(params, graph):
-      def loss(params):
-        out = predict(nnx.merge(graphdef, params, rest), graph)
-        return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1))
-
-      return jax.grad(loss)(params)
-  else:
-
-    def fn(params, graph):
-      out = predict(nnx.merge(graphdef, params, rest), graph)
-      return out["energy"], out["forces"]
-
+  fn, params = model_function(model, train=mode == "train")
   return jax.jit(fn).lower(params, graph).compile(), (params, graph)
 
 

@@ -80,6 +80,25 @@ def benchmark_config(
   return get_config(preset, gate=gate, forces=forces, attention_impl=impl, matmul_precision=precision, **overrides)
 
 
+def model_function(model: E2Former, train: bool):
+  """(``fn(params, graph)``, params): energy and forces, or with ``train`` the gradient of the authors' training
+  loss sum(E) + mean |F|^2 with respect to the parameters (forces as the model's config says)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def forces(params, graph):
+    out = predict(nnx.merge(graphdef, params, rest), graph)
+    return out["energy"], out["forces"]
+
+  def gradient(params, graph):
+    def loss(params):
+      energy, f = forces(params, graph)
+      return jnp.sum(energy) + jnp.mean(jnp.sum(f**2, -1))
+
+    return jax.grad(loss)(params)
+
+  return (gradient if train else forces), params
+
+
 def build(impl: str, forces: str, preset: str = "paper_spice"):
   cfg = benchmark_config(forces, impl=impl, preset=preset)
   return cfg, E2Former(cfg, rngs=nnx.Rngs(0))
@@ -112,21 +131,7 @@ def compiled_call(mode: str, model: E2Former, structure: ase.Atoms):
 
   graph, _ = graph_from_atoms([structure], cfg.cutoff, cfg.max_neighbors)
   graph = jax.device_put(graph)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  if mode == "infer":
-
-    def fn(params, graph):
-      out = predict(nnx.merge(graphdef, params, rest), graph)
-      return out["energy"], out["forces"]
-  else:
-
-    def fn(params, graph):
-      def loss(params):
-        out = predict(nnx.merge(graphdef, params, rest), graph)
-        return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1))
-
-      return jax.grad(loss)(params)
-
+  fn, params = model_function(model, train=mode != "infer")
   compiled = jax.jit(fn).lower(params, graph).compile()
   return (lambda: compiled(params, graph)), graph
 

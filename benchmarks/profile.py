@@ -36,14 +36,12 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.model import benchmark_config, random_structure
+from benchmarks.model import benchmark_config, model_function, random_structure
 from benchmarks.report import stamp
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
-from e2former_jax.predict import predict
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}")
 _TABLE_ROW = re.compile(r"^(\d+) (.*)$")
@@ -166,24 +164,6 @@ def device_time_per_op(trace_dir: str, module_prefix: str) -> dict[str, float]:
   return dict(totals)
 
 
-def model_call(mode: str, model: E2Former, graph):
-  """A jittable ``fn(params, graph)`` for ``mode`` and the parameters."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def forces(params, graph):
-    out = predict(nnx.merge(graphdef, params, rest), graph)
-    return out["energy"], out["forces"]
-
-  def train(params, graph):
-    def loss(params):
-      energy, f = forces(params, graph)
-      return jnp.sum(energy) + jnp.mean(jnp.sum(f**2, -1))
-
-    return jax.grad(loss)(params)
-
-  return (train if mode == "train" else forces), params
-
-
 def profile(mode: str, n: int, args) -> dict:
   forces = "direct" if mode == "direct" else "conservative"
   cfg = benchmark_config(
@@ -192,7 +172,7 @@ def profile(mode: str, n: int, args) -> dict:
   model = E2Former(cfg, rngs=nnx.Rngs(0))
   graph, _ = graph_from_atoms([random_structure(n)], cfg.cutoff, cfg.max_neighbors)
   graph = jax.device_put(graph)
-  fn, params = model_call(mode, model, graph)
+  fn, params = model_function(model, train=mode == "train")
   fn.__name__ = f"profiled_{mode}"
   with module_scopes():
     compiled = jax.jit(fn).lower(params, graph).compile()

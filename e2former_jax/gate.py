@@ -18,17 +18,17 @@ from flax import nnx
 
 from e2former_jax import so3
 from e2former_jax.config import ModelConfig
-from e2former_jax.layers import Dense, RadialProfile, SO3Linear
+from e2former_jax.layers import Dense, RadialProfile, SO3Linear, matmul
 
 
-def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int) -> jax.Array:
-  """t_ij = [sum_m Y_(l,m)(r_ij) P_i,(l,m)] for l = 0..lmax, concatenated.
+def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int, precision: str) -> jax.Array:
+  """t_ij = [sum_m Y_(l,m)(r_ij) P_i,(l,m)] for l = 0..lmax, concatenated, at the model's matmul precision.
 
   Shapes: sh [N, K, rows], projected [N, rows, F] -> [N, K, (lmax+1) F].
   """
   return jnp.concatenate(
     [
-      jnp.einsum("nkm,nmc->nkc", sh[..., l * l : (l + 1) ** 2], projected[:, l * l : (l + 1) ** 2])
+      matmul(sh[..., l * l : (l + 1) ** 2], projected[:, l * l : (l + 1) ** 2], precision, "nkm,nmc->nkc")
       for l in range(lmax + 1)
     ],
     axis=-1,
@@ -78,7 +78,7 @@ class QKdotAlphaGate(Gate):
   def __call__(self, y, edge_features, geometry):
     cfg = self.cfg
     sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "integral")
-    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax)
+    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax, cfg.matmul_precision)
     return self.direction_gate(t * self.edge_mlp(edge_features)), self.rho_mlp(edge_features)
 
 
@@ -99,7 +99,7 @@ class QKdotSAlphaGate(Gate):
     out = self.edge_mlp(edge_features)
     rho, s = out[..., :h], out[..., h:]
     sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component", normalize=False)  # [N, K, rows]
-    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax)[..., :h]
+    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax, cfg.matmul_precision)[..., :h]
     return self.direction_mlp(t * s), rho
 
 

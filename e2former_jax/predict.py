@@ -47,10 +47,11 @@ def total_energy(
 def strained(graph: AtomGraph, strain: jax.Array) -> AtomGraph:
   """The graph deformed by (I + strain[g]) per structure: positions, image offsets and cells."""
   per_atom = strain[graph.graph_index]
+  hp = jax.lax.Precision.HIGHEST
   return graph.replace(
-    positions=graph.positions + jnp.einsum("ni,nij->nj", graph.positions, per_atom),
-    neighbor_shift=graph.neighbor_shift + jnp.einsum("nki,nij->nkj", graph.neighbor_shift, per_atom),
-    cell=graph.cell + jnp.einsum("gai,gij->gaj", graph.cell, strain),
+    positions=graph.positions + jnp.einsum("ni,nij->nj", graph.positions, per_atom, precision=hp),
+    neighbor_shift=graph.neighbor_shift + jnp.einsum("nki,nij->nkj", graph.neighbor_shift, per_atom, precision=hp),
+    cell=graph.cell + jnp.einsum("gai,gij->gaj", graph.cell, strain, precision=hp),
   )
 
 
@@ -58,7 +59,7 @@ def periodic_projector(cell: jax.Array, pbc: jax.Array) -> jax.Array:
   """[G, 3, 3] orthogonal projector onto the span of each structure's periodic lattice vectors (the identity for
   a fully periodic cell, the plane of a slab's two periodic vectors, zero for a molecule)."""
   lattice = jnp.where(pbc[..., None], cell, 0.0)  # rows of free directions dropped
-  return jnp.linalg.pinv(lattice) @ lattice
+  return jnp.matmul(jnp.linalg.pinv(lattice), lattice, precision=jax.lax.Precision.HIGHEST)
 
 
 def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False, head: str | None = None) -> dict:
@@ -98,7 +99,10 @@ def predict(model: E2Former, graph: AtomGraph, compute_stress: bool = False, hea
     p = periodic_projector(graph.cell, graph.pbc)
     result["virial"] = -d_strain
     result["stress"] = jnp.where(
-      periodic[:, None, None], p @ d_strain @ p / jnp.where(periodic, volume, 1.0)[:, None, None], 0.0
+      periodic[:, None, None],
+      jnp.einsum("gij,gjk,gkl->gil", p, d_strain, p, precision=jax.lax.Precision.HIGHEST)
+      / jnp.where(periodic, volume, 1.0)[:, None, None],
+      0.0,
     )
   return result
 

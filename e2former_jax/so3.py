@@ -16,6 +16,9 @@ import e3x
 import jax
 import jax.numpy as jnp
 import numpy as np
+from e3x.so3._spherical_harmonics_lut import (
+  _generate_spherical_harmonics_lookup_table,
+)  # tested against e3x's public function
 
 
 def num_rows(lmax: int) -> int:
@@ -23,7 +26,7 @@ def num_rows(lmax: int) -> int:
 
 
 def host_tables():
-  """Context for the numpy tables computed with JAX (CG coefficients, Wigner-D fits): their eager operations run
+  """Context for the numpy tables computed with JAX (CG coefficients): their eager operations run
   on the CPU backend when there is one, so a GPU process does not compile dozens of one-off programs for the
   GPU while the model is first traced. The tables leave as numpy arrays."""
   try:
@@ -38,6 +41,23 @@ def degree_of_rows(lmax: int) -> np.ndarray:
   return np.concatenate([np.full(2 * l + 1, l) for l in range(lmax + 1)])
 
 
+@functools.cache
+def _harmonic_polynomials(lmax: int, normalization: str) -> tuple[np.ndarray, np.ndarray]:
+  """The real spherical harmonics up to degree ``lmax`` as polynomials of the unit vector's (x, y, z) in the e3nn
+  basis: exponents [M, 3] (int) of the M Cartesian monomials x^a y^b z^c with a + b + c <= lmax, and
+  coefficients [M, (lmax+1)^2] (float64) of each harmonic, ``normalization`` included.
+
+  From e3x's table (z polar, Racah normalisation), with its axes renamed to e3nn's (e3x's x, y, z are e3nn's
+  z, x, y) and the normalisation folded in, so evaluating the harmonics needs no table work while a model is
+  traced. ``tests/ops/test_so3.py`` checks the result against e3x's own ``spherical_harmonics``.
+  """
+  table = _generate_spherical_harmonics_lookup_table(lmax)
+  exponents = np.asarray(table["ls"])[:, [1, 2, 0]]
+  degrees = degree_of_rows(lmax)
+  scale = 2 * degrees + 1.0 if normalization == "component" else (2 * degrees + 1.0) / (4 * np.pi)
+  return exponents, np.asarray(table["cm"], np.float64) * np.sqrt(scale)
+
+
 def spherical_harmonics(
   vectors: jax.Array, lmax: int, normalization: str = "component", normalize: bool = True
 ) -> jax.Array:
@@ -50,23 +70,24 @@ def spherical_harmonics(
       (orthonormal on the sphere, Y_0 = 1/sqrt(4 pi)).
     normalize: evaluate on the unit vector u = v/|v| (True) or on the raw vector, so that degree l scales
       as |v|^l (False; the ``QKdotS`` gate uses this). A zero vector gives Y_0 and zeros.
+
+  The polynomial is evaluated in true float32 (or the input's type) whatever JAX's default matmul precision.
   """
   if normalization not in ("component", "integral"):
     raise ValueError(f"normalization must be 'component' or 'integral', got {normalization!r}")
-  permuted = jnp.stack([vectors[..., 2], vectors[..., 0], vectors[..., 1]], axis=-1)  # e3nn -> e3x axes
-  squared = jnp.sum(permuted**2, axis=-1, keepdims=True)
+  exponents, coefficients = _harmonic_polynomials(lmax, normalization)
+  squared = jnp.sum(vectors**2, axis=-1, keepdims=True)
   nonzero = squared > 0
   norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)  # finite gradient at 0
-  unit = jnp.where(nonzero, permuted / jnp.where(nonzero, norm, 1.0), 0.0)
-  racah = e3x.so3.spherical_harmonics(
-    unit, lmax, r_is_normalized=True, cartesian_order=False, normalization="racah"
-  ).astype(unit.dtype)  # e3x gives float64 under x64
-  degrees = degree_of_rows(lmax)
-  if normalization == "component":
-    scale = np.sqrt(2 * degrees + 1.0)
-  else:
-    scale = np.sqrt((2 * degrees + 1.0) / (4 * np.pi))
-  out = racah * scale.astype(racah.dtype)
+  unit = jnp.where(nonzero, vectors / jnp.where(nonzero, norm, 1.0), 0.0)
+  # u_a^0 .. u_a^lmax by repeated products (no pow: its gradient is NaN at 0), [..., lmax+1, 3]
+  powers = jnp.cumprod(
+    jnp.concatenate([jnp.ones_like(unit[..., None, :]), jnp.repeat(unit[..., None, :], lmax, -2)], -2), -2
+  )
+  monomials = powers[..., exponents[:, 0], 0] * powers[..., exponents[:, 1], 1] * powers[..., exponents[:, 2], 2]
+  out = jnp.einsum(
+    "...m,mr->...r", monomials, jnp.asarray(coefficients, unit.dtype), precision=jax.lax.Precision.HIGHEST
+  )
   if not normalize:
     out = out * jnp.concatenate([norm**l * jnp.ones((2 * l + 1,), out.dtype) for l in range(lmax + 1)], -1)
   return out
@@ -90,8 +111,8 @@ def _sample_inverse(l: int) -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.default_rng(1234 + l)
   points = rng.normal(size=(4 * l + 4, 3))
   points /= np.linalg.norm(points, axis=1, keepdims=True)
-  with host_tables(), jax.ensure_compile_time_eval(), jax.enable_x64(True):
-    ys = np.asarray(spherical_harmonics(jnp.asarray(points), l), np.float64)[:, l * l :]
+  exponents, coefficients = _harmonic_polynomials(l, "component")
+  ys = (np.prod(points[:, None, :] ** exponents, axis=-1) @ coefficients)[:, l * l :]  # on the host, float64
   return points, np.linalg.pinv(ys)
 
 
@@ -103,9 +124,10 @@ def wigner_d(rotation: jax.Array, l: int) -> jax.Array:
   if l == 0:
     return jnp.ones(rotation.shape[:-2] + (1, 1), rotation.dtype)
   points, pinv = _sample_inverse(l)
-  rotated = jnp.einsum("...ij,pj->...pi", rotation, jnp.asarray(points, rotation.dtype))
+  hp = jax.lax.Precision.HIGHEST
+  rotated = jnp.einsum("...ij,pj->...pi", rotation, jnp.asarray(points, rotation.dtype), precision=hp)
   ys = spherical_harmonics(rotated, l, normalize=False)[..., l * l :]
-  return jnp.einsum("...pm,np->...mn", ys, jnp.asarray(pinv, rotation.dtype))
+  return jnp.einsum("...pm,np->...mn", ys, jnp.asarray(pinv, rotation.dtype), precision=hp)
 
 
 def rotation_to_y(vectors: jax.Array) -> jax.Array:
@@ -132,9 +154,9 @@ def rotation_to_y(vectors: jax.Array) -> jax.Array:
   )
   c = uy * t
   eye = jnp.eye(3, dtype=vectors.dtype)
-  rot = eye + k_cross + k_cross @ k_cross / (1.0 + c)[..., None, None]
+  rot = eye + k_cross + jnp.matmul(k_cross, k_cross, precision=jax.lax.Precision.HIGHEST) / (1.0 + c)[..., None, None]
   turn = jnp.diag(jnp.array([-1.0, -1.0, 1.0], vectors.dtype))
-  return jnp.where(flip[..., None], turn @ rot, rot)
+  return jnp.where(flip[..., None], jnp.matmul(turn, rot, precision=jax.lax.Precision.HIGHEST), rot)
 
 
 def block_diagonal_wigner(rotation: jax.Array, degrees) -> jax.Array:

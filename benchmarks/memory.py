@@ -35,7 +35,7 @@ from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
 from e2former_jax.neighbors.device import fit_neighbor_slots
-from e2former_jax.potential import device_graph
+from e2former_jax.potential import device_graph, padded_structure
 
 
 def benchmark_graph(cfg, n: int, where: str):
@@ -46,12 +46,7 @@ def benchmark_graph(cfg, n: int, where: str):
   structure = random_structure(n)
   if where == "host":
     return graph_from_atoms([structure], cfg.cutoff, cfg.max_neighbors)[0]
-  positions = np.zeros((n + 1, 3), np.float32)
-  positions[:n] = structure.positions - structure.positions.mean(axis=0)
-  numbers = np.zeros(n + 1, np.int32)
-  numbers[:n] = structure.numbers
-  mask = np.arange(n + 1) < n
-  cell = np.zeros((3, 3), np.float32)
+  positions, numbers, mask, cell = padded_structure(structure.positions, structure.numbers, None, n + 1, np.float32)
   _, capacity = fit_neighbor_slots(positions, cell, mask, cutoff=cfg.cutoff, max_neighbors=cfg.max_neighbors)
   build = jax.jit(device_graph, static_argnames=("cfg", "pbc", "capacity"))
   graph, _, _ = build(

@@ -166,6 +166,21 @@ def _compiled(
   return StoredPrograms(fn, setting)
 
 
+def padded_structure(positions, numbers, cell, num_slots: int, dtype) -> tuple[np.ndarray, ...]:
+  """One structure as the device path takes it, padded to ``num_slots`` atom slots: positions [num_slots, 3]
+  (Angstrom, centred on their mean in float64, then cast to ``dtype``; left as given if any is not finite, so
+  the device's input check names them), atomic numbers [num_slots] int32 (0 for padding), mask [num_slots] and
+  cell [3, 3] (``dtype``; zeros for None)."""
+  positions = np.asarray(positions, np.float64)
+  n = len(positions)
+  padded = np.zeros((num_slots, 3))
+  padded[:n] = positions - (positions.mean(axis=0) if np.all(np.isfinite(positions)) else 0.0)
+  z = np.zeros(num_slots, np.int32)
+  z[:n] = numbers
+  cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64)
+  return padded.astype(dtype), z, np.arange(num_slots) < n, cell.astype(dtype)
+
+
 @dataclasses.dataclass
 class DevicePotential:
   """Energy, forces and (optionally) stress of one structure at a time, everything on the device.
@@ -218,17 +233,11 @@ class DevicePotential:
     if bad.any():
       raise ValueError(f"unknown element(s) with atomic number {sorted(set(numbers[bad].tolist()))}")
     pbc = tuple(bool(p) for p in np.broadcast_to(np.asarray(pbc, bool), (3,)))
-    cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64)
     slots_n = atom_bucket(n)
-    padded = np.zeros((slots_n, 3))
-    finite = np.all(np.isfinite(positions))
-    padded[:n] = positions - (positions.mean(axis=0) if finite else 0.0)  # centred in float64, then cast
-    z = np.zeros(slots_n, np.int32)
-    z[:n] = numbers
-    mask = np.arange(slots_n) < n
-    args = (padded.astype(self.dtype), z, mask, cell.astype(self.dtype), np.int32(charge), np.int32(spin))
+    padded, z, mask, cell = padded_structure(positions, numbers, cell, slots_n, self.dtype)
+    args = (padded, z, mask, cell, np.int32(charge), np.int32(spin))
     if (slots_n, pbc) not in self._probed:
-      self._probe_capacity(args[0], args[3], mask, pbc)
+      self._probe_capacity(padded, cell, mask, pbc)
       self._probed.add((slots_n, pbc))
     while True:
       fn = _compiled(self.cfg, pbc, self.capacity, self.compute_stress, self.spatial_order, self.head)

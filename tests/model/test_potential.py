@@ -10,9 +10,13 @@ from model_helpers import predictor, relative
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.potential import DevicePotential, atom_bucket, morton_order
 
-# float32: the two paths sum the same terms in another order (Morton-sorted atoms, other padding), so forces
-# agree to round-off of sums over K slots and L layers; 1e-5 relative as the other cross-path model tests.
+# float32: the two paths sum the same terms in another order (Morton-sorted atoms, other padding), so they agree
+# to round-off of sums over K slots and L layers. Energies: 1e-5 relative, as the other cross-path model tests.
+# Forces: each float32 path is up to 1.7e-5 of max|F| away from the same model in float64 on ethanol (measured,
+# host and device path alike), so two of them agree to twice that; 4e-5. A change of the last bit of the
+# spherical harmonics moved the ethanol case from 0.9e-5 to 2.8e-5.
 TOL = 1e-5
+FORCE_TOL = 4e-5
 
 
 # Host graphs padded as the calculator's host path pads them (atoms to a multiple of 32, one padding structure):
@@ -54,7 +58,7 @@ def test_device_path_equals_host_path(setup, name):
   e, f, s = _host(cfg, fn, atoms)
   out = potential.from_atoms(atoms)
   assert abs(out["energy"] - e) <= TOL * abs(e)
-  assert relative(out["forces"], f) <= TOL
+  assert relative(out["forces"], f) <= FORCE_TOL
   if all(atoms.pbc):
     assert relative(out["stress"], s) <= 1e-4  # a difference of larger terms (see test_model.py)
 
@@ -66,9 +70,9 @@ def test_atom_order_and_spatial_sort_change_nothing(setup):
   perm = np.random.default_rng(0).permutation(len(atoms))
   out, moved = potential.from_atoms(atoms), potential.from_atoms(atoms[perm])
   assert abs(moved["energy"] - out["energy"]) <= TOL * abs(out["energy"])
-  assert relative(moved["forces"], out["forces"][perm]) <= TOL
+  assert relative(moved["forces"], out["forces"][perm]) <= FORCE_TOL
   unsorted = DevicePotential(potential.model, spatial_order=False).from_atoms(atoms)
-  assert relative(unsorted["forces"], out["forces"]) <= TOL
+  assert relative(unsorted["forces"], out["forces"]) <= FORCE_TOL
 
 
 def test_morton_order_is_spatial_and_keeps_padding_last():
@@ -120,6 +124,6 @@ def test_calculator_device_path_equals_host_path(setup):
       stress = cell.get_stress()
     results.append((cell.get_potential_energy(), cell.get_forces(), stress))
   (e0, f0, s0), (e1, f1, s1) = results
-  assert abs(e1 - e0) <= TOL * abs(e0) and relative(f1, f0) <= TOL and relative(s1, s0) <= 1e-4
+  assert abs(e1 - e0) <= TOL * abs(e0) and relative(f1, f0) <= FORCE_TOL and relative(s1, s0) <= 1e-4
   with pytest.raises(ValueError, match="neighbor_list must be one of"):
     E2FormerCalculator("small", neighbor_list="gpu")

@@ -9,7 +9,8 @@
 A user's mistake is an exception of ``USER_ERRORS``: a missing or unreadable file (``OSError``), a bad value,
 data format, checkpoint, element or key (``ValueError`` and its subclasses ``DataFormatError`` and
 ``UntrainedElementError``; ``KeyError``), a refused option (``TypeError``), a missing optional package
-(``ImportError``, whose message names the extra to install) or ``UsageError``. These print
+(``ImportError``, whose message names the extra to install), a structure too large for the device
+(``DeviceMemoryError``, whose message names the settings that trade time for memory) or ``UsageError``. These print
 ``<prog>: error: <message>`` on stderr and exit with ``EXIT_USER_ERROR`` (``EXIT_USAGE`` for ``UsageError``, as
 argparse does for its own usage errors); anything else is a bug and keeps its traceback. Warnings print as
 ``<prog>: warning: <message>`` (with file and line under ``--debug``). Every command runs with JAX's persistent
@@ -23,6 +24,8 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from e2former_jax.device_memory import DeviceMemoryError
+
 EXIT_USER_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -32,7 +35,15 @@ class UsageError(Exception):
   """A command-line mistake found after parsing (e.g. two options that exclude each other)."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UsageError, OSError, ValueError, KeyError, TypeError, ImportError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+  UsageError,
+  OSError,
+  ValueError,
+  KeyError,
+  TypeError,
+  ImportError,
+  DeviceMemoryError,
+)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from e2former_jax.compile_cache import StoredPrograms, enable_compile_cache
 from e2former_jax.config import ModelConfig
+from e2former_jax.device_memory import explained_out_of_memory
 from e2former_jax.elements import MAX_ATOMIC_NUMBER
 from e2former_jax.graph import AtomGraph
 from e2former_jax.model import E2Former
@@ -241,7 +242,8 @@ class DevicePotential:
       self._probed.add((slots_n, pbc))
     while True:
       fn = _compiled(self.cfg, pbc, self.capacity, self.compute_stress, self.spatial_order, self.head)
-      out, slots = jax.device_get(fn(self.params, self.elements, *args))  # one transfer
+      with explained_out_of_memory(self.cfg, n, "energy and forces"):
+        out, slots = jax.device_get(fn(self.params, self.elements, *args))  # one transfer
       raise_for_bad_input(slots)
       if not bool(slots.overflow):
         break

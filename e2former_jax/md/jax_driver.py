@@ -43,6 +43,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from flax import nnx
 
 from e2former_jax.compile_cache import StoredPrograms
+from e2former_jax.device_memory import explained_out_of_memory
 from e2former_jax.graph import AtomGraph, validate_atoms
 from e2former_jax.md.ase_driver import simulated_ns_per_day
 from e2former_jax.md.guard import BlowUpLimits, Guard, exceeded
@@ -411,20 +412,21 @@ class JaxMD:
     dts = np.zeros(self.steps_per_call)
     dts[:n] = dt
     active = np.arange(self.steps_per_call) < n
-    self.state, observed = self._chunk(
-      self.params,
-      spec=self.spec,
-      ensemble=self.ensemble,
-      spatial_order=self.spatial_order,
-      state=self.state,
-      system=self.system,
-      dts=jnp.asarray(dts, self.dtype),
-      active=jnp.asarray(active),
-      gamma=self.gamma,
-      kT=self.kT,
-      limits=self._limits(),
-    )
-    return jax.device_get(observed)
+    with explained_out_of_memory(self.model.config, self.num_real, "an MD step"):
+      self.state, observed = self._chunk(
+        self.params,
+        spec=self.spec,
+        ensemble=self.ensemble,
+        spatial_order=self.spatial_order,
+        state=self.state,
+        system=self.system,
+        dts=jnp.asarray(dts, self.dtype),
+        active=jnp.asarray(active),
+        gamma=self.gamma,
+        kT=self.kT,
+        limits=self._limits(),
+      )
+      return jax.device_get(observed)
 
   def _advance(self, dt: float, n: int, first_step: int) -> dict[str, np.ndarray]:
     """Up to ``n`` steps in one chunk: stops early at a neighbour-list overflow (then grows the capacity) and

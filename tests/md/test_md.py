@@ -229,3 +229,20 @@ def test_cli_stops_a_blow_up_with_one_line(driver, tmp_path, model, start, monke
   assert len(frames) == 2 and frames[-1].get_temperature() > 5000
   with pytest.raises(MDBlowUpError, match="temperature"):
     cli.main([*args, "--max-energy-drift", "inf", "--debug"])
+
+
+def test_out_of_device_memory_names_the_settings(model, start):
+  """A chunk the device cannot hold raises DeviceMemoryError naming the memory-saving settings (the device's
+  error is simulated: the chunk program is replaced by one that raises XLA's RESOURCE_EXHAUSTED)."""
+  from e2former_jax.device_memory import DeviceMemoryError
+
+  sim = JaxMD(model, start, timestep_fs=TIMESTEP_FS, steps_per_call=CHUNK)
+
+  def exhausted(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81604378624 bytes.")
+
+  sim._chunk = exhausted
+  with pytest.raises(DeviceMemoryError, match="an MD step for 21 atoms ran out of device memory") as caught:
+    sim.run(CHUNK)
+  assert "81604378624 bytes" in str(caught.value) and "--node-chunk 4096" in str(caught.value)
+  assert isinstance(caught.value.__cause__, jax.errors.JaxRuntimeError)

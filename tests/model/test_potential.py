@@ -127,3 +127,38 @@ def test_calculator_device_path_equals_host_path(setup):
   assert abs(e1 - e0) <= TOL * abs(e0) and relative(f1, f0) <= FORCE_TOL and relative(s1, s0) <= 1e-4
   with pytest.raises(ValueError, match="neighbor_list must be one of"):
     E2FormerCalculator("small", neighbor_list="gpu")
+
+
+def test_out_of_device_memory_is_explained_and_other_errors_pass(setup, monkeypatch):
+  """XLA's RESOURCE_EXHAUSTED becomes DeviceMemoryError naming the settings that are not yet on (simulated: the
+  compiled call is replaced); any other runtime error passes unchanged; with every setting on, the message says
+  the size needs a larger device."""
+  import jax
+
+  from e2former_jax import potential as potential_module
+  from e2former_jax.device_memory import DeviceMemoryError, memory_advice
+
+  cfg, _, potential = setup
+  atoms = _structures()["ethanol"]
+
+  def raising(message):
+    def compiled(*args, **kwargs):
+      raise jax.errors.JaxRuntimeError(message)
+
+    return lambda *args, **kwargs: compiled
+
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.setattr(potential_module, "_compiled", raising("RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes"))
+  with pytest.raises(DeviceMemoryError) as caught:
+    potential.from_atoms(atoms)
+  text = str(caught.value)
+  assert text.startswith("energy and forces for 9 atoms ran out of device memory (RESOURCE_EXHAUSTED")
+  for setting in ("remat=True", "edge_chunk=4096", "node_chunk=4096", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"):
+    assert setting in text
+  monkeypatch.setattr(potential_module, "_compiled", raising("INTERNAL: something else"))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: something else"):
+    potential.from_atoms(atoms)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  saving = cfg.replace(remat=True, edge_chunk=64, node_chunk=64)
+  text = memory_advice(saving, 300_000, "energy and forces", RuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
+  assert "needs a device with more memory" in text and "300,000 atoms" in text

@@ -13,6 +13,7 @@ import pytest
 
 from e2former_jax import info
 from e2former_jax.cli_errors import EXIT_USAGE, EXIT_USER_ERROR, UsageError, one_line, run_command
+from e2former_jax.device_memory import DeviceMemoryError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -73,6 +74,9 @@ def test_cli_errors_one_line_exit_codes_and_debug(capsys):
   assert capsys.readouterr().err == "tool: error: bad value 'x' on two lines (--debug shows the traceback)\n"
   assert run_command("tool", fail(UsageError("--a needs --b"))) == EXIT_USAGE
   assert run_command("tool", fail(FileNotFoundError("x.xyz: no such file"))) == EXIT_USER_ERROR
+  assert (
+    run_command("tool", fail(DeviceMemoryError("an MD step for 9 atoms ran out of device memory"))) == EXIT_USER_ERROR
+  )
   assert one_line(KeyError("model_config")) == "missing key 'model_config'"
   assert run_command("tool", lambda: None) == 0
   with pytest.raises(ValueError):

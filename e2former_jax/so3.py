@@ -93,16 +93,26 @@ def spherical_harmonics(
   return out
 
 
+CLEBSCH_GORDAN_MIN_DEGREE = 4  # one read of e3x's table file covers every degree the model couples
+
+
 @functools.cache
+def _clebsch_gordan_table(max_degree: int) -> np.ndarray:
+  """e3x's coefficients for all degrees up to ``max_degree`` [(L+1)^2, (L+1)^2, (L+1)^2] (float64). e3x reads its
+  whole table file for every call, so it is read once here and sliced."""
+  with host_tables(), jax.ensure_compile_time_eval(), jax.enable_x64(True):
+    cg = e3x.so3.clebsch_gordan(max_degree, max_degree, max_degree, cartesian_order=False)
+    return np.asarray(cg, dtype=np.float64)
+
+
 def clebsch_gordan(l1: int, l2: int, l3: int) -> np.ndarray:
   """Real-basis Clebsch-Gordan coefficients C[m1, m2, m3] (float64, unitary normalisation).
 
   (a (x) b)^{l3}_{m3} = sum_{m1, m2} C[m1, m2, m3] a^{l1}_{m1} b^{l2}_{m2}, with the l=1 block in (x, y, z)
   order, the authors' ``wigner_3j_wonorm``.
   """
-  with host_tables(), jax.ensure_compile_time_eval(), jax.enable_x64(True):
-    cg = e3x.so3.clebsch_gordan_for_degrees(l1, l2, l3, cartesian_order=False)
-    return np.asarray(cg, dtype=np.float64)
+  table = _clebsch_gordan_table(max(l1, l2, l3, CLEBSCH_GORDAN_MIN_DEGREE))
+  return table[l1 * l1 : (l1 + 1) ** 2, l2 * l2 : (l2 + 1) ** 2, l3 * l3 : (l3 + 1) ** 2].copy()
 
 
 @functools.cache

@@ -10,7 +10,10 @@ true float32; on an NVIDIA GPU it is TF32 (10-bit mantissa). This script measure
 * ``model``: the paper backbone (``paper_spice`` with the ``QKdotS_alpha`` gate, random weights, float32,
   ``matmul_precision`` "highest") on ``random_structure(--atoms)`` of ``benchmarks/model.py`` and on the same
   structure rotated, through ``DevicePotential``: max |F(Rx) - R F(x)| / max |F| and |E(Rx) - E(x)| / |E|, for
-  direct and conservative forces.
+  direct and conservative forces;
+* ``float64`` (``--float64``; needs 64-bit JAX, which the flag turns on): the shipped demo checkpoint's forces in
+  float32 against the same weights in float64, through ``DevicePotential``, on ``--structures`` structures spread over
+  the demo test split: max |F32 - F64| / max |F64| per structure (positions rounded to float32 included).
 
 Float32 round-off of these is about 1e-7 (harmonics, frames, Wigner-D) and 1e-6 to 1e-5 (the model's forces, a sum
 over four blocks and 32 neighbours); TF32 anywhere in the geometry shows as 1e-4 to 1e-3.
@@ -70,14 +73,35 @@ def model_errors(forces: str, atoms: int, seed: int = 3) -> dict:
   }
 
 
+def float64_errors(num_structures: int) -> list[dict]:
+  """Forces of the demo checkpoint in float32 against float64 (same weights) on demo test structures (module doc)."""
+  from e2former_jax.checkpoint import DEMO_CHECKPOINT, load_model
+  from e2former_jax.data import load_demo
+
+  single, double = (DevicePotential(load_model(DEMO_CHECKPOINT, dtype=d)) for d in ("float32", "float64"))
+  rows = []
+  structures = load_demo("test")
+  for atoms in structures[:: max(1, len(structures) // num_structures)][:num_structures]:
+    reference = double.from_atoms(atoms)["forces"]
+    error = np.max(np.abs(single.from_atoms(atoms)["forces"] - reference)) / np.max(np.abs(reference))
+    rows.append({"structure": atoms.info.get("config_type", ""), "atoms": len(atoms), "force_error": float(error)})
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--atoms", type=int, default=1024)
+  p.add_argument("--float64", action="store_true", help="also the demo checkpoint in float32 against float64")
+  p.add_argument("--structures", type=int, default=20, help="demo test structures for --float64")
   p.add_argument("--json", help="append one JSON line per measurement")
   args = p.parse_args()
   emit(stamp({"what": "geometry", **geometry_errors()}), args.json)
   for forces in ("direct", "conservative"):
     emit(stamp({"what": "model", "forces": forces, "atoms": args.atoms, **model_errors(forces, args.atoms)}), args.json)
+  if args.float64:
+    jax.config.update("jax_enable_x64", True)
+    for row in float64_errors(args.structures):
+      emit(stamp({"what": "float64", **row}), args.json)
 
 
 if __name__ == "__main__":

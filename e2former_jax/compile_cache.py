@@ -121,7 +121,7 @@ class StoredPrograms:
 
   def __call__(self, *args):
     leaves, tree = jax.tree.flatten(args)
-    signature = (tree, tuple((np.shape(x), _dtype_of(x)) for x in leaves))
+    signature = (tree, tuple(map(_shape_and_dtype, leaves)))
     entry = self._programs.get(signature)
     if entry is not None:
       program, out_tree = entry
@@ -191,6 +191,14 @@ def _leaf_positions(args: tuple, argnums: tuple[int, ...]) -> tuple[int, ...]:
       positions.extend(range(start, start + count))
     start += count
   return tuple(positions)
+
+
+def _shape_and_dtype(x) -> tuple:
+  """A leaf's part of a call's signature: (shape, the dtype JAX gives it); read straight off a JAX array, whose
+  dtype is already canonical (the common case, and the fast one: a call may have hundreds of weights)."""
+  if isinstance(x, jax.Array):
+    return x.shape, x.dtype
+  return np.shape(x), _dtype_of(x)
 
 
 def _dtype_of(x):

@@ -70,6 +70,18 @@ def test_each_description_and_signature_has_its_own_program(cache):
   assert traces[0] == 3 and len(list(cache.glob("*.jaxexport"))) == 3
 
 
+def test_numpy_and_jax_leaves_of_one_shape_and_dtype_share_a_program(cache):
+  """JAX arrays are signed from their own shape and dtype (the fast path, for the weights of every call), host
+  arrays and Python numbers through the dtype JAX gives them: the same values either way are one program."""
+  fn, traces = counted(lambda params, x, scale: model_like(params, x * scale))
+  programs = StoredPrograms(fn, "model_like scaled")
+  params, x = inputs(5)
+  out = programs(params, x, 2.0)
+  assert_same(programs(jax.device_put(params), jax.device_put(x), 2.0), out)
+  assert_same(programs(params, x.astype(np.float64), np.float32(2.0)), out)  # float64 is float32 without x64
+  assert traces[0] == 1 and len(list(cache.glob("*.jaxexport"))) == 1
+
+
 def test_a_damaged_program_is_traced_again_and_replaced(cache):
   fn, traces = counted(model_like)
   out = StoredPrograms(fn, "model_like v1")(*inputs(5))

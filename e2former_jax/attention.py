@@ -162,6 +162,56 @@ class E2Attention(nnx.Module):
     target = self.target_type(numbers)
     return over_atom_chunks_of(self.gate, per_target, self.cfg.edge_chunk, y, target, neighbors, geometry)
 
+  @property
+  def softmax_max(self) -> str:
+    """The op's rule for the softmax shift: the ``e2formerv2`` branch shifts by the max over the valid slots,
+    its beyond-cutoff slots entering through ``shift_floor``."""
+    return "valid" if self.cfg.softmax_max == "e2formerv2" else self.cfg.softmax_max
+
+  def edge_scale(self, rho: jax.Array, distance: jax.Array) -> jax.Array:
+    """The factor applied after the softmax, [N, K, H]: rho (zero-order message) or rho / |r_ij| (first order)."""
+    if self.order == "zero":
+      return rho
+    if self.cfg.softmax_max == "e2formerv2":
+      return rho / (distance[..., None] + E2FORMERV2_DISTANCE_EPSILON)
+    return rho / distance[..., None]
+
+  def gated_aggregate(self, y, numbers, q, k, rows, neighbors, geometry, shifts, max_floor, impl, return_attention):
+    """The node-centric attention op on the gate and rho of every slot, per chunk of ``edge_chunk`` target atoms:
+    each chunk's per-edge MLPs and its targets' aggregate are computed together, so no [N, K, H] array (gate,
+    rho / |r_ij|, logits, weights, nor their cotangents in the backward pass) exists for all atoms at once; the
+    sources' keys and rows (``k``, ``rows``) are read whole by every chunk.
+
+    Shapes: y [N, rows, C], q [N, H, d], k [M, H, d], rows [M, R', C], neighbors [N, K], shifts [N, K, 3] or None,
+    max_floor [N, H] or None. Returns ``node_attention``'s outputs for the N targets.
+    """
+    cfg = self.cfg
+    source = self.source_type(numbers)
+
+    def per_target(layer, y, target, q, neighbors, geometry, shifts, max_floor):
+      gate, rho = layer.gate(y, EdgeFeatures(geometry.rbf, target, source, neighbors), geometry)
+      return node_attention(
+        q,
+        k,
+        gate,
+        layer.edge_scale(rho, geometry.distance),
+        geometry.envelope,
+        geometry.valid,
+        neighbors,
+        rows,
+        shifts,
+        implementation=impl,
+        num_shift_rows=(cfg.lmax + 1) ** 2,
+        softmax_max=layer.softmax_max,
+        activation=cfg.gate_activation,
+        max_floor=max_floor,
+        return_weights=return_attention,
+      )
+
+    target = self.target_type(numbers)
+    per_atom = (y, target, q, neighbors, geometry, shifts, max_floor)
+    return over_atom_chunks_of(self, per_target, cfg.edge_chunk, *per_atom)
+
   def node_inputs(self, y: jax.Array, positions: jax.Array, node_rows: bool):
     """Per atom: q, k [N, H, d], v [N, rows, C] and, with ``node_rows``, the rows the node-centric op aggregates,
     [v (x) p; v] [N, R + rows, C] for the first-order message or v for the zero-order one (else None)."""
@@ -215,52 +265,41 @@ class E2Attention(nnx.Module):
     impl = "jnp_edge" if cfg.attention_impl == "jnp_edge" else resolve_implementation(cfg.attention_impl, y.shape[0])
     if return_attention and impl not in ("jnp_node", "jnp_dense"):
       raise ValueError("return_attention needs attention_impl='jnp_node' or 'jnp_dense'")
-    gate, rho = self.gate_and_rho(y, numbers, neighbors, geometry)
     chunk, node_rows = cfg.node_chunk, impl != "jnp_edge"
     q, k, v, rows = over_atom_chunks_of(
       self, lambda layer, y, p: layer.node_inputs(y, p, node_rows), chunk, y, positions
     )
-    if self.order == "zero":
-      edge_scale = rho
-    elif cfg.softmax_max == "e2formerv2":
-      edge_scale = rho / (geometry.distance[..., None] + E2FORMERV2_DISTANCE_EPSILON)
-    else:
-      edge_scale = rho / geometry.distance[..., None]
-    weights = dict(
-      softmax_max="valid" if cfg.softmax_max == "e2formerv2" else cfg.softmax_max,
-      activation=cfg.gate_activation,
-      max_floor=self.shift_floor(y, q, k, numbers, shift_slots),
-    )
+    max_floor = self.shift_floor(y, q, k, numbers, shift_slots)
     first = self.order == "first"
-    alpha = None
-    if impl == "jnp_edge":
-      alpha = attention_weights(attention_logits(q, k, gate, neighbors), geometry.envelope, geometry.valid, **weights)
-      beta = per_channel(alpha * edge_scale, v.shape[-1])
-      if first:
-        message = edge_aligned_message(v, beta, neighbors, geometry.vectors, cfg.lmax)
-      else:
-        message = jnp.einsum("nkc,nkrc->nrc", beta, v[neighbors], precision=jax.lax.Precision.HIGHEST)
-      out = over_atom_chunks_of(self, E2Attention.readout, chunk, message)
-    else:
-      outputs = node_attention(
+    if impl != "jnp_edge":
+      outputs = self.gated_aggregate(
+        y,
+        numbers,
         q,
         k,
-        gate,
-        edge_scale,
-        geometry.envelope,
-        geometry.valid,
-        neighbors,
         rows,
+        neighbors,
+        geometry,
         shifts if periodic and first else None,
-        implementation=impl,
-        num_shift_rows=v.shape[-2],
-        return_weights=return_attention,
-        **weights,
+        max_floor,
+        impl,
+        return_attention,
       )
       outputs = outputs if isinstance(outputs, tuple) else (outputs,)
       agg_shift = outputs[1] if periodic and first else None
       out = over_atom_chunks_of(self, E2Attention.node_readout, chunk, outputs[0], agg_shift, positions)
-      alpha = outputs[-1] if return_attention else None
+      return (out, outputs[-1]) if return_attention else out
+    gate, rho = self.gate_and_rho(y, numbers, neighbors, geometry)
+    logits = attention_logits(q, k, gate, neighbors)
+    alpha = attention_weights(
+      logits, geometry.envelope, geometry.valid, self.softmax_max, cfg.gate_activation, max_floor
+    )
+    beta = per_channel(alpha * self.edge_scale(rho, geometry.distance), v.shape[-1])
+    if first:
+      message = edge_aligned_message(v, beta, neighbors, geometry.vectors, cfg.lmax)
+    else:
+      message = jnp.einsum("nkc,nkrc->nrc", beta, v[neighbors], precision=jax.lax.Precision.HIGHEST)
+    out = over_atom_chunks_of(self, E2Attention.readout, chunk, message)
     return (out, alpha) if return_attention else out
 
   def shift_floor(self, y, q, k, numbers, shift_slots: ShiftSlots | None) -> jax.Array | None:

@@ -75,9 +75,11 @@ class ModelConfig:
       the blocks' inputs and recomputes one block at a time, so the peak memory of forces (and of a training
       step) holds one block's per-edge activations instead of every block's, for about one more forward pass.
       Off by default; it changes no result beyond float32 round-off.
-    edge_chunk: atoms per chunk of the per-edge MLPs (gate, rho, edge-degree embedding; ``chunking.py``):
-      their [N, K, hidden] temporaries exist for one chunk at a time and the backward pass recomputes them
-      per chunk. 0 (default) computes all atoms at once. Changes no result beyond float32 round-off.
+    edge_chunk: target atoms per chunk of the per-edge work (``chunking.py``): the edge-degree embedding, and in
+      each block the gate and rho MLPs together with the attention op on those targets, so their [N, K, hidden]
+      temporaries and the op's [N, K, H] gate, weights and cotangents exist for one chunk at a time and the
+      backward pass recomputes them per chunk. 0 (default) computes all atoms at once. Changes no result beyond
+      float32 round-off.
     node_chunk: atoms per chunk of each block's node-level maps (queries, keys, values and the EAAS rows before
       the attention op; the message, path linears, output map, FFN and residual sums after it): their
       [N, rows, width] temporaries exist for one chunk at a time, and with ``remat`` a block's backward pass

@@ -5,10 +5,10 @@ memory, instead of XLA's RESOURCE_EXHAUSTED and a traceback.
       out = compiled(params, graph)
 
 The settings (docs/performance.md §5a gives their measured memory per atom and time cost): ``remat`` (each block
-recomputed in the backward pass of conservative forces), ``edge_chunk`` and ``node_chunk`` (per-edge MLPs and
-node-level maps over chunks of atoms), and JAX's share of the device (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 by
-default; ``e2former-md`` sets 0.95). JAX is imported only when an error is caught, so ``cli_errors``, which every
-command-line tool imports first, stays quick to import.
+recomputed in the backward pass of conservative forces), ``edge_chunk`` and ``node_chunk`` (per-edge MLPs with the
+attention op, and node-level maps, over chunks of atoms), and JAX's share of the device
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 by default; ``e2former-md`` sets 0.95). JAX is imported only when an
+error is caught, so ``cli_errors``, which every command-line tool imports first, stays quick to import.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 
 from e2former_jax.config import ModelConfig
 
-SUGGESTED_CHUNK = 4096  # edge_chunk of this size: 1.05 -> 0.87 MiB/atom with remat, +25% time (H100, docs §5a)
+SUGGESTED_CHUNK = 4096  # edge_chunk (MLPs alone, before the op joined): 1.05 -> 0.87 MiB/atom with remat (H100, §5a)
 SUGGESTED_MEMORY_FRACTION = "0.95"
 
 

@@ -143,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     type=int,
     default=None,
     metavar="ATOMS",
-    help="run the per-edge MLPs over chunks of this many atoms (less memory for large systems; e.g. 4096)",
+    help="run the per-edge MLPs and the attention op over chunks of this many target atoms (less memory for large "
+    "systems; e.g. 4096)",
   )
   p.add_argument(
     "--node-chunk",

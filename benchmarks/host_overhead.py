@@ -2,11 +2,11 @@
 
 A call of the device path is: pad and centre the structure on the host (``pad``), hand the compiled program its
 inputs (``dispatch``: flattening and signing the arguments in ``compile_cache.StoredPrograms``, then JAX's own
-dispatch and the host-to-device copies), wait for the device (``wait``), copy the outputs back (``get``), check
-the search's report and add the reference energies in float64 (``finish``). Everything but ``wait`` is host
-time that a small structure pays on top of the model. ``call`` is the median of whole ``DevicePotential`` calls
-on the same inputs; the pieces are medians of the same steps run one by one; ``host share`` is the pieces other
-than ``wait`` over ``call``.
+dispatch and the host-to-device copies), wait for the device (``wait``), copy the outputs back (``get``: energy,
+forces and the search's report as one int32 vector), check the report and add the reference energies in float64
+(``finish``). Everything but ``wait`` is host time that a small structure pays on top of the model. ``call`` is
+the median of whole ``DevicePotential`` calls on the same inputs; the pieces are medians of the same steps run
+one by one; ``host share`` is the pieces other than ``wait`` over ``call``.
 
   PYTHONPATH=$PWD python benchmarks/host_overhead.py --preset small paper_spice --atoms 1024 --json $OUT/host.jsonl
 """
@@ -26,7 +26,7 @@ from benchmarks.report import emit, stamp
 from e2former_jax import potential as device_potential
 from e2former_jax.config import get_config
 from e2former_jax.model import E2Former
-from e2former_jax.neighbors.device import raise_for_bad_input
+from e2former_jax.neighbors.device import DeviceSlots, raise_for_bad_input
 from e2former_jax.predict import total_energy_float64
 
 PIECES = ("pad", "dispatch", "wait", "get", "finish")
@@ -50,9 +50,9 @@ def pieces_ms(potential: device_potential.DevicePotential, structure, repeats: i
     t2 = time.perf_counter()
     jax.block_until_ready(pending)
     t3 = time.perf_counter()
-    out, slots = jax.device_get(pending)
+    out, report = jax.device_get(pending)
     t4 = time.perf_counter()
-    raise_for_bad_input(slots)
+    raise_for_bad_input(DeviceSlots.from_report(report))
     total_energy_float64(out["energy_above_reference"], numbers, potential.references)
     t5 = time.perf_counter()
     for piece, seconds in zip(PIECES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):

@@ -145,9 +145,10 @@ def _compiled(
   head: str | None,
 ) -> StoredPrograms:
   """The jitted positions-to-outputs function of one static setting, its traced programs kept on disk
-  (``compile_cache.StoredPrograms``): (outputs, the search's report). Its first argument is the flat tuple of
-  the model's weights, (parameters, element energies) flattened to ``weights_tree``: a tuple is flattened and
-  signed in microseconds on every call, where the nested parameter state took about a millisecond."""
+  (``compile_cache.StoredPrograms``): (outputs, the search's report as ``DeviceSlots.report``). Its first
+  argument is the flat tuple of the model's weights, (parameters, element energies) flattened to
+  ``weights_tree``: a tuple is flattened and signed in microseconds on every call, where the nested parameter
+  state took about a millisecond."""
 
   def fn(weights, positions, numbers, atom_mask, cell, charge, spin):
     params, elements = jax.tree.unflatten(weights_tree, weights)
@@ -170,7 +171,7 @@ def _compiled(
     }
     if compute_stress:
       result["stress"] = out["stress"][0]
-    return result, slots.replace(neighbors=None, mask=None, shift=None)  # the search's report: scalars only
+    return result, slots.report()
 
   setting = f"DevicePotential {cfg!r} pbc={pbc} {capacity!r} stress={compute_stress} sorted={spatial_order} {head=}"
   return StoredPrograms(fn, setting)
@@ -256,7 +257,8 @@ class DevicePotential:
         self.cfg, self._weights_tree, pbc, self.capacity, self.compute_stress, self.spatial_order, self.head
       )
       with explained_out_of_memory(self.cfg, n, "energy and forces"):
-        out, slots = jax.device_get(fn(self._weights, *args))  # one transfer
+        out, report = jax.device_get(fn(self._weights, *args))  # one transfer of three arrays
+      slots = DeviceSlots.from_report(report)
       raise_for_bad_input(slots)
       if not bool(slots.overflow):
         break

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, force_matching_gradients, molecules, relative
+from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, equations, force_matching_gradients, molecules, relative
 
 from e2former_jax.chunking import over_atom_chunks
 from e2former_jax.config import get_config
@@ -104,18 +104,6 @@ def test_chunks_bound_the_memory_of_rematerialised_blocks():
   assert temporaries[128] < 0.67 * temporaries[0], temporaries
 
 
-def array_shapes(jaxpr, found: set) -> set:
-  """The shapes of every value computed in ``jaxpr`` and the programs nested in it."""
-  for eqn in jaxpr.eqns:
-    found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          array_shapes(inner, found)
-  return found
-
-
 @pytest.mark.parametrize("impl", ["jnp_node", "pallas"])
 def test_edge_chunks_leave_no_slot_array_of_all_atoms(impl):
   """With ``edge_chunk`` the gate, rho / |r_ij|, the logits, the weights and, in the backward pass, their
@@ -139,7 +127,8 @@ def test_edge_chunks_leave_no_slot_array_of_all_atoms(impl):
       out = predict(nnx.merge(graphdef, params, rest), graph)
       return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1))
 
-    shapes[chunk] = array_shapes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, set())
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    shapes[chunk] = {tuple(v.aval.shape) for eqn in equations(jaxpr) for v in eqn.outvars if hasattr(v.aval, "shape")}
   slots = (NUM_ATOMS, 12, heads)
   assert slots in shapes[0]
   assert slots not in shapes[7] and (7, 12, heads) in shapes[7]

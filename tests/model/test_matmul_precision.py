@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, molecules
+from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, equations, molecules
 
 from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
@@ -21,19 +21,14 @@ from e2former_jax.model import E2Former
 from e2former_jax.predict import predict
 
 
-def dot_precisions(jaxpr, found: collections.Counter) -> collections.Counter:
+def dot_precisions(jaxpr) -> collections.Counter:
   """Counts (precision, source file:line) of every dot_general in ``jaxpr`` and the programs nested in it."""
-  for eqn in jaxpr.eqns:
+  found = collections.Counter()
+  for eqn in equations(jaxpr):
     if eqn.primitive.name == "dot_general":
-      precision = eqn.params["precision"]
       frames = [f for f in eqn.source_info.traceback.frames if "e2former_jax" in f.file_name]
       where = f"{frames[0].file_name.rsplit('/', 1)[-1]}:{frames[0].line_num}" if frames else "?"
-      found[(str(precision), where)] += 1
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          dot_precisions(inner, found)
+      found[(str(eqn.params["precision"]), where)] += 1
   return found
 
 
@@ -55,7 +50,7 @@ def test_every_product_states_its_precision(gate, precision, impl):
     out = predict(nnx.merge(graphdef, params, rest), graph, compute_stress=True)
     return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1)) + jnp.sum(out["stress"] ** 2)
 
-  found = dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, collections.Counter())
+  found = dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
   highest = str((jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST))
   default = str((jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT))
   assert sum(found.values()) > 100

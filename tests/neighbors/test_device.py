@@ -285,6 +285,28 @@ def test_overlapping_and_nonfinite_atoms_are_reported():
     device.fit_neighbor_slots(jnp.asarray(positions), *args, **kw)
 
 
+def test_the_report_vector_carries_every_report_field():
+  """``DeviceSlots.report`` packs the build's report into one int32 vector (one transfer for the device path);
+  ``from_report`` gives back each field exactly, the float32 closest distance included, for an overflowing
+  periodic build and a molecule with overlapping atoms."""
+  water = [water_box(3, seed=0)]
+  graph, _ = graph_from_atoms(water, CUTOFF, PERIODIC["max_neighbors"], num_atoms=208, num_graphs=3)
+  kw = dict(pbc=PERIODIC["pbc"], cutoff=CUTOFF, max_neighbors=PERIODIC["max_neighbors"], num_graphs=3)
+  args = (graph.positions, graph.cell, graph.atom_mask, graph.graph_index)
+  overflowing = device.neighbor_slots(*args, **kw, capacity=device.SearchCapacity(8, 16))
+  graph, _ = graph_from_atoms([ase.build.molecule("CH3CH2OH")], CUTOFF, 12, num_atoms=64, num_graphs=3)
+  positions = np.asarray(graph.positions).copy()
+  positions[4] = positions[2] + [0.05, 0.0, 0.0]
+  kw = dict(pbc=FREE["pbc"], cutoff=CUTOFF, max_neighbors=12, num_graphs=3, capacity=FREE["capacity"])
+  overlapping = device.neighbor_slots(jnp.asarray(positions), graph.cell, graph.atom_mask, graph.graph_index, **kw)
+  for slots in (overflowing, overlapping):
+    unpacked = device.DeviceSlots.from_report(jax.jit(device.DeviceSlots.report)(slots))
+    assert unpacked.neighbors is None and unpacked.mask is None and unpacked.shift is None
+    for name in device.DeviceSlots.REPORT:
+      np.testing.assert_array_equal(getattr(unpacked, name), np.asarray(getattr(slots, name)), err_msg=name)
+  assert bool(overflowing.overflow) and int(overlapping.num_close) == 2
+
+
 def test_static_limits_raise_clear_errors():
   too_many = jax.ShapeDtypeStruct((device.MAX_ATOMS + 1, 3), jnp.float32)
   with pytest.raises(ValueError, match="int32 limit"):

@@ -35,31 +35,32 @@ SEED = int(np.random.SeedSequence().entropy % 2**31)
 # one implementation and not the other; with continuous random inputs that has probability ~1e-4 per run.
 TOLERANCE = {"forward": 1e-5, "vjp": 2e-5, "vjp_of_vjp": 5e-5}
 
-# name: (N, K, H, d, C, R, num_shift_rows or 0 for no shifts, softmax_max, forward block_n)
+# name: (N targets, M sources, K, H, d, C, R, num_shift_rows or 0 for no shifts, softmax_max, forward block_n)
 CONFIGS = {
-  "valid": (21, 6, 4, 4, 8, 5, 0, "valid", 4),
-  "all_slots_shifts": (21, 6, 4, 4, 8, 5, 3, "all_slots", 4),
-  "paper_rows_shifts": (19, 8, 8, 8, 16, 29, 9, "valid", 2),  # R=29 -> 58 flat rows padded to 64
+  "valid": (21, 21, 6, 4, 4, 8, 5, 0, "valid", 4),
+  "all_slots_shifts": (21, 21, 6, 4, 4, 8, 5, 3, "all_slots", 4),
+  "paper_rows_shifts": (19, 19, 8, 8, 8, 16, 29, 9, "valid", 2),  # R=29 -> 58 flat rows padded to 64
+  "chunk_of_targets": (7, 23, 6, 4, 4, 8, 5, 3, "valid", 4),  # the model with edge_chunk: N targets, M sources
 }
 
 
-def _inputs(rng, n, k, h, d, c, r, s):
+def _inputs(rng, n, m, k, h, d, c, r, s):
   """Ragged counts, masked slots in the middle, duplicate sources, atoms with no neighbour, and empty slots
-  pointing at the last atom (the model's padding atom)."""
+  pointing at the last source (the model's padding atom)."""
   count = rng.integers(0, k + 1, size=n)
   count[[0, n // 2]] = 0
   valid = (np.arange(k)[None] < count[:, None]) & (rng.uniform(size=(n, k)) > 0.15)
-  neighbors = rng.integers(0, n, size=(n, k))
+  neighbors = rng.integers(0, m, size=(n, k))
   neighbors[::3, 1] = neighbors[::3, 0]
-  neighbors = np.where(valid, neighbors, n - 1)
+  neighbors = np.where(valid, neighbors, m - 1)
   f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
   arrays = dict(
     q=f32(n, h, d),
-    k=f32(n, h, d),
+    k=f32(m, h, d),
     gate=f32(n, k, h),
     edge_scale=f32(n, k, h),
     envelope=rng.uniform(0.05, 1.0, size=(n, k)).astype(np.float32),
-    rows=f32(n, r, c),
+    rows=f32(m, r, c),
     shifts=f32(n, k, 3) if s else None,
   )
   return {key: None if v is None else jnp.asarray(v) for key, v in arrays.items()}, (
@@ -82,9 +83,9 @@ def _derivatives(fn, diff, cotangent_rng):
 
 @functools.cache
 def _results(name):
-  n, k, h, d, c, r, s, softmax_max, block_n = CONFIGS[name]
+  n, m, k, h, d, c, r, s, softmax_max, block_n = CONFIGS[name]
   rng = np.random.default_rng([SEED, len(name)])
-  arrays, (valid, neighbors) = _inputs(rng, n, k, h, d, c, r, s)
+  arrays, (valid, neighbors) = _inputs(rng, n, m, k, h, d, c, r, s)
   diff = tuple(arrays[key] for key in ("q", "k", "gate", "edge_scale", "envelope", "rows", "shifts"))
   kw = dict(num_shift_rows=s, softmax_max=softmax_max)
 
@@ -122,10 +123,10 @@ def test_matches_jnp_twin(name, order, impl):
 
 def test_float64_inputs_accumulate_in_float64():
   """A float64 model through the kernel keeps float64 (the kernels accumulate in the wider type)."""
-  n, k, h, d, c, r, s, softmax_max, block_n = CONFIGS["all_slots_shifts"]
+  n, m, k, h, d, c, r, s, softmax_max, block_n = CONFIGS["all_slots_shifts"]
   jax.config.update("jax_enable_x64", True)
   try:
-    arrays, (valid, neighbors) = _inputs(np.random.default_rng([SEED, 64]), n, k, h, d, c, r, s)
+    arrays, (valid, neighbors) = _inputs(np.random.default_rng([SEED, 64]), n, m, k, h, d, c, r, s)
     diff = tuple(
       arrays[key].astype(jnp.float64) for key in ("q", "k", "gate", "edge_scale", "envelope", "rows", "shifts")
     )
@@ -146,8 +147,8 @@ def test_float64_inputs_accumulate_in_float64():
 
 
 def test_forward_mode_fails_with_clear_message():
-  n, k, h, d, c, r, s, softmax_max, _ = CONFIGS["valid"]
-  arrays, (valid, neighbors) = _inputs(np.random.default_rng(SEED), n, k, h, d, c, r, s)
+  n, m, k, h, d, c, r, s, softmax_max, _ = CONFIGS["valid"]
+  arrays, (valid, neighbors) = _inputs(np.random.default_rng(SEED), n, m, k, h, d, c, r, s)
 
   def energy(q):
     out = node_attention(

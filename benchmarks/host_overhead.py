@@ -36,8 +36,15 @@ def pieces_ms(potential: device_potential.DevicePotential, structure, repeats: i
   """Median ms of each piece of a warm call (the structure's program compiled beforehand)."""
   positions, numbers = structure.get_positions(), structure.get_atomic_numbers()
   potential(positions, numbers)  # compiles, and sizes the search
+  pbc = (False, False, False)  # the benchmark structure is free, as ``potential(positions, numbers)`` takes it
   program = device_potential._compiled(
-    potential.cfg, potential._weights_tree, (False,) * 3, potential.capacity, False, True, None
+    potential.cfg,
+    potential._weights_tree,
+    pbc,
+    potential.capacity,
+    potential.compute_stress,
+    potential.spatial_order,
+    potential.head,
   )
   times = {piece: [] for piece in PIECES}
   for _ in range(repeats + 2):

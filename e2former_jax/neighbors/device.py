@@ -146,45 +146,40 @@ class DeviceSlots:
   reach_needed: jax.Array
   overflow: jax.Array
 
-  REPORT = (
-    "num_dropped",
-    "min_distance",
-    "closest_pair",
-    "num_close",
-    "nonfinite",
-    "degenerate_cell",
-    "max_cell_count",
-    "max_candidates",
-    "reach_needed",
-    "overflow",
+  REPORT = (  # the report fields (every field but the slots) and their sizes, in the order ``report`` packs them
+    ("num_dropped", 1),
+    ("min_distance", 1),
+    ("closest_pair", 2),
+    ("num_close", 1),
+    ("nonfinite", 1),
+    ("degenerate_cell", 1),
+    ("max_cell_count", 1),
+    ("max_candidates", 1),
+    ("reach_needed", 3),
+    ("overflow", 1),
   )
 
   def report(self) -> jax.Array:
-    """What the build needed and found (every field but the slots) as one int32 vector [13], so a caller fetches
-    it in one transfer instead of ten; ``min_distance`` travels as the bits of its float32 value."""
-    parts = [getattr(self, name) for name in self.REPORT]
-    parts[1] = jax.lax.bitcast_convert_type(parts[1].astype(jnp.float32), jnp.int32)
-    return jnp.concatenate([jnp.ravel(x).astype(jnp.int32) for x in parts])
+    """The ``REPORT`` fields as one int32 vector [13], so a caller fetches them in one transfer instead of ten;
+    ``min_distance`` travels as the bits of its float32 value."""
+    parts = []
+    for name, _ in self.REPORT:
+      x = getattr(self, name)
+      if name == "min_distance":
+        x = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+      parts.append(jnp.ravel(x).astype(jnp.int32))
+    return jnp.concatenate(parts)
 
   @classmethod
   def from_report(cls, report) -> DeviceSlots:
-    """The report fields of ``report()``'s vector, as host numpy values (the slots themselves None)."""
-    report = np.asarray(report, np.int32)
-    return cls(
-      neighbors=None,
-      mask=None,
-      shift=None,
-      num_dropped=report[0],
-      min_distance=report[1:2].view(np.float32)[0],
-      closest_pair=report[2:4],
-      num_close=report[4],
-      nonfinite=bool(report[5]),
-      degenerate_cell=bool(report[6]),
-      max_cell_count=report[7],
-      max_candidates=report[8],
-      reach_needed=report[9:12],
-      overflow=bool(report[12]),
-    )
+    """The ``REPORT`` fields of ``report()``'s vector as host numpy values (flags as 0 or 1; the slots None)."""
+    report, fields, start = np.asarray(report, np.int32), {}, 0
+    for name, size in cls.REPORT:
+      part = report[start : start + size]
+      part = part.view(np.float32) if name == "min_distance" else part
+      fields[name] = part if size > 1 else part[0]
+      start += size
+    return cls(neighbors=None, mask=None, shift=None, **fields)
 
 
 def _lattice_basis(cell: jax.Array, pbc: tuple[bool, bool, bool]) -> tuple[jax.Array, jax.Array]:

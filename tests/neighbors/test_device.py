@@ -302,7 +302,7 @@ def test_the_report_vector_carries_every_report_field():
   for slots in (overflowing, overlapping):
     unpacked = device.DeviceSlots.from_report(jax.jit(device.DeviceSlots.report)(slots))
     assert unpacked.neighbors is None and unpacked.mask is None and unpacked.shift is None
-    for name in device.DeviceSlots.REPORT:
+    for name, _ in device.DeviceSlots.REPORT:
       np.testing.assert_array_equal(getattr(unpacked, name), np.asarray(getattr(slots, name)), err_msg=name)
   assert bool(overflowing.overflow) and int(overlapping.num_close) == 2
 

@@ -13,6 +13,7 @@ backward pass keeps only each chunk's inputs and recomputes its temporaries (doc
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +55,90 @@ def over_atom_chunks(fn: Callable, size: int, *per_atom):
     x = jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x
     return x.reshape((-1, size, *x.shape[1:]))
 
-  out = jax.lax.map(lambda args: jax.checkpoint(fn)(*args), jax.tree.map(chunked, per_atom))
+  leaves, tree = jax.tree.flatten(jax.tree.map(chunked, per_atom))
+  jaxpr, out_shape = jax.make_jaxpr(lambda *x: fn(*jax.tree.unflatten(tree, x)), return_shape=True)(
+    *(x[0] for x in leaves)
+  )
+  # every array fn closes over becomes an argument of the custom VJP, integer ones included: one left closed
+  # over would escape its trace where the backward pass is traced apart from the forward (jax.checkpoint)
+  inputs = [*leaves, *jaxpr.consts]
+  body = _ChunkBody(jaxpr.jaxpr, count, len(leaves), tuple(jnp.issubdtype(x.dtype, jnp.inexact) for x in inputs))
+  out = jax.tree.unflatten(jax.tree.structure(out_shape), _map_chunks(body, *body.partition(inputs)))
   return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:]))[:n], out)
+
+
+class _ChunkBody:
+  """A function traced on one chunk, with the layout of its inputs: the chunked leaves ([count, size, ...]),
+  then the arrays it closes over; each either differentiable (floating point) or not."""
+
+  def __init__(self, jaxpr, count: int, num_chunked: int, differentiable: tuple[bool, ...]):
+    self.jaxpr, self.count, self.num_chunked, self.differentiable = jaxpr, count, num_chunked, differentiable
+
+  def partition(self, inputs):
+    """(differentiable inputs, the others), each in order."""
+    pairs = list(zip(inputs, self.differentiable, strict=True))
+    return [x for x, d in pairs if d], [x for x, d in pairs if not d]
+
+  def merge(self, differentiable, others):
+    pools = {True: iter(differentiable), False: iter(others)}
+    return [next(pools[d]) for d in self.differentiable]
+
+  def of_chunk(self, inputs, c):
+    """The inputs of chunk ``c``: its rows of the chunked leaves, the closed-over arrays whole."""
+    return [x[c] for x in inputs[: self.num_chunked]] + inputs[self.num_chunked :]
+
+  def __call__(self, inputs):
+    return jax.core.eval_jaxpr(self.jaxpr, inputs[self.num_chunked :], *inputs[: self.num_chunked])
+
+
+def _loop_over_chunks(step, count: int):
+  """``step(c)`` for chunks c = 0 .. count - 1, where ``step`` returns (per-chunk outputs, outputs to sum): the
+  first stacked ([count, ...] leaves), the second summed over the chunks.
+
+  The first chunk runs before the loop and its results start the loop's state (the stack a broadcast of its
+  outputs). A loop state that starts as zeros is a constant to XLA, which may create it, and keep it, from the
+  start of the program, for every such loop at once: that held most of the memory per atom of a rematerialised
+  model (docs/performance.md, memory)."""
+  stacked, summed = step(0)
+  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), stacked)
+
+  def body(c, state):
+    stacked, summed = state
+    each, more = step(c)
+    stacked = jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, c, 0), stacked, each)
+    return stacked, jax.tree.map(jnp.add, summed, more)
+
+  return jax.lax.fori_loop(1, count, body, (stacked, summed))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _map_chunks(body: _ChunkBody, differentiable, others):
+  """``body`` on every chunk, its outputs stacked. The backward pass keeps only the inputs, recomputes each
+  chunk from them (what ``jax.checkpoint`` of a chunk does) and sums the chunks' cotangents of the closed-over
+  arrays."""
+  inputs = body.merge(differentiable, others)
+  return _loop_over_chunks(lambda c: (body(body.of_chunk(inputs, c)), ()), body.count)[0]
+
+
+def _map_chunks_forward(body, differentiable, others):
+  return _map_chunks(body, differentiable, others), (differentiable, others)
+
+
+def _map_chunks_backward(body, residuals, cotangent):
+  differentiable, others = residuals
+  num_chunked = sum(body.differentiable[: body.num_chunked])
+
+  def step(c):
+    chunk, chunk_others = body.partition(body.of_chunk(body.merge(differentiable, others), c))
+    _, pullback = jax.vjp(lambda x: body(body.merge(x, chunk_others)), chunk)
+    (grads,) = pullback([x[c] for x in cotangent])
+    return grads[:num_chunked], grads[num_chunked:]
+
+  stacked, summed = _loop_over_chunks(step, body.count)
+  return [*stacked, *summed], None
+
+
+_map_chunks.defvjp(_map_chunks_forward, _map_chunks_backward)
 
 
 def over_atom_chunks_of(module: nnx.Module, fn: Callable, size: int, *per_atom):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from e2former_jax import eaas
+from e2former_jax import eaas, so3
 from e2former_jax.chunking import over_atom_chunks_of
 from e2former_jax.config import ModelConfig
 from e2former_jax.gate import make_gate
@@ -105,7 +105,7 @@ class PathLinear(nnx.Module):
     out = []
     for l3 in range(self.lmax + 1):
       paths = self.table.rows_of_degree(l3)
-      stacked = jnp.concatenate([message[..., rows, :] for rows in paths], axis=-1)  # [..., 2l3+1, cnt*C]
+      stacked = jnp.concatenate([so3.rows_at(message, rows) for rows in paths], axis=-1)  # [..., 2l3+1, cnt*C]
       out.append(matmul(stacked, self.kernels[l3][...], self.precision) / jnp.sqrt(len(paths)))
     return jnp.concatenate(out, axis=-2)
 

@@ -125,7 +125,9 @@ def _map_chunks_forward(body, differentiable, others):
 
 
 def _map_chunks_backward(body, residuals, cotangent):
-  differentiable, others = residuals
+  # a barrier between the cotangent and the recomputed chunks, so that XLA cannot merge a recomputed chunk with
+  # the same computation in the forward pass (and keep that one's temporaries until here)
+  differentiable, others, cotangent = jax.lax.optimization_barrier((*residuals, cotangent))
   num_chunked = sum(body.differentiable[: body.num_chunked])
 
   def step(c):

@@ -120,7 +120,7 @@ def axis_weighted_product(h_per_axis: jax.Array, lmax: int) -> jax.Array:
 def aligned_sparse_product(h_aligned: jax.Array, table: EAASTable) -> jax.Array:
   """The parity re-indexing in the aligned frame: [..., rows, C] -> [..., R, C] (vector = +y, unit length)."""
   weight = jnp.asarray(table.weight, h_aligned.dtype)[:, None]
-  return jnp.take(h_aligned, jnp.asarray(table.source_row), axis=-2) * weight
+  return so3.rows_at(h_aligned, table.source_row) * weight
 
 
 NEAR_ORIGIN = 1e-6  # Angstrom; below this |p| the frame is undefined and the dense product is used.

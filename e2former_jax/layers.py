@@ -169,12 +169,11 @@ class GatedFeedForward(nnx.Module):
     self.linear_in = SO3Linear(lmax, channels, channels, precision=precision, dtype=dtype, rngs=rngs)
     self.gates = Dense(channels, (lmax + 1) * channels, precision=precision, dtype=dtype, rngs=rngs)
     self.linear_out = SO3Linear(lmax, channels, channels, precision=precision, dtype=dtype, rngs=rngs)
-    self.degrees = so3.degree_of_rows(lmax)
     self.lmax = lmax
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.linear_in(x)
     g = self.gates(h[..., 0, :]).reshape(h.shape[:-2] + (self.lmax + 1, h.shape[-1]))
     scalar = SILU_2MOM * jax.nn.silu(g[..., :1, :])
-    gate = SIGMOID_2MOM * jax.nn.sigmoid(g[..., 1:, :])[..., self.degrees[1:] - 1, :]
+    gate = SIGMOID_2MOM * so3.rows_at(jax.nn.sigmoid(g[..., 1:, :]), so3.degree_of_rows(self.lmax)[1:] - 1)
     return self.linear_out(jnp.concatenate([scalar, gate * h[..., 1:, :]], axis=-2))

@@ -41,6 +41,29 @@ def degree_of_rows(lmax: int) -> np.ndarray:
   return np.concatenate([np.full(2 * l + 1, l) for l in range(lmax + 1)])
 
 
+def rows_at(x: jax.Array, rows) -> jax.Array:
+  """``x[..., rows, :]`` for fixed row indices, as slices of contiguous runs put together.
+
+  The same values as an indexed gather, but its transpose pads and adds the cotangent's slices where a gather's
+  scatters it into an array of zeros; XLA may create such a zero array, for every block at once, at the start
+  of the program and hold it until its scatter runs (docs/performance.md, memory).
+
+  Args:
+    x: [..., rows_in, C].
+    rows: host integers, each in [0, rows_in).
+  Returns:
+    [..., len(rows), C].
+  """
+  runs: list[list[int]] = []
+  for row in map(int, rows):
+    if runs and runs[-1][1] == row:
+      runs[-1][1] += 1
+    else:
+      runs.append([row, row + 1])
+  parts = [x[..., start:stop, :] for start, stop in runs]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)
+
+
 @functools.cache
 def _harmonic_polynomials(lmax: int, normalization: str) -> tuple[np.ndarray, np.ndarray]:
   """The real spherical harmonics up to degree ``lmax`` as polynomials of the unit vector's (x, y, z) in the e3nn

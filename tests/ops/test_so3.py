@@ -106,3 +106,23 @@ def test_harmonics_equal_e3x_in_the_e3nn_axes(normalization):
     origin = so3.spherical_harmonics(jnp.zeros(3), lmax, normalization)
     np.testing.assert_allclose(origin, np.where(degrees == 0, scale, 0.0), atol=0)
     assert np.all(np.isfinite(jax.jacobian(ours)(jnp.zeros(3))))
+
+
+@pytest.mark.parametrize("rows", [[2, 0, 0, 0, 3, 0, 1, 5, 6, 7, 8, 4], [4, 5, 6], [7]])
+def test_rows_at_equals_the_gather_and_transposes_without_a_scatter(rows):
+  """Fixed rows in any order, repeated, in contiguous runs or alone: the values and the gradient of an indexed
+  gather, and a backward pass with no scatter (whose zero-filled operand XLA may hold from the start of the
+  program)."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 9, 4)), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(len(rows), 4)), jnp.float32)
+  np.testing.assert_array_equal(so3.rows_at(x, rows), x[..., np.asarray(rows), :])
+
+  def loss(take):
+    return lambda x: jnp.sum(jnp.sin(take(x)) * weights)
+
+  ours = loss(lambda x: so3.rows_at(x, rows))
+  gathered = loss(lambda x: x[..., np.asarray(rows), :])
+  np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(gathered)(x), rtol=1e-6, atol=1e-7)
+  primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(jax.grad(ours))(x).eqns}
+  assert not {p for p in primitives if "scatter" in p}, primitives
+  assert {p for p in (eqn.primitive.name for eqn in jax.make_jaxpr(jax.grad(gathered))(x).eqns) if "scatter" in p}

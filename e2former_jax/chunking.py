@@ -5,9 +5,10 @@ The per-edge MLPs of the gate, rho and the edge-degree embedding produce [N, K, 
 of a target, which reads every source's rows whole (``ModelConfig.edge_chunk``); the node-level
 maps of a block (queries, keys, values and the EAAS rows before the attention op; the message, path linears,
 output map and FFN after it) produce [N, rows, width] tensors whose rows depend only on their atom
-(``ModelConfig.node_chunk``). ``over_atom_chunks`` computes such a function for ``size`` atoms at a time
-(``jax.lax.map``), each chunk under ``jax.checkpoint``: the forward pass holds one chunk's temporaries, and the
-backward pass keeps only each chunk's inputs and recomputes its temporaries (docs/performance.md, memory).
+(``ModelConfig.node_chunk``). ``over_atom_chunks`` computes such a function for ``size`` atoms at a time in a
+loop with a custom VJP: the forward pass holds one chunk's temporaries, and the backward pass keeps only the
+inputs and recomputes each chunk's temporaries. No loop state starts as zeros (docs/performance.md, memory:
+XLA would create every such zero array at the start of the program and hold it until its loop ran).
 """
 
 from __future__ import annotations

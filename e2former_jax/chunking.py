@@ -99,7 +99,9 @@ def _loop_over_chunks(step, count: int):
   The first chunk runs before the loop and its results start the loop's state (the stack a broadcast of its
   outputs). A loop state that starts as zeros is a constant to XLA, which may create it, and keep it, from the
   start of the program, for every such loop at once: that held most of the memory per atom of a rematerialised
-  model (docs/performance.md, memory)."""
+  model (docs/performance.md, memory). Each step is rematerialised: differentiating the loop again (a
+  force-matching gradient differentiates the backward pass) keeps a chunk's inputs, not its temporaries."""
+  step = jax.checkpoint(step)
   stacked, summed = step(0)
   stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), stacked)
 

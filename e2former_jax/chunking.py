@@ -131,10 +131,11 @@ def _map_chunks_backward(body, residuals, cotangent):
   # a barrier between the cotangent and the recomputed chunks, so that XLA cannot merge a recomputed chunk with
   # the same computation in the forward pass (and keep that one's temporaries until here)
   differentiable, others, cotangent = jax.lax.optimization_barrier((*residuals, cotangent))
+  inputs = body.merge(differentiable, others)
   num_chunked = sum(body.differentiable[: body.num_chunked])
 
   def step(c):
-    chunk, chunk_others = body.partition(body.of_chunk(body.merge(differentiable, others), c))
+    chunk, chunk_others = body.partition(body.of_chunk(inputs, c))
     _, pullback = jax.vjp(lambda x: body(body.merge(x, chunk_others)), chunk)
     (grads,) = pullback([x[c] for x in cotangent])
     return grads[:num_chunked], grads[num_chunked:]

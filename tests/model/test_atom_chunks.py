@@ -79,26 +79,36 @@ def test_a_negative_chunk_is_refused(name):
     get_config("small", **{name: -1})
 
 
+def _temporaries(fn, *shapes) -> int:
+  """XLA's temporary bytes of ``fn`` compiled (not run) for these input shapes."""
+  return jax.jit(fn).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+
+def _energy_of_chunked_blocks(y, w1, w2, size):
+  """sum(y**2) after four rematerialised blocks of per-atom maps y -> tanh(tanh(y w1) w2) y, in chunks of
+  ``size`` atoms: with w1 [64, 1024], [N, 9, 1024] temporaries."""
+
+  def node_maps(y):
+    return jnp.tanh(jnp.tanh(y @ w1) @ w2) * y
+
+  for _ in range(4):
+    y = jax.checkpoint(lambda y: y + over_atom_chunks(node_maps, size, y))(y)
+  return jnp.sum(y**2)
+
+
+_RNG = np.random.default_rng(0)
+_W1 = jnp.asarray(_RNG.normal(size=(64, 1024)) / 8, jnp.float32)
+_W2 = jnp.asarray(_RNG.normal(size=(1024, 64)) / 32, jnp.float32)
+_Y = jax.ShapeDtypeStruct((1024, 9, 64), jnp.float32)
+
+
 def test_chunks_bound_the_memory_of_rematerialised_blocks():
   """The point of chunking: with every block rematerialised, the backward pass holds one chunk's temporaries
   instead of all atoms'. XLA's buffer assignment of the gradient of four blocks of per-atom maps with
   [N, 9, 1024] temporaries (compiled, not run): chunks of 128 of 1,024 atoms need well under the unchunked
   temporaries (26 against 83 MiB on the CPU; asserted: at least a third less)."""
-  rng = np.random.default_rng(0)
-  w1 = jnp.asarray(rng.normal(size=(64, 1024)) / 8, jnp.float32)
-  w2 = jnp.asarray(rng.normal(size=(1024, 64)) / 32, jnp.float32)
-
-  def node_maps(y):
-    return jnp.tanh(jnp.tanh(y @ w1) @ w2) * y
-
-  def loss(y, size):
-    for _ in range(4):
-      y = jax.checkpoint(lambda y: y + over_atom_chunks(node_maps, size, y))(y)
-    return jnp.sum(y**2)
-
-  y = jax.ShapeDtypeStruct((1024, 9, 64), jnp.float32)
   temporaries = {
-    size: jax.jit(jax.grad(loss), static_argnums=1).lower(y, size).compile().memory_analysis().temp_size_in_bytes
+    size: _temporaries(jax.grad(lambda y, size=size: _energy_of_chunked_blocks(y, _W1, _W2, size)), _Y)
     for size in (0, 128)
   }
   assert temporaries[128] < 0.67 * temporaries[0], temporaries
@@ -107,29 +117,16 @@ def test_chunks_bound_the_memory_of_rematerialised_blocks():
 def test_chunks_bound_the_memory_of_a_force_matching_gradient():
   """Force matching differentiates the backward pass again, and with it the chunk loops of both passes: each
   chunk must still be recomputed from its inputs there, not stored. The parameter gradient of a loss on
-  dE/dy through four rematerialised blocks of per-atom maps ([N, 9, 1024] temporaries; compiled, not run):
-  chunks of 128 of 1,024 atoms against none (65 against 452 MiB on the CPU; 745 MiB when the loops' steps
-  were not rematerialised; asserted: at least a third less)."""
-  rng = np.random.default_rng(0)
-  w2 = jnp.asarray(rng.normal(size=(1024, 64)) / 32, jnp.float32)
+  dE/dy through the same four blocks (compiled, not run): chunks of 128 of 1,024 atoms against none (65
+  against 452 MiB on the CPU; 745 MiB when the loops' steps were not rematerialised; asserted: at least a third
+  less)."""
 
   def force_matching_gradient(size):
-    def energy(y, w1):
-      def node_maps(y):
-        return jnp.tanh(jnp.tanh(y @ w1) @ w2) * y
+    forces = jax.grad(lambda y, w1: _energy_of_chunked_blocks(y, w1, _W2, size))
+    return jax.grad(lambda w1, y: jnp.sum(forces(y, w1) ** 2))
 
-      for _ in range(4):
-        y = jax.checkpoint(lambda y: y + over_atom_chunks(node_maps, size, y))(y)
-      return jnp.sum(y**2)
-
-    return jax.grad(lambda w1, y: jnp.sum(jax.grad(energy)(y, w1) ** 2))
-
-  w1 = jax.ShapeDtypeStruct((64, 1024), jnp.float32)
-  y = jax.ShapeDtypeStruct((1024, 9, 64), jnp.float32)
-  temporaries = {
-    size: jax.jit(force_matching_gradient(size)).lower(w1, y).compile().memory_analysis().temp_size_in_bytes
-    for size in (0, 128)
-  }
+  w1 = jax.ShapeDtypeStruct(_W1.shape, jnp.float32)
+  temporaries = {size: _temporaries(force_matching_gradient(size), w1, _Y) for size in (0, 128)}
   assert temporaries[128] < 0.67 * temporaries[0], temporaries
 
 
@@ -154,8 +151,7 @@ def test_chunked_blocks_hold_only_their_inputs_across_the_program():
         y = jax.checkpoint(block)(y)
       return jnp.sum(y**2)
 
-    y = jax.ShapeDtypeStruct((n, rows, width), jnp.float32)
-    return jax.jit(jax.grad(loss)).lower(y).compile().memory_analysis().temp_size_in_bytes / (n * rows * width * 4)
+    return _temporaries(jax.grad(loss), jax.ShapeDtypeStruct((n, rows, width), jnp.float32)) / (n * rows * width * 4)
 
   assert temporaries(8) - temporaries(2) <= 6 * 1.5
 

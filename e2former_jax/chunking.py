@@ -19,6 +19,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 
 def _num_atoms(per_atom) -> int:
@@ -41,39 +42,64 @@ def over_atom_chunks(fn: Callable, size: int, *per_atom):
     *per_atom: pytrees of arrays with leading axis N.
 
   Returns:
-    ``fn(*per_atom)``, equal up to float32 round-off. The last chunk is filled up by repeating the last atom
-    (a real atom, so no padding row can produce a NaN whose zero cotangent would still poison a gradient); the
-    extra rows are dropped.
+    ``fn(*per_atom)``, equal up to float32 round-off. Every chunk holds real atoms: where the chunks do not divide
+    N, the last one ends at atom N and overlaps the one before it, and the overlap's rows count once (in the
+    outputs and in the cotangents). No input or output is copied into a padded [count, size, ...] layout.
   """
   if not _splits(size, per_atom):
     return fn(*per_atom)
-  n = _num_atoms(per_atom)
-  count = -(-n // size)
-  size = -(-n // count)  # the fewest chunks of at most ``size`` atoms, as even as they go: fill < count
-  fill = count * size - n
-
-  def chunked(x):
-    x = jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x
-    return x.reshape((-1, size, *x.shape[1:]))
-
-  leaves, tree = jax.tree.flatten(jax.tree.map(chunked, per_atom))
-  jaxpr, out_shape = jax.make_jaxpr(lambda *x: fn(*jax.tree.unflatten(tree, x)), return_shape=True)(
-    *(x[0] for x in leaves)
-  )
+  leaves, tree = jax.tree.flatten(per_atom)
+  chunks = _Chunks(_num_atoms(per_atom), size)
+  shapes = [jax.ShapeDtypeStruct((chunks.size, *x.shape[1:]), x.dtype) for x in leaves]
+  jaxpr, out_shape = jax.make_jaxpr(lambda *x: fn(*jax.tree.unflatten(tree, x)), return_shape=True)(*shapes)
   # every array fn closes over becomes an argument of the custom VJP, integer ones included: one left closed
   # over would escape its trace where the backward pass is traced apart from the forward (jax.checkpoint)
   inputs = [*leaves, *jaxpr.consts]
-  body = _ChunkBody(jaxpr.jaxpr, count, len(leaves), tuple(jnp.issubdtype(x.dtype, jnp.inexact) for x in inputs))
-  out = jax.tree.unflatten(jax.tree.structure(out_shape), _map_chunks(body, *body.partition(inputs)))
-  return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:]))[:n], out)
+  body = _ChunkBody(jaxpr.jaxpr, chunks, len(leaves), tuple(jnp.issubdtype(x.dtype, jnp.inexact) for x in inputs))
+  return jax.tree.unflatten(jax.tree.structure(out_shape), _map_chunks(body, *body.partition(inputs)))
+
+
+class _Chunks:
+  """``count`` chunks of ``size`` consecutive rows of N: chunk c < count - 1 holds rows [c size, (c + 1) size),
+  the last one rows [N - size, N), overlapping the one before it where count * size > N."""
+
+  def __init__(self, n: int, size: int):
+    self.count = -(-n // size)
+    self.n, self.size = n, -(-n // self.count)  # the fewest chunks of at most ``size`` atoms, as even as they go
+    self.last = self.count - 1
+
+  def start(self, c):
+    return jnp.minimum(c * self.size, self.n - self.size)
+
+  def rows(self, x: jax.Array, c) -> jax.Array:
+    """Chunk ``c``'s rows of ``x`` ([N, ...] -> [size, ...])."""
+    return jax.lax.dynamic_slice_in_dim(x, self.start(c), self.size)
+
+  def counted(self, x: jax.Array, c) -> jax.Array:
+    """``x`` ([size, ...], chunk ``c``'s rows) with the rows the chunk before also holds set to zero (only the last
+    chunk has such rows), so that a sum over the chunks counts every row once."""
+    own = self.start(c) + jnp.arange(self.size) >= c * self.size
+    return jnp.where(own.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+  def spread(self, x: jax.Array) -> jax.Array:
+    """An [N, ...] array whose rows of the last chunk are ``x`` ([size, ...]); the others are ``x`` repeated,
+    which the other chunks overwrite (an array built from data, not a constant, which XLA could create at the
+    start of the program)."""
+    whole = jnp.broadcast_to(x, (self.count, *x.shape)).reshape((self.count * self.size, *x.shape[1:]))
+    return whole[self.count * self.size - self.n :]
+
+  def write(self, whole: jax.Array, x: jax.Array, c) -> jax.Array:
+    """``whole`` ([N, ...]) with the rows of chunk ``c`` < count - 1 replaced by ``x`` ([size, ...]); written
+    in place, as nothing else reads ``whole`` here."""
+    return jax.lax.dynamic_update_slice_in_dim(whole, x, c * self.size, 0)
 
 
 class _ChunkBody:
-  """A function traced on one chunk, with the layout of its inputs: the chunked leaves ([count, size, ...]),
-  then the arrays it closes over; each either differentiable (floating point) or not."""
+  """A function traced on one chunk, with the layout of its inputs: the per-atom leaves ([N, ...]), then the
+  arrays it closes over; each either differentiable (floating point) or not."""
 
-  def __init__(self, jaxpr, count: int, num_chunked: int, differentiable: tuple[bool, ...]):
-    self.jaxpr, self.count, self.num_chunked, self.differentiable = jaxpr, count, num_chunked, differentiable
+  def __init__(self, jaxpr, chunks: _Chunks, num_chunked: int, differentiable: tuple[bool, ...]):
+    self.jaxpr, self.chunks, self.num_chunked, self.differentiable = jaxpr, chunks, num_chunked, differentiable
 
   def partition(self, inputs):
     """(differentiable inputs, the others), each in order."""
@@ -85,66 +111,78 @@ class _ChunkBody:
     return [next(pools[d]) for d in self.differentiable]
 
   def of_chunk(self, inputs, c):
-    """The inputs of chunk ``c``: its rows of the chunked leaves, the closed-over arrays whole."""
-    return [x[c] for x in inputs[: self.num_chunked]] + inputs[self.num_chunked :]
+    """The inputs of chunk ``c``: its rows of the per-atom leaves, the closed-over arrays whole."""
+    return [self.chunks.rows(x, c) for x in inputs[: self.num_chunked]] + inputs[self.num_chunked :]
 
   def __call__(self, inputs):
     return jax.core.eval_jaxpr(self.jaxpr, inputs[self.num_chunked :], *inputs[: self.num_chunked])
 
 
-def _loop_over_chunks(step, count: int):
-  """``step(c)`` for chunks c = 0 .. count - 1, where ``step`` returns (per-chunk outputs, outputs to sum): the
-  first stacked ([count, ...] leaves), the second summed over the chunks.
+def _loop_over_chunks(step, chunks: _Chunks):
+  """``step(c)`` for every chunk c, where ``step`` returns (per-chunk outputs, outputs to sum): the first
+  written into [N, ...] arrays, the second summed over the chunks.
 
-  The first chunk runs before the loop and its results start the loop's state (the stack a broadcast of its
-  outputs). A loop state that starts as zeros is a constant to XLA, which may create it, and keep it, from the
-  start of the program, for every such loop at once: that held most of the memory per atom of a rematerialised
-  model (docs/performance.md, memory). Each step is rematerialised: differentiating the loop again (a
-  force-matching gradient differentiates the backward pass) keeps a chunk's inputs, not its temporaries."""
+  The last chunk runs first, before the loop, and its results start the loop's state; the other chunks
+  overwrite the rows it shares with the chunk before it. A loop state that starts as zeros is a constant to
+  XLA, which may create it, and keep it, from the start of the program, for every such loop at once: that held
+  most of the memory per atom of a rematerialised model (docs/performance.md, memory). Each step is
+  rematerialised: differentiating the loop again (a force-matching gradient differentiates the backward pass)
+  keeps a chunk's inputs, not its temporaries."""
   step = jax.checkpoint(step)
-  stacked, summed = step(0)
-  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), stacked)
+  each, summed = step(chunks.last)
 
   def body(c, state):
-    stacked, summed = state
+    whole, summed = state
     each, more = step(c)
-    stacked = jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, c, 0), stacked, each)
-    return stacked, jax.tree.map(jnp.add, summed, more)
+    whole = jax.tree.map(lambda w, x: chunks.write(w, x, c), whole, each)
+    return whole, jax.tree.map(jnp.add, summed, more)
 
-  return jax.lax.fori_loop(1, count, body, (stacked, summed))
+  return jax.lax.fori_loop(0, chunks.last, body, (jax.tree.map(chunks.spread, each), summed))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _map_chunks(body: _ChunkBody, differentiable, others):
-  """``body`` on every chunk, its outputs stacked. The backward pass keeps only the inputs, recomputes each
-  chunk from them (what ``jax.checkpoint`` of a chunk does) and sums the chunks' cotangents of the closed-over
-  arrays."""
+  """``body`` on every chunk, its outputs written into [N, ...] arrays. The backward pass keeps only the
+  inputs, recomputes each chunk from them (what ``jax.checkpoint`` of a chunk does) and sums the chunks'
+  cotangents of the closed-over arrays."""
   inputs = body.merge(differentiable, others)
-  return _loop_over_chunks(lambda c: (body(body.of_chunk(inputs, c)), ()), body.count)[0]
+  return _loop_over_chunks(lambda c: (body(body.of_chunk(inputs, c)), ()), body.chunks)[0]
 
 
 def _map_chunks_forward(body, differentiable, others):
-  return _map_chunks(body, differentiable, others), (differentiable, others)
+  values = [x.value for x in differentiable], [x.value for x in others]
+  return _map_chunks(body, *values), values
 
 
 def _map_chunks_backward(body, residuals, cotangent):
+  chunks = body.chunks
+  # an output nothing reads has a symbolic zero cotangent: each chunk makes its own zeros, not [N, ...] ones
+  read = [not isinstance(x, SymbolicZero) for x in cotangent]
+  shapes = [jax.ShapeDtypeStruct((chunks.size, *x.shape[1:]), x.dtype) for x in cotangent]
   # a barrier between the cotangent and the recomputed chunks, so that XLA cannot merge a recomputed chunk with
   # the same computation in the forward pass (and keep that one's temporaries until here)
-  differentiable, others, cotangent = jax.lax.optimization_barrier((*residuals, cotangent))
+  differentiable, others, given = jax.lax.optimization_barrier(
+    (*residuals, [x for x, r in zip(cotangent, read, strict=True) if r])
+  )
+  given = iter(given)
+  cotangent = [next(given) if r else None for r in read]
   inputs = body.merge(differentiable, others)
   num_chunked = sum(body.differentiable[: body.num_chunked])
+
+  def chunk_cotangent(x, shape, c):
+    return jnp.zeros(shape.shape, shape.dtype) if x is None else chunks.counted(chunks.rows(x, c), c)
 
   def step(c):
     chunk, chunk_others = body.partition(body.of_chunk(inputs, c))
     _, pullback = jax.vjp(lambda x: body(body.merge(x, chunk_others)), chunk)
-    (grads,) = pullback([x[c] for x in cotangent])
+    (grads,) = pullback([chunk_cotangent(x, shape, c) for x, shape in zip(cotangent, shapes, strict=True)])
     return grads[:num_chunked], grads[num_chunked:]
 
-  stacked, summed = _loop_over_chunks(step, body.count)
-  return [*stacked, *summed], None
+  whole, summed = _loop_over_chunks(step, chunks)
+  return [*whole, *summed], None
 
 
-_map_chunks.defvjp(_map_chunks_forward, _map_chunks_backward)
+_map_chunks.defvjp(_map_chunks_forward, _map_chunks_backward, symbolic_zeros=True)
 
 
 def over_atom_chunks_of(module: nnx.Module, fn: Callable, size: int, *per_atom):

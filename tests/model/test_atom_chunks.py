@@ -17,8 +17,9 @@ from e2former_jax.predict import predict
 
 
 def test_over_atom_chunks_equals_one_call_and_keeps_gradients_finite():
-  """A chunk size that does not divide N (the filled-up last chunk), outputs and gradients; the function is
-  singular at a zero row, which the fill must never create."""
+  """A chunk size that does not divide N (the last chunk overlaps the one before it, and the overlap must count
+  once in the gradient), outputs and gradients; the function is singular at a zero row, which no chunk may
+  create."""
   x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)))
   table = jnp.arange(3.0)
 

@@ -176,21 +176,25 @@ class E2Attention(nnx.Module):
       return rho / (distance[..., None] + E2FORMERV2_DISTANCE_EPSILON)
     return rho / distance[..., None]
 
-  def gated_aggregate(self, y, numbers, q, k, rows, neighbors, geometry, shifts, max_floor, impl, return_attention):
-    """The node-centric attention op on the gate and rho of every slot, per chunk of ``edge_chunk`` target atoms:
-    each chunk's per-edge MLPs and its targets' aggregate are computed together, so no [N, K, H] array (gate,
-    rho / |r_ij|, logits, weights, nor their cotangents in the backward pass) exists for all atoms at once; the
-    sources' keys and rows (``k``, ``rows``) are read whole by every chunk.
+  def node_centric_attention(
+    self, y, positions, numbers, q, k, rows, neighbors, geometry, shifts, max_floor, impl, return_attention
+  ):
+    """The node-centric attention op and the readout of its message, per chunk of ``edge_chunk`` target atoms:
+    each chunk's per-edge MLPs, its targets' aggregate and their message's readout are computed together, so no
+    [N, K, H] array (gate, rho / |r_ij|, logits, weights, nor their cotangents in the backward pass) and no
+    [N, R, C] aggregate exists for all atoms at once; the sources' keys and rows (``k``, ``rows``) are read whole
+    by every chunk.
 
-    Shapes: y [N, rows, C], q [N, H, d], k [M, H, d], rows [M, R', C], neighbors [N, K], shifts [N, K, 3] or None,
-    max_floor [N, H] or None. Returns ``node_attention``'s outputs for the N targets.
+    Shapes: y [N, rows, C], positions [N, 3], q [N, H, d], k [M, H, d], rows [M, R', C], neighbors [N, K],
+    shifts [N, K, 3] or None, max_floor [N, H] or None. Returns the attention output [N, rows, C] (and alpha
+    [N, K, H] with ``return_attention``).
     """
     cfg = self.cfg
     source = self.source_type(numbers)
 
-    def per_target(layer, y, target, q, neighbors, geometry, shifts, max_floor):
+    def per_target(layer, y, positions, target, q, neighbors, geometry, shifts, max_floor):
       gate, rho = layer.gate(y, EdgeFeatures(geometry.rbf, target, source, neighbors), geometry)
-      return node_attention(
+      outputs = node_attention(
         q,
         k,
         gate,
@@ -207,9 +211,12 @@ class E2Attention(nnx.Module):
         max_floor=max_floor,
         return_weights=return_attention,
       )
+      outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+      out = layer.node_readout(outputs[0], None if shifts is None else outputs[1], positions)
+      return (out, outputs[-1]) if return_attention else out
 
     target = self.target_type(numbers)
-    per_atom = (y, target, q, neighbors, geometry, shifts, max_floor)
+    per_atom = (y, positions, target, q, neighbors, geometry, shifts, max_floor)
     return over_atom_chunks_of(self, per_target, cfg.edge_chunk, *per_atom)
 
   def node_inputs(self, y: jax.Array, positions: jax.Array, node_rows: bool):
@@ -272,23 +279,10 @@ class E2Attention(nnx.Module):
     max_floor = self.shift_floor(y, q, k, numbers, shift_slots)
     first = self.order == "first"
     if impl != "jnp_edge":
-      outputs = self.gated_aggregate(
-        y,
-        numbers,
-        q,
-        k,
-        rows,
-        neighbors,
-        geometry,
-        shifts if periodic and first else None,
-        max_floor,
-        impl,
-        return_attention,
+      shifts = shifts if periodic and first else None
+      return self.node_centric_attention(
+        y, positions, numbers, q, k, rows, neighbors, geometry, shifts, max_floor, impl, return_attention
       )
-      outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-      agg_shift = outputs[1] if periodic and first else None
-      out = over_atom_chunks_of(self, E2Attention.node_readout, chunk, outputs[0], agg_shift, positions)
-      return (out, outputs[-1]) if return_attention else out
     gate, rho = self.gate_and_rho(y, numbers, neighbors, geometry)
     logits = attention_logits(q, k, gate, neighbors)
     alpha = attention_weights(

@@ -7,8 +7,8 @@ maps of a block (queries, keys, values and the EAAS rows before the attention op
 output map and FFN after it) produce [N, rows, width] tensors whose rows depend only on their atom
 (``ModelConfig.node_chunk``). ``over_atom_chunks`` computes such a function for ``size`` atoms at a time in a
 loop with a custom VJP: the forward pass holds one chunk's temporaries, and the backward pass keeps only the
-inputs and recomputes each chunk's temporaries. No loop state starts as zeros (docs/performance.md, memory:
-XLA would create every such zero array at the start of the program and hold it until its loop ran).
+inputs and recomputes each chunk's temporaries. No loop state starts as constant zeros (docs/performance.md,
+memory: XLA would create every such zero array at the start of the program and hold it until its loop ran).
 """
 
 from __future__ import annotations
@@ -81,17 +81,9 @@ class _Chunks:
     own = self.start(c) + jnp.arange(self.size) >= c * self.size
     return jnp.where(own.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
 
-  def spread(self, x: jax.Array) -> jax.Array:
-    """An [N, ...] array whose rows of the last chunk are ``x`` ([size, ...]); the others are ``x`` repeated,
-    which the other chunks overwrite (an array built from data, not a constant, which XLA could create at the
-    start of the program)."""
-    whole = jnp.broadcast_to(x, (self.count, *x.shape)).reshape((self.count * self.size, *x.shape[1:]))
-    return whole[self.count * self.size - self.n :]
-
   def write(self, whole: jax.Array, x: jax.Array, c) -> jax.Array:
-    """``whole`` ([N, ...]) with the rows of chunk ``c`` < count - 1 replaced by ``x`` ([size, ...]); written
-    in place, as nothing else reads ``whole`` here."""
-    return jax.lax.dynamic_update_slice_in_dim(whole, x, c * self.size, 0)
+    """``whole`` ([N, ...]) with chunk ``c``'s rows replaced by ``x`` ([size, ...])."""
+    return jax.lax.dynamic_update_slice_in_dim(whole, x, self.start(c), 0)
 
 
 class _ChunkBody:
@@ -118,26 +110,32 @@ class _ChunkBody:
     return jax.core.eval_jaxpr(self.jaxpr, inputs[self.num_chunked :], *inputs[: self.num_chunked])
 
 
-def _loop_over_chunks(step, chunks: _Chunks):
+def _loop_over_chunks(step, chunks: _Chunks, anchor: jax.Array):
   """``step(c)`` for every chunk c, where ``step`` returns (per-chunk outputs, outputs to sum): the first
   written into [N, ...] arrays, the second summed over the chunks.
 
-  The last chunk runs first, before the loop, and its results start the loop's state; the other chunks
-  overwrite the rows it shares with the chunk before it. A loop state that starts as zeros is a constant to
-  XLA, which may create it, and keep it, from the start of the program, for every such loop at once: that held
-  most of the memory per atom of a rematerialised model (docs/performance.md, memory). Each step is
-  rematerialised: differentiating the loop again (a force-matching gradient differentiates the backward pass)
-  keeps a chunk's inputs, not its temporaries."""
+  The last chunk runs first, so that the chunk before it overwrites the rows they share. The loop's state starts
+  as zeros made from an opaque zero that depends on ``anchor`` (an input of the loop): a state that starts as
+  constant zeros is a constant to XLA, which may create it, and keep it, from the start of the program, for
+  every such loop at once: that held most of the memory per atom of a rematerialised model
+  (docs/performance.md, memory). Each step is rematerialised: differentiating the loop again (a force-matching
+  gradient differentiates the backward pass) keeps a chunk's inputs, not its temporaries."""
   step = jax.checkpoint(step)
-  each, summed = step(chunks.last)
+  each, summed = jax.eval_shape(step, 0)
+  zero, _ = jax.lax.optimization_barrier((jnp.zeros(()), anchor))
 
-  def body(c, state):
+  def zeros(shape):
+    return jnp.broadcast_to(zero.astype(shape.dtype), shape.shape)
+
+  def body(i, state):
     whole, summed = state
+    c = (i + chunks.last) % chunks.count
     each, more = step(c)
     whole = jax.tree.map(lambda w, x: chunks.write(w, x, c), whole, each)
     return whole, jax.tree.map(jnp.add, summed, more)
 
-  return jax.lax.fori_loop(0, chunks.last, body, (jax.tree.map(chunks.spread, each), summed))
+  whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct((chunks.n, *x.shape[1:]), x.dtype), each)
+  return jax.lax.fori_loop(0, chunks.count, body, (jax.tree.map(zeros, whole), jax.tree.map(zeros, summed)))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -146,7 +144,7 @@ def _map_chunks(body: _ChunkBody, differentiable, others):
   inputs, recomputes each chunk from them (what ``jax.checkpoint`` of a chunk does) and sums the chunks'
   cotangents of the closed-over arrays."""
   inputs = body.merge(differentiable, others)
-  return _loop_over_chunks(lambda c: (body(body.of_chunk(inputs, c)), ()), body.chunks)[0]
+  return _loop_over_chunks(lambda c: (body(body.of_chunk(inputs, c)), ()), body.chunks, inputs[0])[0]
 
 
 def _map_chunks_forward(body, differentiable, others):
@@ -178,7 +176,7 @@ def _map_chunks_backward(body, residuals, cotangent):
     (grads,) = pullback([chunk_cotangent(x, shape, c) for x, shape in zip(cotangent, shapes, strict=True)])
     return grads[:num_chunked], grads[num_chunked:]
 
-  whole, summed = _loop_over_chunks(step, chunks)
+  whole, summed = _loop_over_chunks(step, chunks, inputs[0])
   return [*whole, *summed], None
 
 

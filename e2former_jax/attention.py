@@ -154,13 +154,14 @@ class E2Attention(nnx.Module):
   ) -> tuple[jax.Array, jax.Array]:
     """(g, rho), both [N, K, H], of the slots ``neighbors``, from the edge features
     e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)], in chunks of ``edge_chunk`` target atoms."""
-    source = self.source_type(numbers)
 
-    def per_target(gate, y, target, neighbors, geometry):
-      return gate(y, EdgeFeatures(geometry.rbf, target, source, neighbors), geometry)
+    def per_target(layer, y, target_numbers, neighbors, geometry):
+      features = EdgeFeatures.of_slots(
+        geometry.rbf, layer.target_type, layer.source_type, target_numbers, numbers, neighbors
+      )
+      return layer.gate(y, features, geometry)
 
-    target = self.target_type(numbers)
-    return over_atom_chunks_of(self.gate, per_target, self.cfg.edge_chunk, y, target, neighbors, geometry)
+    return over_atom_chunks_of(self, per_target, self.cfg.edge_chunk, y, numbers, neighbors, geometry)
 
   @property
   def softmax_max(self) -> str:
@@ -190,10 +191,12 @@ class E2Attention(nnx.Module):
     [N, K, H] with ``return_attention``).
     """
     cfg = self.cfg
-    source = self.source_type(numbers)
 
-    def per_target(layer, y, positions, target, q, neighbors, geometry, shifts, max_floor):
-      gate, rho = layer.gate(y, EdgeFeatures(geometry.rbf, target, source, neighbors), geometry)
+    def per_target(layer, y, positions, target_numbers, q, neighbors, geometry, shifts, max_floor):
+      features = EdgeFeatures.of_slots(
+        geometry.rbf, layer.target_type, layer.source_type, target_numbers, numbers, neighbors
+      )
+      gate, rho = layer.gate(y, features, geometry)
       outputs = node_attention(
         q,
         k,
@@ -215,8 +218,7 @@ class E2Attention(nnx.Module):
       out = layer.node_readout(outputs[0], None if shifts is None else outputs[1], positions)
       return (out, outputs[-1]) if return_attention else out
 
-    target = self.target_type(numbers)
-    per_atom = (y, positions, target, q, neighbors, geometry, shifts, max_floor)
+    per_atom = (y, positions, numbers, q, neighbors, geometry, shifts, max_floor)
     return over_atom_chunks_of(self, per_target, cfg.edge_chunk, *per_atom)
 
   def node_inputs(self, y: jax.Array, positions: jax.Array, node_rows: bool):

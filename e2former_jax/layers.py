@@ -63,37 +63,48 @@ class EdgeFeatures:
   """The invariant edge features e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)], held as their parts and never concatenated.
 
   A linear map of e_ij splits by rows of its kernel W = [W_rbf; W_T; W_S]:
-  e_ij W + b = rbf_ij W_rbf + (T(Z_i) W_T + b)_i + (S(Z_j) W_S)_j, so the type parts are projected once per atom
-  and only the radial basis is multiplied per edge (docs/performance.md, per-edge work).
+  e_ij W + b = rbf_ij W_rbf + (T W_T + b)[Z_i] + (S W_S)[Z_j], so the type tables are projected (one row per
+  element) and only the radial basis is multiplied per edge (docs/performance.md, per-edge work). Nothing is
+  computed per source atom: inside a chunk of targets that reads the sources' atomic numbers, no work grows with
+  the number of atoms outside the chunk.
 
   Attributes:
     rbf: [N, K, B] radial basis of the slots.
-    target: [N, T] target-type embedding of each atom.
-    source: [N, T] source-type embedding of each atom.
-    neighbors: [N, K] source atom of each slot.
+    target_table: [S, T] target-type embedding table (row Z for atomic number Z).
+    source_table: [S, T] source-type embedding table.
+    target_numbers: [N] atomic number of each target atom.
+    source_numbers: [N, K] atomic number of each slot's source atom.
   """
 
   rbf: jax.Array
-  target: jax.Array
-  source: jax.Array
-  neighbors: jax.Array
+  target_table: jax.Array
+  source_table: jax.Array
+  target_numbers: jax.Array
+  source_numbers: jax.Array
+
+  @classmethod
+  def of_slots(cls, rbf, target_type: Embedding, source_type: Embedding, target_numbers, numbers, neighbors):
+    """The features of slots ``neighbors`` [N, K] (indices into ``numbers`` [M]) of targets of atomic numbers
+    ``target_numbers`` [N], with the type tables of two ``Embedding`` modules."""
+    source_numbers = jnp.asarray(numbers)[neighbors]
+    return cls(rbf, target_type.embedding[...], source_type.embedding[...], target_numbers, source_numbers)
 
   @property
   def size(self) -> int:
     """Width of e_ij, B + 2T."""
-    return self.rbf.shape[-1] + self.target.shape[-1] + self.source.shape[-1]
+    return self.rbf.shape[-1] + self.target_table.shape[-1] + self.source_table.shape[-1]
 
   def linear(self, layer: Dense) -> jax.Array:
     """``layer(e_ij)``, [N, K, out], without forming e_ij."""
     w = layer.kernel[...]
-    b, t = self.rbf.shape[-1], self.target.shape[-1]
+    b, t = self.rbf.shape[-1], self.target_table.shape[-1]
     if w.shape[0] != self.size:
       raise ValueError(f"a layer of input width {w.shape[0]} cannot read edge features of width {self.size}")
-    target = matmul(self.target, w[b : b + t], layer.precision)
+    target = matmul(self.target_table, w[b : b + t], layer.precision)
     if layer.bias is not None:
       target = target + layer.bias[...]
-    source = matmul(self.source, w[b + t :], layer.precision)
-    return matmul(self.rbf, w[:b], layer.precision) + target[:, None] + source[self.neighbors]
+    source = matmul(self.source_table, w[b + t :], layer.precision)
+    return matmul(self.rbf, w[:b], layer.precision) + target[self.target_numbers][:, None] + source[self.source_numbers]
 
 
 class RadialProfile(nnx.Module):

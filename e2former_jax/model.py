@@ -54,10 +54,11 @@ class EdgeDegreeEmbedding(nnx.Module):
 
   def __call__(self, graph: AtomGraph, geometry: EdgeGeometry) -> jax.Array:
     cfg = self.cfg
-    source = self.source_type(graph.numbers)
 
-    def per_target(radials, target, neighbors, geometry):
-      features = EdgeFeatures(geometry.rbf, target, source, neighbors)
+    def per_target(radials, target_numbers, neighbors, geometry):
+      features = EdgeFeatures.of_slots(
+        geometry.rbf, self.target_type, self.source_type, target_numbers, graph.numbers, neighbors
+      )
       sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
       out = [
         jnp.einsum("nkm,nkc->nmc", sh[..., l * l : (l + 1) ** 2], radial(features), precision=jax.lax.Precision.HIGHEST)
@@ -65,8 +66,7 @@ class EdgeDegreeEmbedding(nnx.Module):
       ]
       return jnp.concatenate(out, axis=-2)
 
-    target = self.target_type(graph.numbers)
-    x = over_atom_chunks_of(self.radial, per_target, cfg.edge_chunk, target, graph.neighbors, geometry)
+    x = over_atom_chunks_of(self.radial, per_target, cfg.edge_chunk, graph.numbers, graph.neighbors, geometry)
     return x / cfg.avg_degree
 
 

@@ -185,3 +185,38 @@ def test_edge_chunks_leave_no_slot_array_of_all_atoms(impl):
   slots = (NUM_ATOMS, 12, heads)
   assert slots in shapes[0]
   assert slots not in shapes[7] and (7, 12, heads) in shapes[7]
+
+
+# writing a chunk's rows into the loop's [N, ...] outputs, and a reshape that keeps the atom axis (a view to XLA)
+FREE = ("dynamic_update_slice", "reshape")
+
+
+@pytest.mark.parametrize("impl", ["jnp_node", "pallas"])
+def test_a_chunk_does_no_work_per_atom_of_the_whole_system(impl):
+  """Inside the chunk loops of a forward pass (energy and direct forces), no operation makes an array with a row
+  for every atom of the system, except writing the chunk's rows into the loop's outputs: work per chunk that
+  grows with N makes the time per atom grow with N. The per-edge MLPs once projected every source atom's type
+  embedding in every chunk (N x T x hidden per chunk and MLP); they now project the type tables. Not the backward
+  pass: there each chunk still adds its share of every source's cotangent (docs/performance.md, memory)."""
+  cfg = get_config(
+    "small",
+    **{**TINY, "num_layers": 2},
+    gate="QKdot_alpha",
+    forces="direct",
+    attention_impl=impl,
+    edge_chunk=7,
+    node_chunk=5,
+  )
+  graph, _ = graph_from_atoms(molecules(), cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, NUM_GRAPHS)
+  graphdef, state = nnx.split(E2Former(cfg, rngs=nnx.Rngs(0)))
+  jaxpr = jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(graph)["direct_forces"])(state).jaxpr
+  loops = [eqn.params["jaxpr"].jaxpr for eqn in equations(jaxpr) if eqn.primitive.name == "scan"]
+  assert loops
+  per_atom = {
+    (eqn.primitive.name, tuple(v.aval.shape))
+    for body in loops
+    for eqn in equations(body)
+    for v in eqn.outvars
+    if eqn.primitive.name not in FREE and getattr(v.aval, "shape", ())[:1] == (NUM_ATOMS,)
+  }
+  assert not per_atom, per_atom

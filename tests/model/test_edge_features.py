@@ -8,7 +8,7 @@ from flax import nnx
 
 from e2former_jax.layers import Dense, EdgeFeatures, RadialProfile
 
-N, K, B, T = 7, 5, 6, 4
+N, K, B, T, S = 7, 5, 6, 4, 3
 
 
 def parts(seed=0):
@@ -16,17 +16,19 @@ def parts(seed=0):
   neighbors = rng.integers(0, N, (N, K))
   neighbors[:, -1] = neighbors[:, 0]  # duplicate sources
   neighbors[-1] = 0  # a padding row: every slot points at atom 0
+  numbers = rng.integers(0, S, N)
   return EdgeFeatures(
     jnp.asarray(rng.normal(size=(N, K, B)), jnp.float32),
-    jnp.asarray(rng.normal(size=(N, T)), jnp.float32),
-    jnp.asarray(rng.normal(size=(N, T)), jnp.float32),
-    jnp.asarray(neighbors),
+    jnp.asarray(rng.normal(size=(S, T)), jnp.float32),
+    jnp.asarray(rng.normal(size=(S, T)), jnp.float32),
+    jnp.asarray(numbers),
+    jnp.asarray(numbers[neighbors]),
   )
 
 
 def concatenated(e: EdgeFeatures) -> jax.Array:
-  target = jnp.broadcast_to(e.target[:, None], (N, K, T))
-  return jnp.concatenate([e.rbf, target, e.source[e.neighbors]], axis=-1)
+  target = jnp.broadcast_to(e.target_table[e.target_numbers][:, None], (N, K, T))
+  return jnp.concatenate([e.rbf, target, e.source_table[e.source_numbers]], axis=-1)
 
 
 def test_radial_profile_by_parts_equals_concatenated_input():
@@ -37,15 +39,14 @@ def test_radial_profile_by_parts_equals_concatenated_input():
   e = parts()
 
   def loss(params, rbf, target, source, by_parts):
-    features = EdgeFeatures(rbf, target, source, e.neighbors)
+    features = EdgeFeatures(rbf, target, source, e.target_numbers, e.source_numbers)
     out = nnx.merge(graphdef, params)(features if by_parts else concatenated(features))
     return jnp.sum(jnp.sin(out))
 
   grad = jax.grad(loss, argnums=(0, 1, 2, 3))
-  split, whole = (grad(params, e.rbf, e.target, e.source, by_parts) for by_parts in (True, False))
-  assert float(loss(params, e.rbf, e.target, e.source, True)) == pytest.approx(
-    float(loss(params, e.rbf, e.target, e.source, False)), rel=1e-5
-  )
+  args = (e.rbf, e.target_table, e.source_table)
+  split, whole = (grad(params, *args, by_parts) for by_parts in (True, False))
+  assert float(loss(params, *args, True)) == pytest.approx(float(loss(params, *args, False)), rel=1e-5)
   for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 

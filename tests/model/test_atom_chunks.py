@@ -195,9 +195,10 @@ FREE = ("dynamic_update_slice", "reshape")
 def test_a_chunk_does_no_work_per_atom_of_the_whole_system(impl):
   """Inside the chunk loops of a forward pass (energy and direct forces), no operation makes an array with a row
   for every atom of the system, except writing the chunk's rows into the loop's outputs: work per chunk that
-  grows with N makes the time per atom grow with N. The per-edge MLPs once projected every source atom's type
-  embedding in every chunk (N x T x hidden per chunk and MLP); they now project the type tables. Not the backward
-  pass: there each chunk still adds its share of every source's cotangent (docs/performance.md, memory)."""
+  grows with N makes the time per atom grow with N (or, where XLA hoists it out of the loop, holds an [N, ...]
+  array). The per-edge MLPs once projected every source atom's type embedding in every chunk; they now project
+  the type tables. Not the backward pass: there each chunk still adds its share of every source's cotangent
+  (docs/performance.md, memory)."""
   cfg = get_config(
     "small",
     **{**TINY, "num_layers": 2},

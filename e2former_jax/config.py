@@ -85,7 +85,8 @@ class ModelConfig:
       [N, rows, width] temporaries exist for one chunk at a time, and with ``remat`` a block's backward pass
       holds one chunk's of them. 0 (default) computes all atoms at once. Changes no result beyond float32
       round-off. With ``remat`` and both chunk fields at 4,096, conservative forces of the paper model need
-      about 0.21 MiB per atom on a GPU (docs/performance.md §5a).
+      about 0.21 MiB per atom on a GPU, energy and direct forces 0.07 (a million atoms in 71 GiB;
+      docs/performance.md §5a).
   """
 
   cutoff: float = 5.0

@@ -2,9 +2,9 @@
 
 The per-edge MLPs of the gate, rho and the edge-degree embedding produce [N, K, hidden] (and, for ``QKdot_alpha``,
 [N, K, (L+1) C]) tensors whose rows depend only on their target atom, and so does the attention op's aggregate
-of a target, which reads every source's rows whole (``ModelConfig.edge_chunk``); the node-level
-maps of a block (queries, keys, values and the EAAS rows before the attention op; the message, path linears,
-output map and FFN after it) produce [N, rows, width] tensors whose rows depend only on their atom
+of a target, which reads every source's rows whole, with the readout of its message (``ModelConfig.edge_chunk``);
+the node-level maps of a block (queries, keys, values and the EAAS rows before the attention op; the FFN after
+it) produce [N, rows, width] tensors whose rows depend only on their atom
 (``ModelConfig.node_chunk``). ``over_atom_chunks`` computes such a function for ``size`` atoms at a time in a
 loop with a custom VJP: the forward pass holds one chunk's temporaries, and the backward pass keeps only the
 inputs and recomputes each chunk's temporaries. No loop state starts as constant zeros (docs/performance.md,

@@ -76,12 +76,14 @@ class ModelConfig:
       step) holds one block's per-edge activations instead of every block's, for about one more forward pass.
       Off by default; it changes no result beyond float32 round-off.
     edge_chunk: target atoms per chunk of the per-edge work (``chunking.py``): the edge-degree embedding, and in
-      each block the gate and rho MLPs together with the attention op on those targets, so their [N, K, hidden]
-      temporaries and the op's [N, K, H] gate, weights and cotangents exist for one chunk at a time and the
-      backward pass recomputes them per chunk. 0 (default) computes all atoms at once. Changes no result beyond
+      each block the gate and rho MLPs together with the attention op on those targets and the readout of its
+      message (message, path linears, output map), so their [N, K, hidden] temporaries, the op's [N, K, H] gate,
+      weights and cotangents and its [N, R, C] aggregate exist for one chunk at a time and the backward pass
+      recomputes them per chunk. 0 (default) computes all atoms at once. Changes no result beyond
       float32 round-off.
     node_chunk: atoms per chunk of each block's node-level maps (queries, keys, values and the EAAS rows before
-      the attention op; the message, path linears, output map, FFN and residual sums after it): their
+      the attention op; the FFN and residual sums after it, and with ``attention_impl="jnp_edge"`` the message's
+      readout too): their
       [N, rows, width] temporaries exist for one chunk at a time, and with ``remat`` a block's backward pass
       holds one chunk's of them. 0 (default) computes all atoms at once. Changes no result beyond float32
       round-off. With ``remat`` and both chunk fields at 4,096, conservative forces of the paper model need

@@ -55,18 +55,18 @@ class EdgeDegreeEmbedding(nnx.Module):
   def __call__(self, graph: AtomGraph, geometry: EdgeGeometry) -> jax.Array:
     cfg = self.cfg
 
-    def per_target(radials, target_numbers, neighbors, geometry):
+    def per_target(layer, target_numbers, neighbors, geometry):
       features = EdgeFeatures.of_slots(
-        geometry.rbf, self.target_type, self.source_type, target_numbers, graph.numbers, neighbors
+        geometry.rbf, layer.target_type, layer.source_type, target_numbers, graph.numbers, neighbors
       )
       sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
       out = [
         jnp.einsum("nkm,nkc->nmc", sh[..., l * l : (l + 1) ** 2], radial(features), precision=jax.lax.Precision.HIGHEST)
-        for l, radial in enumerate(radials)
+        for l, radial in enumerate(layer.radial)
       ]
       return jnp.concatenate(out, axis=-2)
 
-    x = over_atom_chunks_of(self.radial, per_target, cfg.edge_chunk, graph.numbers, graph.neighbors, geometry)
+    x = over_atom_chunks_of(self, per_target, cfg.edge_chunk, graph.numbers, graph.neighbors, geometry)
     return x / cfg.avg_degree
 
 

@@ -16,6 +16,8 @@ model and the integrator, its state donated.
   steps: the list is rebuilt exactly that often, inside the compiled chunk, as in a production run. The
   default, 8, is what the demo checkpoint needs on a 192-atom water box at 300-400 K with these settings (NVT,
   49 builds in 400 steps, measured on the CPU).
+* Memory settings: ``--remat``, ``--edge-chunk`` and ``--node-chunk`` set the model's fields of those names for
+  every configuration (a 100k-atom box with the paper preset and conservative forces needs them on an H100).
 * Timing: the first chunk compiles (``compile_s``, with the first evaluation), one warm-up chunk, then the
   median over ``--chunks`` chunks of the wall time of one chunk call, which ends when the host has read the
   chunk's observables (they depend on all of its work); atom-steps/s = atoms x steps per chunk / median;
@@ -83,7 +85,15 @@ def drifting(structure: ase.Atoms, skin: float, rebuild_every: int) -> ase.Atoms
 
 
 def measure(structure, preset, forces, precision, args) -> dict:
-  cfg = get_config(preset, forces=forces, matmul_precision=precision, attention_impl=args.impl)
+  cfg = get_config(
+    preset,
+    forces=forces,
+    matmul_precision=precision,
+    attention_impl=args.impl,
+    remat=args.remat,
+    edge_chunk=args.edge_chunk,
+    node_chunk=args.node_chunk,
+  )
   model = E2Former(cfg, rngs=nnx.Rngs(0))
   off = BlowUpLimits(max_temperature_K=math.inf, max_force=math.inf, max_energy_drift=math.inf)
   start = time.perf_counter()
@@ -112,6 +122,9 @@ def measure(structure, preset, forces, precision, args) -> dict:
     forces=forces,
     precision=precision,
     K=cfg.max_neighbors,
+    remat=cfg.remat,
+    edge_chunk=cfg.edge_chunk,
+    node_chunk=cfg.node_chunk,
     atom_steps_per_s=round(n * args.steps_per_call / median, 1),
     ns_per_day=round(simulated_ns_per_day(TIMESTEP_FS * args.steps_per_call, median), 4),
     ms_per_step=round(1e3 * median / args.steps_per_call, 3),
@@ -138,6 +151,9 @@ def main():
   p.add_argument("--forces", nargs="+", default=["conservative", "direct"])
   p.add_argument("--precision", nargs="+", default=["highest", "tensorfloat32"])
   p.add_argument("--impl", default="auto", help="attention path (default auto)")
+  p.add_argument("--remat", action="store_true", help="ModelConfig.remat (for conservative forces of large boxes)")
+  p.add_argument("--edge-chunk", type=int, default=0, help="ModelConfig.edge_chunk (0: none)")
+  p.add_argument("--node-chunk", type=int, default=0, help="ModelConfig.node_chunk (0: none)")
   p.add_argument("--steps-per-call", type=int, default=10)
   p.add_argument("--chunks", type=int, default=5, help="timed chunks after one warm-up chunk")
   p.add_argument("--rebuild-every", type=int, default=8, help="steps between neighbour-list builds")
@@ -159,7 +175,7 @@ def main():
           else:
             try:
               row = measure(structure, preset, forces, precision, args)
-            except jax.errors.JaxRuntimeError as err:  # out of device memory, most likely
+            except (jax.errors.JaxRuntimeError, MemoryError) as err:  # out of device memory (DeviceMemoryError)
               row["failed"] = " ".join(str(err).split())[:300]
               gc.collect()  # the failed configuration's buffers
           stamp(row)

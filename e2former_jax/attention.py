@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from e2former_jax import eaas, so3
-from e2former_jax.chunking import over_atom_chunks_of
+from e2former_jax.chunking import over_atom_chunks_of, over_atom_chunks_of_sources
 from e2former_jax.config import ModelConfig
 from e2former_jax.gate import make_gate
 from e2former_jax.geometry import EdgeGeometry
@@ -183,8 +183,9 @@ class E2Attention(nnx.Module):
     """The node-centric attention op and the readout of its message, per chunk of ``edge_chunk`` target atoms:
     each chunk's per-edge MLPs, its targets' aggregate and their message's readout are computed together, so no
     [N, K, H] array (gate, rho / |r_ij|, logits, weights, nor their cotangents in the backward pass) and no
-    [N, R, C] aggregate exists for all atoms at once; the sources' keys and rows (``k``, ``rows``) are read whole
-    by every chunk.
+    [N, R, C] aggregate exists for all atoms at once. A chunk's op reads the keys and rows (``k``, ``rows``) of its
+    distinct sources, gathered (``chunking.over_atom_chunks_of_sources``), so that its share of their cotangents is a
+    scatter of those rows, not an [M, ...] array per chunk.
 
     Shapes: y [N, rows, C], positions [N, 3], q [N, H, d], k [M, H, d], rows [M, R', C], neighbors [N, K],
     shifts [N, K, 3] or None, max_floor [N, H] or None. Returns the attention output [N, rows, C] (and alpha
@@ -192,20 +193,20 @@ class E2Attention(nnx.Module):
     """
     cfg = self.cfg
 
-    def per_target(layer, y, positions, target_numbers, q, neighbors, geometry, shifts, max_floor):
+    def per_target(layer, sources, slots, y, positions, target_numbers, q, neighbors, geometry, shifts, max_floor):
       features = EdgeFeatures.of_slots(
         geometry.rbf, layer.target_type, layer.source_type, target_numbers, numbers, neighbors
       )
       gate, rho = layer.gate(y, features, geometry)
       outputs = node_attention(
         q,
-        k,
+        sources[0],
         gate,
         layer.edge_scale(rho, geometry.distance),
         geometry.envelope,
         geometry.valid,
-        neighbors,
-        rows,
+        slots,
+        sources[1],
         shifts,
         implementation=impl,
         num_shift_rows=(cfg.lmax + 1) ** 2,
@@ -219,7 +220,7 @@ class E2Attention(nnx.Module):
       return (out, outputs[-1]) if return_attention else out
 
     per_atom = (y, positions, numbers, q, neighbors, geometry, shifts, max_floor)
-    return over_atom_chunks_of(self, per_target, cfg.edge_chunk, *per_atom)
+    return over_atom_chunks_of_sources(self, per_target, cfg.edge_chunk, (k, rows), neighbors, *per_atom)
 
   def node_inputs(self, y: jax.Array, positions: jax.Array, node_rows: bool):
     """Per atom: q, k [N, H, d], v [N, rows, C] and, with ``node_rows``, the rows the node-centric op aggregates,

@@ -13,6 +13,7 @@ memory: XLA would create every such zero array at the start of the program and h
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -183,6 +184,38 @@ def _map_chunks_backward(body, residuals, cotangent):
 _map_chunks.defvjp(_map_chunks_forward, _map_chunks_backward, symbolic_zeros=True)
 
 
+def source_capacity(num_targets: int, num_slots: int, num_sources: int) -> int:
+  """Room for the distinct sources of a chunk of ``num_targets`` consecutive target atoms with ``num_slots``
+  neighbour slots each (``over_chunk_sources``).
+
+  In spatial (Morton) order a chunk of n targets fills a region of about n atom volumes, a cube of side
+  a = n^(1/3) atom spacings; its sources are the targets and a shell around them as thick as the K-nearest radius,
+  about K^(1/3) spacings at any density. Room for a shell of h = 0.8 K^(1/3) spacings, (a + 2h)^3 atoms: 1.3-1.5
+  times the most distinct sources counted in any chunk of 256-8,192 targets of a Morton-ordered 32k-atom structure
+  at K = 32 (docs/performance.md §5a). Never more than the sources there are, nor than the slots.
+  """
+  shell = 0.8 * num_slots ** (1 / 3)
+  room = math.ceil((num_targets ** (1 / 3) + 2 * shell) ** 3)
+  return min(room, num_sources, num_targets * num_slots)
+
+
+def distinct_sources(neighbors: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The distinct source atoms of the slots ``neighbors`` [n, K], in increasing order, and the slots renumbered
+  to index them.
+
+  Returns:
+    sources [capacity] int (entries past the count repeat the smallest source), local [n, K] int32 with
+    ``sources[local] == neighbors`` when count <= capacity, and count (scalar int32).
+  """
+  flat = neighbors.reshape(-1)
+  ordered, order = jax.lax.sort((flat, jnp.arange(flat.shape[0], dtype=jnp.int32)), num_keys=1)
+  first = jnp.concatenate([jnp.ones(1, bool), ordered[1:] != ordered[:-1]])
+  rank = jnp.cumsum(first, dtype=jnp.int32) - 1
+  sources = jnp.full(capacity, ordered[0], flat.dtype).at[rank].set(ordered, mode="drop")
+  local = jnp.zeros(flat.shape, jnp.int32).at[order].set(rank, unique_indices=True)
+  return sources, local.reshape(neighbors.shape), rank[-1] + 1
+
+
 def over_atom_chunks_of(module: nnx.Module, fn: Callable, size: int, *per_atom):
   """``fn(module, *per_atom)`` computed ``size`` atoms at a time (``over_atom_chunks``), with the module passed
   as its graph and state so that no module is touched from inside the transforms."""
@@ -190,3 +223,47 @@ def over_atom_chunks_of(module: nnx.Module, fn: Callable, size: int, *per_atom):
     return fn(module, *per_atom)
   graphdef, state = nnx.split(module)
   return over_atom_chunks(lambda *args: fn(nnx.merge(graphdef, state), *args), size, *per_atom)
+
+
+def chunks_fit_sources(neighbors: jax.Array, size: int, capacity: int) -> jax.Array:
+  """Whether every chunk of ``size`` target atoms (the chunks of ``over_atom_chunks``) has at most ``capacity``
+  distinct sources in its slots ``neighbors`` [N, K] (scalar bool)."""
+  chunks = _Chunks(neighbors.shape[0], size)
+  counts = jax.vmap(lambda c: distinct_sources(chunks.rows(neighbors, c), capacity)[2])(jnp.arange(chunks.count))
+  return jnp.max(counts) <= capacity
+
+
+def over_atom_chunks_of_sources(
+  module: nnx.Module, fn: Callable, size: int, sources: tuple[jax.Array, ...], neighbors: jax.Array, *per_atom
+):
+  """``fn(module, sources, neighbors, *per_atom)`` computed ``size`` target atoms at a time
+  (``over_atom_chunks_of``), where ``sources`` are arrays with a row per source atom ([M, ...] each, read whole by
+  every chunk) and ``neighbors`` [N, K] the chunked targets' slots into them.
+
+  Each chunk calls ``fn`` on the rows of its distinct sources only, gathered into [S, ...] arrays (S =
+  ``source_capacity``), with its slots renumbered to index them. Why: the gradient with respect to ``sources``
+  would otherwise be an [M, ...] cotangent per chunk, written and summed N/size times (work growing as N^2 /
+  size); through the gather, a chunk's share is a scatter of its S rows, which XLA adds into the loop's sum in
+  place. When some chunk has more distinct sources than S (not seen with atoms in spatial order; possible in
+  another order), every chunk reads the whole arrays instead: one branch or the other for the whole loop, chosen
+  on the device, so that XLA's in-place sum is never split by a branch inside the loop. Either way the sums
+  are those of ``fn(module, sources, neighbors, *per_atom)``.
+  """
+
+  def whole(module, neighbors, *per_atom):
+    return fn(module, sources, neighbors, *per_atom)
+
+  num_sources = sources[0].shape[0]
+  capacity = source_capacity(min(size, neighbors.shape[0]), neighbors.shape[1], num_sources)
+  if not _splits(size, neighbors) or capacity >= num_sources:
+    return over_atom_chunks_of(module, whole, size, neighbors, *per_atom)
+
+  def distinct(module, neighbors, *per_atom):
+    rows, slots, _ = distinct_sources(neighbors, capacity)
+    return fn(module, tuple(jnp.take(x, rows, axis=0) for x in sources), slots, *per_atom)
+
+  return jax.lax.cond(
+    chunks_fit_sources(neighbors, size, capacity),
+    lambda: over_atom_chunks_of(module, distinct, size, neighbors, *per_atom),
+    lambda: over_atom_chunks_of(module, whole, size, neighbors, *per_atom),
+  )

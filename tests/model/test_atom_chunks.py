@@ -9,10 +9,12 @@ import pytest
 from flax import nnx
 from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, equations, force_matching_gradients, molecules, relative
 
-from e2former_jax.chunking import over_atom_chunks
+from e2former_jax import chunking
+from e2former_jax.chunking import chunks_fit_sources, distinct_sources, over_atom_chunks, source_capacity
 from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
+from e2former_jax.potential import morton_order
 from e2former_jax.predict import predict
 
 
@@ -55,13 +57,24 @@ CHUNKED_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CHUNKED_CASES)
-def test_chunks_change_no_result(case):
+# room for a chunk's distinct sources (``chunking.source_capacity``): at these sizes its formula leaves room for
+# every atom (no gather); 30 makes every chunk of 7 targets read its distinct sources gathered (the molecules' and
+# the 8-atom cell's chunks have fewer), 3 makes every chunk overflow, so the loop reads the whole arrays
+SOURCE_ROOM = {"distinct": 30, "overflow": 3}
+
+
+@pytest.mark.parametrize(
+  "case, room",
+  [(case, "distinct") for case in CHUNKED_CASES] + [("first_order_pallas", "overflow")],
+)
+def test_chunks_change_no_result(case, room, monkeypatch):
   """Energies, conservative forces and the parameter gradients of a force-matching loss with the per-edge MLPs
   in chunks of 7 atoms and the node-level maps in chunks of 5 (neither divides the 48 atom slots) against no
   chunking: the same operations in another grouping, so float32 round-off only (1e-5 relative). Molecules and a
   periodic cell in one batch (molecules only for the ``e2formerv2`` softmax, whose shift slots are defined for
-  molecules)."""
+  molecules). Each chunk of the attention op reads its distinct sources gathered, or, where one overflows the
+  room, every chunk reads the whole arrays."""
+  monkeypatch.setattr(chunking, "source_capacity", lambda n, k, m: min(m, SOURCE_ROOM[room]))
   options = CHUNKED_CASES[case]
   structures = molecules()
   if options["softmax_max"] != "e2formerv2":
@@ -73,6 +86,44 @@ def test_chunks_change_no_result(case):
   (e0, f0, g0), (e1, f1, g1) = results
   assert relative(e1, e0) <= 1e-5 and relative(f1, f0) <= 1e-5
   assert max(relative(b, a) for a, b in zip(g0, g1, strict=True)) <= 1e-5
+
+
+def test_distinct_sources_renumber_the_slots():
+  """The distinct sources of a chunk's slots (duplicates and a padding source included), in increasing order,
+  with the slots renumbered to index them; the count is exact also where it exceeds the room (the caller's test
+  for overflow)."""
+  neighbors = jnp.asarray(np.random.default_rng(1).integers(0, 40, size=(9, 6)), jnp.int32).at[0, :3].set(39)
+  expected = np.unique(np.asarray(neighbors))
+  sources, slots, count = distinct_sources(neighbors, 48)
+  assert int(count) == len(expected)
+  np.testing.assert_array_equal(np.asarray(sources)[: len(expected)], expected)
+  np.testing.assert_array_equal(np.asarray(sources)[np.asarray(slots)], neighbors)
+  assert int(distinct_sources(neighbors, 5)[2]) == len(expected)
+
+
+def _knn_in_a_box(n: int, num_slots: int, spatial: bool) -> jax.Array:
+  """[n, K] K nearest neighbours (self excluded) of n uniform random atoms at 0.1 per A^3, the atoms numbered in
+  Morton order (as ``DevicePotential`` numbers them) or at random."""
+  from scipy.spatial import cKDTree
+
+  rng = np.random.default_rng(2)
+  positions = rng.uniform(0.0, (n / 0.1) ** (1 / 3), size=(n, 3)).astype(np.float32)
+  order = np.asarray(morton_order(jnp.asarray(positions), jnp.ones(n, bool))) if spatial else rng.permutation(n)
+  positions = positions[order]
+  return jnp.asarray(cKDTree(positions).query(positions, num_slots + 1)[1][:, 1:], jnp.int32)
+
+
+def test_chunks_in_spatial_order_fit_their_source_room():
+  """With the atoms in Morton order every chunk of 128 or 512 targets (K = 32) has room for its distinct sources,
+  so the attention's chunks read gathered rows; numbered at random they do not (so this can fail), and the model
+  takes the branch that reads the whole arrays."""
+  num_slots, n = 32, 4096
+  for spatial in (True, False):
+    neighbors = _knn_in_a_box(n, num_slots, spatial)
+    for size in (128, 512):
+      capacity = source_capacity(size, num_slots, n)
+      assert capacity < n
+      assert bool(chunks_fit_sources(neighbors, size, capacity)) is spatial
 
 
 @pytest.mark.parametrize("name", ["edge_chunk", "node_chunk"])

@@ -79,7 +79,8 @@ class ModelConfig:
       each block the gate and rho MLPs together with the attention op on those targets and the readout of its
       message (message, path linears, output map), so their [N, K, hidden] temporaries, the op's [N, K, H] gate,
       weights and cotangents and its [N, R, C] aggregate exist for one chunk at a time and the backward pass
-      recomputes them per chunk. 0 (default) computes all atoms at once. Changes no result beyond
+      recomputes them per chunk; each chunk reads the keys and rows of its distinct sources only, so the work
+      per atom does not grow with N. 0 (default) computes all atoms at once. Changes no result beyond
       float32 round-off.
     node_chunk: atoms per chunk of each block's node-level maps (queries, keys, values and the EAAS rows before
       the attention op; the FFN and residual sums after it, and with ``attention_impl="jnp_edge"`` the message's
@@ -87,7 +88,7 @@ class ModelConfig:
       [N, rows, width] temporaries exist for one chunk at a time, and with ``remat`` a block's backward pass
       holds one chunk's of them. 0 (default) computes all atoms at once. Changes no result beyond float32
       round-off. With ``remat`` and both chunk fields at 4,096, conservative forces of the paper model need
-      about 0.21 MiB per atom on a GPU, energy and direct forces 0.07 (a million atoms in 71 GiB;
+      about 0.17 MiB per atom on a GPU, energy and direct forces 0.07 (a million atoms in 71 GiB;
       docs/performance.md §5a).
   """
 

@@ -18,7 +18,7 @@ import os
 
 from e2former_jax.config import ModelConfig
 
-SUGGESTED_CHUNK = 4096  # with remat and both chunk fields: 0.21 MiB/atom for conservative forces (H100, §5a)
+SUGGESTED_CHUNK = 4096  # with remat and both chunk fields: 0.17 MiB/atom for conservative forces (H100, §5a)
 SUGGESTED_MEMORY_FRACTION = "0.95"
 
 

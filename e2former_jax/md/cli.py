@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     default=None,
     metavar="ATOMS",
     help="run each block's node-level maps over chunks of this many atoms (with --remat and --edge-chunk: the "
-    "least memory for conservative forces of large systems, about 0.21 MiB per atom for the paper model on a GPU; "
+    "least memory for conservative forces of large systems, about 0.17 MiB per atom for the paper model on a GPU; "
     "e.g. 4096)",
   )
   add_debug_flag(p)

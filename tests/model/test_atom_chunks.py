@@ -249,8 +249,9 @@ def test_a_chunk_does_no_work_per_atom_of_the_whole_system(impl):
   for every atom of the system, except writing the chunk's rows into the loop's outputs: work per chunk that
   grows with N makes the time per atom grow with N (or, where XLA hoists it out of the loop, holds an [N, ...]
   array). The per-edge MLPs once projected every source atom's type embedding in every chunk; they now project
-  the type tables. Not the backward pass: there each chunk still adds its share of every source's cotangent
-  (docs/performance.md, memory)."""
+  the type tables. Not the backward pass: there each chunk's share of the sources' cotangent is, in the traced
+  program, a scatter into an [N, ...] zero array added to the loop's sum, which XLA turns into a scatter into the
+  sum itself (docs/performance.md §5a)."""
   cfg = get_config(
     "small",
     **{**TINY, "num_layers": 2},

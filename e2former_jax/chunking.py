@@ -2,7 +2,8 @@
 
 The per-edge MLPs of the gate, rho and the edge-degree embedding produce [N, K, hidden] (and, for ``QKdot_alpha``,
 [N, K, (L+1) C]) tensors whose rows depend only on their target atom, and so does the attention op's aggregate
-of a target, which reads every source's rows whole, with the readout of its message (``ModelConfig.edge_chunk``);
+of a target, with the readout of its message (``ModelConfig.edge_chunk``; a chunk's op reads the rows of its
+distinct sources, gathered: ``over_atom_chunks_of_sources``);
 the node-level maps of a block (queries, keys, values and the EAAS rows before the attention op; the FFN after
 it) produce [N, rows, width] tensors whose rows depend only on their atom
 (``ModelConfig.node_chunk``). ``over_atom_chunks`` computes such a function for ``size`` atoms at a time in a

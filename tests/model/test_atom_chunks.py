@@ -48,7 +48,7 @@ CHUNKED_CASES = {
   "zero_order_remat": dict(
     gate="QKdotS_alpha", softmax_max="e2formerv2", attention_orders=("first", "zero"), attention_impl="jnp_node"
   ),
-  # the fused kernel (interpret mode here) on chunks of targets reading every source's rows; not QKdotS_alpha with
+  # the fused kernel (interpret mode here) on chunks of targets and the rows of their sources; not QKdotS_alpha with
   # the Si cell: its unnormalised harmonics leave the cell's zero forces (by symmetry) at float32 noise of 1e-3
   # eV/A whatever the grouping, 1.3e-4 of max|F| (measured with and without chunks, before and after the op joined)
   "first_order_pallas": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="pallas"),

@@ -230,8 +230,12 @@ def chunks_fit_sources(neighbors: jax.Array, size: int, capacity: int) -> jax.Ar
   """Whether every chunk of ``size`` target atoms (the chunks of ``over_atom_chunks``) has at most ``capacity``
   distinct sources in its slots ``neighbors`` [N, K] (scalar bool)."""
   chunks = _Chunks(neighbors.shape[0], size)
-  counts = jax.vmap(lambda c: distinct_sources(chunks.rows(neighbors, c), capacity)[2])(jnp.arange(chunks.count))
-  return jnp.max(counts) <= capacity
+
+  def distinct_count(c):
+    ordered = jnp.sort(chunks.rows(neighbors, c).reshape(-1))
+    return 1 + jnp.sum(ordered[1:] != ordered[:-1])
+
+  return jnp.max(jax.vmap(distinct_count)(jnp.arange(chunks.count))) <= capacity
 
 
 def over_atom_chunks_of_sources(

@@ -57,24 +57,22 @@ CHUNKED_CASES = {
 }
 
 
-# room for a chunk's distinct sources (``chunking.source_capacity``): at these sizes its formula leaves room for
-# every atom (no gather); 30 makes every chunk of 7 targets read its distinct sources gathered (the molecules' and
-# the 8-atom cell's chunks have fewer), 3 makes every chunk overflow, so the loop reads the whole arrays
-SOURCE_ROOM = {"distinct": 30, "overflow": 3}
+# Room for a chunk's distinct sources (``chunking.source_capacity``): at these sizes its formula leaves room for
+# every atom (no gather), so the first-order cases set it to 30, and every chunk of 7 targets reads its distinct
+# sources gathered (the molecules' and the 8-atom cell's chunks have fewer); the branch that reads the whole
+# arrays is tested below, on a small function.
+GATHERED_CASES = ("first_order", "first_order_pallas")
 
 
-@pytest.mark.parametrize(
-  "case, room",
-  [(case, "distinct") for case in CHUNKED_CASES] + [("first_order_pallas", "overflow")],
-)
-def test_chunks_change_no_result(case, room, monkeypatch):
+@pytest.mark.parametrize("case", CHUNKED_CASES)
+def test_chunks_change_no_result(case, monkeypatch):
   """Energies, conservative forces and the parameter gradients of a force-matching loss with the per-edge MLPs
   in chunks of 7 atoms and the node-level maps in chunks of 5 (neither divides the 48 atom slots) against no
   chunking: the same operations in another grouping, so float32 round-off only (1e-5 relative). Molecules and a
   periodic cell in one batch (molecules only for the ``e2formerv2`` softmax, whose shift slots are defined for
-  molecules). Each chunk of the attention op reads its distinct sources gathered, or, where one overflows the
-  room, every chunk reads the whole arrays."""
-  monkeypatch.setattr(chunking, "source_capacity", lambda n, k, m: min(m, SOURCE_ROOM[room]))
+  molecules)."""
+  if case in GATHERED_CASES:
+    monkeypatch.setattr(chunking, "source_capacity", lambda n, k, m: min(m, 30))
   options = CHUNKED_CASES[case]
   structures = molecules()
   if options["softmax_max"] != "e2formerv2":
@@ -86,6 +84,53 @@ def test_chunks_change_no_result(case, room, monkeypatch):
   (e0, f0, g0), (e1, f1, g1) = results
   assert relative(e1, e0) <= 1e-5 and relative(f1, f0) <= 1e-5
   assert max(relative(b, a) for a, b in zip(g0, g1, strict=True)) <= 1e-5
+
+
+class _Attend(nnx.Module):
+  """A small attention of targets over their slots: nonlinear in the sources' keys and rows, as the model's op."""
+
+  def __init__(self):
+    self.scale = nnx.Param(jnp.asarray([0.7, -1.3]))
+
+  def __call__(self, sources, slots, queries):
+    keys, rows = sources
+    logits = jnp.einsum("nc,nkc->nk", queries * self.scale[...], keys[slots])
+    out = jnp.einsum("nk,nkc->nc", jax.nn.softmax(logits, axis=-1), jnp.tanh(rows[slots]))
+    return out, jnp.full(queries.shape[0], keys.shape[0])  # and how many source rows the call was given
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_chunks_read_their_distinct_sources_or_the_whole_arrays(fits, monkeypatch):
+  """``over_atom_chunks_of_sources`` in chunks of 4 of 10 targets over 24 sources: with room for exactly the most
+  distinct sources of any chunk, each chunk reads its own gathered; with one less, that chunk overflows and every
+  chunk reads the whole arrays. Either way the outputs, the gradient with respect to the sources and the module,
+  and the gradient of a function of that gradient (what force matching differentiates) equal one call on
+  everything (1e-6 relative: the same sums)."""
+  rng = np.random.default_rng(3)
+  keys, rows = (jnp.asarray(rng.normal(size=(24, 2)), jnp.float32) for _ in range(2))
+  queries = jnp.asarray(rng.normal(size=(10, 2)), jnp.float32)
+  neighbors = jnp.asarray(rng.integers(0, 24, size=(10, 5)), jnp.int32).at[:4].set(jnp.arange(5) % 3)
+  most = next(room for room in range(1, 24) if chunks_fit_sources(neighbors, 4, room))
+  room = most if fits else most - 1
+  graphdef, state = nnx.split(_Attend())
+  monkeypatch.setattr(chunking, "source_capacity", lambda n, k, m: room)
+
+  def attend(state, sources, size):
+    fn = lambda module, sources, slots, queries: module(sources, slots, queries)  # noqa: E731
+    return chunking.over_atom_chunks_of_sources(nnx.merge(graphdef, state), fn, size, sources, neighbors, queries)
+
+  def loss(state, sources, size):
+    return jnp.sum(attend(state, sources, size)[0] ** 3)
+
+  def gradient_norm(state, sources, size):
+    grads = jax.grad(loss, argnums=(0, 1))(state, sources, size)
+    return sum(jnp.sum(x**2) for x in jax.tree.leaves(grads))
+
+  np.testing.assert_array_equal(attend(state, (keys, rows), 4)[1], room if fits else 24)
+  for fn in (loss, jax.grad(loss, argnums=(0, 1)), jax.grad(gradient_norm, argnums=(0, 1))):
+    whole = jax.tree.leaves(fn(state, (keys, rows), 0))
+    for got, want in zip(jax.tree.leaves(fn(state, (keys, rows), 4)), whole, strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(want))))
 
 
 def test_distinct_sources_renumber_the_slots():

@@ -187,7 +187,7 @@ _map_chunks.defvjp(_map_chunks_forward, _map_chunks_backward, symbolic_zeros=Tru
 
 def source_capacity(num_targets: int, num_slots: int, num_sources: int) -> int:
   """Room for the distinct sources of a chunk of ``num_targets`` consecutive target atoms with ``num_slots``
-  neighbour slots each (``over_chunk_sources``).
+  neighbour slots each (``over_atom_chunks_of_sources``).
 
   In spatial (Morton) order a chunk of n targets fills a region of about n atom volumes, a cube of side
   a = n^(1/3) atom spacings; its sources are the targets and a shell around them as thick as the K-nearest radius,
@@ -242,8 +242,8 @@ def over_atom_chunks_of_sources(
   module: nnx.Module, fn: Callable, size: int, sources: tuple[jax.Array, ...], neighbors: jax.Array, *per_atom
 ):
   """``fn(module, sources, neighbors, *per_atom)`` computed ``size`` target atoms at a time
-  (``over_atom_chunks_of``), where ``sources`` are arrays with a row per source atom ([M, ...] each, read whole by
-  every chunk) and ``neighbors`` [N, K] the chunked targets' slots into them.
+  (``over_atom_chunks_of``), where ``sources`` are arrays with a row per source atom ([M, ...] each, of the whole
+  system) and ``neighbors`` [N, K] the chunked targets' slots into them.
 
   Each chunk calls ``fn`` on the rows of its distinct sources only, gathered into [S, ...] arrays (S =
   ``source_capacity``), with its slots renumbered to index them. Why: the gradient with respect to ``sources``

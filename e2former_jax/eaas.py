@@ -94,8 +94,24 @@ def dense_vector_coupling(lmax: int) -> np.ndarray:
   return t
 
 
-def dense_vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
-  """h (x) vector by the explicit CG contraction (50 non-zeros for lmax 2): the reference for EAAS.
+@functools.cache
+def coupling_terms(lmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The non-zero coefficients of ``dense_vector_coupling`` grouped by output row: J terms per row (the most any
+  row has; rows with fewer are padded with zero weights), as input rows [J, R], vector axes [J, R] and weights
+  [J, R] (float64), so that out_o = sum_j weights[j, o] h_(rows[j, o]) p_(axes[j, o]). J = 4 for lmax 2."""
+  t = dense_vector_coupling(lmax)
+  per_row = [np.argwhere(np.abs(t[:, :, o]) > 1e-12) for o in range(t.shape[-1])]
+  shape = (max(len(terms) for terms in per_row), t.shape[-1])
+  rows, axes, weights = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape)
+  for o, terms in enumerate(per_row):
+    for j, (r, a) in enumerate(terms):
+      rows[j, o], axes[j, o], weights[j, o] = r, a, t[r, a, o]
+  return rows, axes, weights
+
+
+def cg_vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
+  """h (x) vector by its Clebsch-Gordan coefficients in the global frame (50 non-zero for lmax 2), summed
+  elementwise in the input's precision: the reference for EAAS, and its derivative in the vector.
 
   Args:
     h: [..., (lmax+1)^2, C] spherical features.
@@ -103,18 +119,27 @@ def dense_vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Arr
   Returns:
     [..., R, C] in the EAAS output layout.
   """
-  t = jnp.asarray(dense_vector_coupling(lmax), h.dtype)
-  return jnp.einsum("rao,...rc,...a->...oc", t, h, vectors, precision=jax.lax.Precision.HIGHEST)
+  rows, axes, weights = coupling_terms(lmax)
+  out = 0.0
+  for j in range(len(rows)):
+    coefficient = vectors[..., axes[j]] * jnp.asarray(weights[j], h.dtype)  # [..., R]
+    out = out + coefficient[..., None] * so3.rows_at(h, rows[j])
+  return out
 
 
 def axis_weighted_product(h_per_axis: jax.Array, lmax: int) -> jax.Array:
-  """sum_a h^a (x) e_a for features weighted by the Cartesian components of a vector, [..., 3, rows, C].
+  """sum_a h^a (x) e_a for features weighted by the Cartesian components of a vector, [..., 3, rows, C] -> [..., R, C].
 
   With h^a = sum_j w_j s_ja h_j this equals sum_j w_j (h_j (x) s_j): the periodic-image term of the
   node-centric message, where s_j are image offsets.
   """
-  t = jnp.asarray(dense_vector_coupling(lmax), h_per_axis.dtype)
-  return jnp.einsum("rao,...arc->...oc", t, h_per_axis, precision=jax.lax.Precision.HIGHEST)
+  rows, axes, weights = coupling_terms(lmax)
+  num_rows = h_per_axis.shape[-2]
+  flat = h_per_axis.reshape(h_per_axis.shape[:-3] + (3 * num_rows, h_per_axis.shape[-1]))
+  out = 0.0
+  for j in range(len(rows)):
+    out = out + jnp.asarray(weights[j], flat.dtype)[:, None] * so3.rows_at(flat, axes[j] * num_rows + rows[j])
+  return out
 
 
 def aligned_sparse_product(h_aligned: jax.Array, table: EAASTable) -> jax.Array:
@@ -123,7 +148,7 @@ def aligned_sparse_product(h_aligned: jax.Array, table: EAASTable) -> jax.Array:
   return so3.rows_at(h_aligned, table.source_row) * weight
 
 
-NEAR_ORIGIN = 1e-6  # Angstrom; below this |p| the frame is undefined and the dense product is used.
+NEAR_ORIGIN = 1e-6  # Angstrom; below this |p| the frame is undefined and the CG product is used.
 
 
 def _eaas_forward(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
@@ -131,20 +156,18 @@ def _eaas_forward(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   squared = jnp.sum(vectors**2, axis=-1, keepdims=True)
   near_origin = squared < NEAR_ORIGIN**2
   # Vectors at the origin get a stand-in frame so that every derivative of this branch stays finite;
-  # their product comes from the dense branch, which is exact there (and everywhere).
+  # their product comes from the CG branch, which is exact there (and everywhere).
   safe = jnp.where(near_origin, jnp.array([0.0, 1.0, 0.0], vectors.dtype), vectors)
   rotation = so3.rotation_to_y(safe)
-  d_in = so3.block_diagonal_wigner(rotation, tuple(range(lmax + 1)))
-  d_out = so3.block_diagonal_wigner(rotation, table.output_degrees)
-  hp = jax.lax.Precision.HIGHEST
-  aligned = jnp.einsum("...ij,...jc->...ic", d_in, h, precision=hp)
+  blocks = so3.wigner_blocks(rotation, lmax)
+  aligned = so3.rotate_rows(blocks, h, tuple(range(lmax + 1)))
   product = aligned_sparse_product(aligned, table)
   length = jnp.sqrt(jnp.sum(safe**2, axis=-1))[..., None, None]
-  rotated_back = jnp.einsum("...ji,...jc->...ic", d_out, product, precision=hp) * length
-  # The dense product is evaluated only when some vector needs it (an atom at the centre of the structure).
+  rotated_back = so3.rotate_rows(blocks, product, table.output_degrees, inverse=True) * length
+  # The CG product is evaluated only when some vector needs it (an atom at the centre of the structure).
   return jax.lax.cond(
     jnp.any(near_origin),
-    lambda: jnp.where(near_origin[..., None], dense_vector_product(h, vectors, lmax), rotated_back),
+    lambda: jnp.where(near_origin[..., None], cg_vector_product(h, vectors, lmax), rotated_back),
     lambda: rotated_back,
   )
 
@@ -161,9 +184,9 @@ def vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
     [..., R, C], R = ``eaas_table(lmax).num_output_rows`` (20 for lmax 2).
 
   Derivatives use the linearity in each argument (docs/model.md §10): d(h (x) p) = dh (x) p + h (x) dp, the first
-  term by EAAS in the same frame, the second by the dense CG product, so first derivatives never pass
+  term by EAAS in the same frame, the second by the CG product in the global frame, so first derivatives never pass
   through the frame. (JAX drops custom rules inside linearised tangents, so forward-over-reverse
-  derivatives in p do go through the frame; it is smooth except at p = 0, where the exact dense product
+  derivatives in p do go through the frame; it is smooth except at p = 0, where the exact CG product
   stands in.)
   """
   return _eaas_forward(h, vectors, lmax)
@@ -174,4 +197,4 @@ def _vector_product_jvp(lmax, primals, tangents):
   h, vectors = primals
   dh, dvectors = tangents
   out = vector_product(h, vectors, lmax)
-  return out, vector_product(dh, vectors, lmax) + dense_vector_product(h, dvectors, lmax)
+  return out, vector_product(dh, vectors, lmax) + cg_vector_product(h, dvectors, lmax)

@@ -18,17 +18,21 @@ from flax import nnx
 
 from e2former_jax import so3
 from e2former_jax.config import ModelConfig
-from e2former_jax.layers import Dense, RadialProfile, SO3Linear, matmul
+from e2former_jax.layers import Dense, RadialProfile, SO3Linear
 
 
-def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int, precision: str) -> jax.Array:
-  """t_ij = [sum_m Y_(l,m)(r_ij) P_i,(l,m)] for l = 0..lmax, concatenated, at the model's matmul precision.
+def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int) -> jax.Array:
+  """t_ij = [sum_m Y_(l,m)(r_ij) P_i,(l,m)] for l = 0..lmax, concatenated.
+
+  Each entry sums at most 2 lmax + 1 products, so it is computed elementwise in true float32 (as a matrix product
+  it would be a batch of [K, 2l+1] x [2l+1, F] products, which a GPU runs far below its rate), and the sums fuse
+  with what reads them.
 
   Shapes: sh [N, K, rows], projected [N, rows, F] -> [N, K, (lmax+1) F].
   """
   return jnp.concatenate(
     [
-      matmul(sh[..., l * l : (l + 1) ** 2], projected[:, l * l : (l + 1) ** 2], precision, "nkm,nmc->nkc")
+      jnp.sum(sh[..., l * l : (l + 1) ** 2, None] * projected[:, None, l * l : (l + 1) ** 2], axis=-2)
       for l in range(lmax + 1)
     ],
     axis=-1,
@@ -78,7 +82,7 @@ class QKdotAlphaGate(Gate):
   def __call__(self, y, edge_features, geometry):
     cfg = self.cfg
     sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "integral")
-    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax, cfg.matmul_precision)
+    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax)
     return self.direction_gate(t * self.edge_mlp(edge_features)), self.rho_mlp(edge_features)
 
 
@@ -99,7 +103,7 @@ class QKdotSAlphaGate(Gate):
     out = self.edge_mlp(edge_features)
     rho, s = out[..., :h], out[..., h:]
     sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component", normalize=False)  # [N, K, rows]
-    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax, cfg.matmul_precision)[..., :h]
+    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax)[..., :h]
     return self.direction_mlp(t * s), rho
 
 

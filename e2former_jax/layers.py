@@ -148,7 +148,6 @@ class SO3Linear(nnx.Module):
     init = nnx.initializers.uniform(scale=2 * bound)
     self.kernel = nnx.Param(init(rngs.params(), (lmax + 1, in_features, out_features), dtype) - bound)
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
-    self.degrees = so3.degree_of_rows(lmax)
     self.precision = precision
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -157,13 +156,20 @@ class SO3Linear(nnx.Module):
 
 
 def side_by_side(maps: tuple[SO3Linear, ...], x: jax.Array) -> list[jax.Array]:
-  """Several ``SO3Linear`` maps of the same input as one matrix product (their kernels side by side, so the input
-  is read once and the product is wide), then split: ``[m(x) for m in maps]``, each [..., (L+1)^2, C_out(m)].
+  """Several ``SO3Linear`` maps of the same input as one wide matrix product per degree (their kernels side by
+  side, so the input is read once), then split: ``[m(x) for m in maps]``, each [..., (L+1)^2, C_out(m)].
+
+  Degree l's 2l+1 rows of every atom are rows of one plain product [... * (2l+1), C_in] x [C_in, sum C_out]:
+  no per-row copy of the kernels and no batch dimension between the atoms and the channels, which a GPU's
+  batched product would need moved (transposes of the input and of the wide output).
 
   The maps must share lmax, input width and precision."""
   first = maps[0]
-  w = jnp.concatenate([m.kernel[...] for m in maps], axis=-1)[first.degrees]  # [(L+1)^2, C_in, sum C_out]
-  y = matmul(x, w, first.precision, "...ri,rio->...ro")
+  w = jnp.concatenate([m.kernel[...] for m in maps], axis=-1)  # [L+1, C_in, sum C_out]
+  lmax = w.shape[0] - 1
+  y = jnp.concatenate(
+    [matmul(x[..., l * l : (l + 1) ** 2, :], w[l], first.precision) for l in range(lmax + 1)], axis=-2
+  )
   out, start = [], 0
   for m in maps:
     width = m.kernel.shape[-1]

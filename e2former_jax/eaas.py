@@ -95,23 +95,33 @@ def dense_vector_coupling(lmax: int) -> np.ndarray:
 
 
 @functools.cache
-def coupling_terms(lmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The non-zero coefficients of ``dense_vector_coupling`` grouped by output row: J terms per row (the most any
-  row has; rows with fewer are padded with zero weights), as input rows [J, R], vector axes [J, R] and weights
-  [J, R] (float64), so that out_o = sum_j weights[j, o] h_(rows[j, o]) p_(axes[j, o]). J = 4 for lmax 2."""
+def coupling_terms(lmax: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+  """The non-zero coefficients of ``dense_vector_coupling`` per Cartesian axis a, grouped by output row: for each
+  axis, input rows [J_a, R] and weights [J_a, R] (float64), J_a the most terms any output row has on that axis
+  (rows with fewer are padded with zero weights), so that (h (x) e_a)_o = sum_j weights[j, o] h_(rows[j, o]).
+  J_a = 2, 1, 2 for lmax 2 (50 non-zero coefficients in all)."""
   t = dense_vector_coupling(lmax)
-  per_row = [np.argwhere(np.abs(t[:, :, o]) > 1e-12) for o in range(t.shape[-1])]
-  shape = (max(len(terms) for terms in per_row), t.shape[-1])
-  rows, axes, weights = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape)
-  for o, terms in enumerate(per_row):
-    for j, (r, a) in enumerate(terms):
-      rows[j, o], axes[j, o], weights[j, o] = r, a, t[r, a, o]
-  return rows, axes, weights
+  out = []
+  for a in range(3):
+    per_row = [np.flatnonzero(np.abs(t[:, a, o]) > 1e-12) for o in range(t.shape[-1])]
+    shape = (max(len(terms) for terms in per_row), t.shape[-1])
+    rows, weights = np.zeros(shape, np.int32), np.zeros(shape)
+    for o, terms in enumerate(per_row):
+      rows[: len(terms), o], weights[: len(terms), o] = terms, t[terms, a, o]
+    out.append((rows, weights))
+  return tuple(out)
+
+
+def axis_product(h: jax.Array, axis: int, lmax: int) -> jax.Array:
+  """h (x) e_a for the Cartesian unit vector e_a (``axis`` a = 0, 1, 2 for x, y, z), [..., rows, C] -> [..., R, C]:
+  sums of a few scaled rows of h (``coupling_terms``), no matrix product."""
+  rows, weights = coupling_terms(lmax)[axis]
+  return sum(jnp.asarray(w, h.dtype)[:, None] * so3.rows_at(h, r) for r, w in zip(rows, weights))
 
 
 def cg_vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
-  """h (x) vector by its Clebsch-Gordan coefficients in the global frame (50 non-zero for lmax 2), summed
-  elementwise in the input's precision: the reference for EAAS, and its derivative in the vector.
+  """h (x) vector by its Clebsch-Gordan coefficients in the global frame, sum_a p_a (h (x) e_a): the reference for
+  EAAS, and its derivative in the vector (linear in each argument, so no gather or scatter in its derivatives).
 
   Args:
     h: [..., (lmax+1)^2, C] spherical features.
@@ -119,12 +129,7 @@ def cg_vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   Returns:
     [..., R, C] in the EAAS output layout.
   """
-  rows, axes, weights = coupling_terms(lmax)
-  out = 0.0
-  for j in range(len(rows)):
-    coefficient = vectors[..., axes[j]] * jnp.asarray(weights[j], h.dtype)  # [..., R]
-    out = out + coefficient[..., None] * so3.rows_at(h, rows[j])
-  return out
+  return sum(vectors[..., a, None, None] * axis_product(h, a, lmax) for a in range(3))
 
 
 def axis_weighted_product(h_per_axis: jax.Array, lmax: int) -> jax.Array:
@@ -133,13 +138,7 @@ def axis_weighted_product(h_per_axis: jax.Array, lmax: int) -> jax.Array:
   With h^a = sum_j w_j s_ja h_j this equals sum_j w_j (h_j (x) s_j): the periodic-image term of the
   node-centric message, where s_j are image offsets.
   """
-  rows, axes, weights = coupling_terms(lmax)
-  num_rows = h_per_axis.shape[-2]
-  flat = h_per_axis.reshape(h_per_axis.shape[:-3] + (3 * num_rows, h_per_axis.shape[-1]))
-  out = 0.0
-  for j in range(len(rows)):
-    out = out + jnp.asarray(weights[j], flat.dtype)[:, None] * so3.rows_at(flat, axes[j] * num_rows + rows[j])
-  return out
+  return sum(axis_product(h_per_axis[..., a, :, :], a, lmax) for a in range(3))
 
 
 def aligned_sparse_product(h_aligned: jax.Array, table: EAASTable) -> jax.Array:
@@ -148,28 +147,22 @@ def aligned_sparse_product(h_aligned: jax.Array, table: EAASTable) -> jax.Array:
   return so3.rows_at(h_aligned, table.source_row) * weight
 
 
-NEAR_ORIGIN = 1e-6  # Angstrom; below this |p| the frame is undefined and the CG product is used.
+NEAR_ORIGIN = 1e-8  # Angstrom; below this |p| the product (at most ~|p| |h|) is taken as zero.
 
 
 def _eaas_forward(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   table = eaas_table(lmax)
   squared = jnp.sum(vectors**2, axis=-1, keepdims=True)
   near_origin = squared < NEAR_ORIGIN**2
-  # Vectors at the origin get a stand-in frame so that every derivative of this branch stays finite;
-  # their product comes from the CG branch, which is exact there (and everywhere).
+  # Vectors at the origin get a stand-in frame, so that every derivative stays finite, and a zero length: their
+  # product is exactly zero at p = 0 and below 1e-8 |h| elsewhere in that ball: under the float32 round-off of
+  # the product with any vector longer than 0.2 A. No branch: one pass over every atom whatever the positions.
   safe = jnp.where(near_origin, jnp.array([0.0, 1.0, 0.0], vectors.dtype), vectors)
-  rotation = so3.rotation_to_y(safe)
-  blocks = so3.wigner_blocks(rotation, lmax)
+  blocks = so3.wigner_blocks(so3.rotation_to_y(safe), lmax)
   aligned = so3.rotate_rows(blocks, h, tuple(range(lmax + 1)))
   product = aligned_sparse_product(aligned, table)
-  length = jnp.sqrt(jnp.sum(safe**2, axis=-1))[..., None, None]
-  rotated_back = so3.rotate_rows(blocks, product, table.output_degrees, inverse=True) * length
-  # The CG product is evaluated only when some vector needs it (an atom at the centre of the structure).
-  return jax.lax.cond(
-    jnp.any(near_origin),
-    lambda: jnp.where(near_origin[..., None], cg_vector_product(h, vectors, lmax), rotated_back),
-    lambda: rotated_back,
-  )
+  length = jnp.where(near_origin, 0.0, jnp.sqrt(jnp.sum(safe**2, axis=-1, keepdims=True)))[..., None]
+  return so3.rotate_rows(blocks, product, table.output_degrees, inverse=True) * length
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -186,8 +179,7 @@ def vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   Derivatives use the linearity in each argument (docs/model.md §10): d(h (x) p) = dh (x) p + h (x) dp, the first
   term by EAAS in the same frame, the second by the CG product in the global frame, so first derivatives never pass
   through the frame. (JAX drops custom rules inside linearised tangents, so forward-over-reverse
-  derivatives in p do go through the frame; it is smooth except at p = 0, where the exact CG product
-  stands in.)
+  derivatives in p do go through the frame; it is smooth except at p = 0.)
   """
   return _eaas_forward(h, vectors, lmax)
 

@@ -60,8 +60,10 @@ class EdgeDegreeEmbedding(nnx.Module):
         geometry.rbf, layer.target_type, layer.source_type, target_numbers, graph.numbers, neighbors
       )
       sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
+      # sum over the K slots of [2l+1] x [C] outer products, elementwise in true float32 (as matrix products,
+      # a batch of [2l+1, K] x [K, C] products per atom, which a GPU runs far below its rate)
       out = [
-        jnp.einsum("nkm,nkc->nmc", sh[..., l * l : (l + 1) ** 2], radial(features), precision=jax.lax.Precision.HIGHEST)
+        jnp.sum(sh[..., l * l : (l + 1) ** 2, None] * radial(features)[..., None, :], axis=-3)
         for l, radial in enumerate(layer.radial)
       ]
       return jnp.concatenate(out, axis=-2)

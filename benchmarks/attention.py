@@ -4,8 +4,8 @@ Implementations (float32, the same inputs for all):
   pallas    ``pallas_kernels.pallas.pallas_node_attention`` (fused forward; backward kernels + XLA softmax)
   jnp_node  ``jnp_node_attention`` under XLA (what ``attention_impl="jnp_node"`` runs)
   jnp_edge  per-edge stand-in: the softmax of ``jnp_node_attention``, then sum_j beta_ij (v_j (x) r_ij) with the
-            product of every edge by an einsum with the dense [9, 3, 20] coupling tensor
-            (``e2former_jax.eaas.dense_vector_coupling``). The coupling is a fixed random tensor (the model
+            product of every edge by a dense [9, 3, 20] coupling einsum, the contraction
+            ``e2former_jax.eaas.dense_vector_product`` uses. The coupling is a fixed random tensor (the model
             package needs e3x, which the GPU image lacks; values do not change the cost). The node paths'
             O(N) EAAS products before and after the aggregation are not timed.
 

@@ -94,34 +94,8 @@ def dense_vector_coupling(lmax: int) -> np.ndarray:
   return t
 
 
-@functools.cache
-def coupling_terms(lmax: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-  """The non-zero coefficients of ``dense_vector_coupling`` per Cartesian axis a, grouped by output row: for each
-  axis, input rows [J_a, R] and weights [J_a, R] (float64), J_a the most terms any output row has on that axis
-  (rows with fewer are padded with zero weights), so that (h (x) e_a)_o = sum_j weights[j, o] h_(rows[j, o]).
-  J_a = 2, 1, 2 for lmax 2 (50 non-zero coefficients in all)."""
-  t = dense_vector_coupling(lmax)
-  out = []
-  for a in range(3):
-    per_row = [np.flatnonzero(np.abs(t[:, a, o]) > 1e-12) for o in range(t.shape[-1])]
-    shape = (max(len(terms) for terms in per_row), t.shape[-1])
-    rows, weights = np.zeros(shape, np.int32), np.zeros(shape)
-    for o, terms in enumerate(per_row):
-      rows[: len(terms), o], weights[: len(terms), o] = terms, t[terms, a, o]
-    out.append((rows, weights))
-  return tuple(out)
-
-
-def axis_product(h: jax.Array, axis: int, lmax: int) -> jax.Array:
-  """h (x) e_a for the Cartesian unit vector e_a (``axis`` a = 0, 1, 2 for x, y, z), [..., rows, C] -> [..., R, C]:
-  sums of a few scaled rows of h (``coupling_terms``), no matrix product."""
-  rows, weights = coupling_terms(lmax)[axis]
-  return sum(jnp.asarray(w, h.dtype)[:, None] * so3.rows_at(h, r) for r, w in zip(rows, weights))
-
-
-def cg_vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
-  """h (x) vector by its Clebsch-Gordan coefficients in the global frame, sum_a p_a (h (x) e_a): the reference for
-  EAAS, and its derivative in the vector (linear in each argument, so no gather or scatter in its derivatives).
+def dense_vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
+  """h (x) vector by the explicit CG contraction (50 non-zeros for lmax 2): the reference for EAAS.
 
   Args:
     h: [..., (lmax+1)^2, C] spherical features.
@@ -129,16 +103,18 @@ def cg_vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   Returns:
     [..., R, C] in the EAAS output layout.
   """
-  return sum(vectors[..., a, None, None] * axis_product(h, a, lmax) for a in range(3))
+  t = jnp.asarray(dense_vector_coupling(lmax), h.dtype)
+  return jnp.einsum("rao,...rc,...a->...oc", t, h, vectors, precision=jax.lax.Precision.HIGHEST)
 
 
 def axis_weighted_product(h_per_axis: jax.Array, lmax: int) -> jax.Array:
-  """sum_a h^a (x) e_a for features weighted by the Cartesian components of a vector, [..., 3, rows, C] -> [..., R, C].
+  """sum_a h^a (x) e_a for features weighted by the Cartesian components of a vector, [..., 3, rows, C].
 
   With h^a = sum_j w_j s_ja h_j this equals sum_j w_j (h_j (x) s_j): the periodic-image term of the
   node-centric message, where s_j are image offsets.
   """
-  return sum(axis_product(h_per_axis[..., a, :, :], a, lmax) for a in range(3))
+  t = jnp.asarray(dense_vector_coupling(lmax), h_per_axis.dtype)
+  return jnp.einsum("rao,...arc->...oc", t, h_per_axis, precision=jax.lax.Precision.HIGHEST)
 
 
 def aligned_sparse_product(h_aligned: jax.Array, table: EAASTable) -> jax.Array:
@@ -155,14 +131,17 @@ def _eaas_forward(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   squared = jnp.sum(vectors**2, axis=-1, keepdims=True)
   near_origin = squared < NEAR_ORIGIN**2
   # Vectors at the origin get a stand-in frame, so that every derivative stays finite, and a zero length: their
-  # product is exactly zero at p = 0 and below 1e-8 |h| elsewhere in that ball: under the float32 round-off of
+  # product is exactly zero at p = 0 and below 1e-8 |h| elsewhere in that ball, under the float32 round-off of
   # the product with any vector longer than 0.2 A. No branch: one pass over every atom whatever the positions.
   safe = jnp.where(near_origin, jnp.array([0.0, 1.0, 0.0], vectors.dtype), vectors)
-  blocks = so3.wigner_blocks(so3.rotation_to_y(safe), lmax)
-  aligned = so3.rotate_rows(blocks, h, tuple(range(lmax + 1)))
+  rotation = so3.rotation_to_y(safe)
+  d_in = so3.block_diagonal_wigner(rotation, tuple(range(lmax + 1)))
+  d_out = so3.block_diagonal_wigner(rotation, table.output_degrees)
+  hp = jax.lax.Precision.HIGHEST
+  aligned = jnp.einsum("...ij,...jc->...ic", d_in, h, precision=hp)
   product = aligned_sparse_product(aligned, table)
   length = jnp.where(near_origin, 0.0, jnp.sqrt(jnp.sum(safe**2, axis=-1, keepdims=True)))[..., None]
-  return so3.rotate_rows(blocks, product, table.output_degrees, inverse=True) * length
+  return jnp.einsum("...ji,...jc->...ic", d_out, product, precision=hp) * length
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -177,7 +156,7 @@ def vector_product(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
     [..., R, C], R = ``eaas_table(lmax).num_output_rows`` (20 for lmax 2).
 
   Derivatives use the linearity in each argument (docs/model.md §10): d(h (x) p) = dh (x) p + h (x) dp, the first
-  term by EAAS in the same frame, the second by the CG product in the global frame, so first derivatives never pass
+  term by EAAS in the same frame, the second by the dense CG product, so first derivatives never pass
   through the frame. (JAX drops custom rules inside linearised tangents, so forward-over-reverse
   derivatives in p do go through the frame; it is smooth except at p = 0.)
   """
@@ -189,4 +168,4 @@ def _vector_product_jvp(lmax, primals, tangents):
   h, vectors = primals
   dh, dvectors = tangents
   out = vector_product(h, vectors, lmax)
-  return out, vector_product(dh, vectors, lmax) + cg_vector_product(h, dvectors, lmax)
+  return out, vector_product(dh, vectors, lmax) + dense_vector_product(h, dvectors, lmax)

@@ -192,31 +192,13 @@ def rotation_to_y(vectors: jax.Array) -> jax.Array:
   return jnp.where(flip[..., None], jnp.matmul(turn, rot, precision=jax.lax.Precision.HIGHEST), rot)
 
 
-def wigner_blocks(rotation: jax.Array, lmax: int) -> list[jax.Array]:
-  """The Wigner-D blocks D^0 .. D^lmax of ``rotation`` [..., 3, 3], each [..., 2l+1, 2l+1]."""
-  return [wigner_d(rotation, l) for l in range(lmax + 1)]
-
-
-def rotate_rows(blocks: list[jax.Array], x: jax.Array, degrees, inverse: bool = False) -> jax.Array:
-  """D x (or D^T x with ``inverse``) for the block-diagonal Wigner-D with one block per entry of ``degrees``.
-
-  Block by block, each as an elementwise product summed over at most 2l+1 terms in true float32 (never the
-  [..., R, R] matrix, which for the EAAS output degrees of lmax 2 is 400 entries of which 78 are non-zero, nor a
-  batched matrix product of such small blocks); degree 0 is the identity.
-
-  Args:
-    blocks: ``wigner_blocks(rotation, lmax)`` with lmax >= max(degrees).
-    x: [..., R, C] with R = sum(2l+1 for l in degrees), rows in the order of ``degrees``.
-    degrees: degree of each block of rows.
-  Returns:
-    [..., R, C].
-  """
-  out, start = [], 0
+def block_diagonal_wigner(rotation: jax.Array, degrees) -> jax.Array:
+  """Block-diagonal Wigner-D [..., R, R] with one block per entry of ``degrees`` (in that order)."""
+  blocks = {l: wigner_d(rotation, l) for l in set(degrees)}
+  size = sum(2 * l + 1 for l in degrees)
+  out = jnp.zeros(rotation.shape[:-2] + (size, size), rotation.dtype)
+  start = 0
   for l in degrees:
-    part = x[..., start : start + 2 * l + 1, :]
-    if l > 0:
-      d = jnp.swapaxes(blocks[l], -1, -2) if inverse else blocks[l]
-      part = jnp.sum(d[..., :, :, None] * part[..., None, :, :], axis=-2)
-    out.append(part)
+    out = out.at[..., start : start + 2 * l + 1, start : start + 2 * l + 1].set(blocks[l])
     start += 2 * l + 1
-  return jnp.concatenate(out, axis=-2)
+  return out

@@ -35,7 +35,7 @@ PAPER_WEIGHT = [
 
 # Compiled programs (one per lmax): run op by op, every primitive compiled on its own and the file took twice as long.
 vector_product = jax.jit(eaas.vector_product, static_argnums=2)
-cg_vector_product = jax.jit(eaas.cg_vector_product, static_argnums=2)
+dense_vector_product = jax.jit(eaas.dense_vector_product, static_argnums=2)
 
 
 def test_lmax2_table_matches_model_md_exactly():
@@ -69,23 +69,6 @@ def test_table_follows_parity_rule_closed_form(lmax):
     start += 2 * l3 + 1
 
 
-@pytest.mark.parametrize("lmax", [1, 2, 3])
-def test_cg_products_equal_the_coupling_tensor_contraction(lmax):
-  """The CG product and the periodic term's axis-weighted product, summed over non-zero coefficients only, equal
-  the contraction with the whole coupling tensor (float64)."""
-  rng = np.random.default_rng(20 + lmax)
-  rows = (lmax + 1) ** 2
-  h, p, h_per_axis = rng.normal(size=(6, rows, 4)), rng.normal(size=(6, 3)), rng.normal(size=(6, 3, rows, 4))
-  t = eaas.dense_vector_coupling(lmax)
-  terms = sum(np.count_nonzero(weights) for _, weights in eaas.coupling_terms(lmax))
-  assert terms == np.count_nonzero(np.abs(t) > 1e-12)
-  with jax.enable_x64(True):
-    product = eaas.cg_vector_product(jnp.asarray(h), jnp.asarray(p), lmax)
-    axis_weighted = eaas.axis_weighted_product(jnp.asarray(h_per_axis), lmax)
-  np.testing.assert_allclose(product, np.einsum("rao,nrc,na->noc", t, h, p), rtol=0, atol=1e-13)
-  np.testing.assert_allclose(axis_weighted, np.einsum("rao,narc->noc", t, h_per_axis), rtol=0, atol=1e-13)
-
-
 @pytest.mark.parametrize("lmax", [1, 2, 3, 4])
 def test_rotate_sparse_rotate_back_equals_dense_cg(lmax):
   rng = np.random.default_rng(lmax)
@@ -96,7 +79,7 @@ def test_rotate_sparse_rotate_back_equals_dense_cg(lmax):
   p[2] = 0  # at the origin
   with jax.enable_x64(True):
     sparse = vector_product(jnp.asarray(h), jnp.asarray(p), lmax)
-    dense = cg_vector_product(jnp.asarray(h), jnp.asarray(p), lmax)
+    dense = dense_vector_product(jnp.asarray(h), jnp.asarray(p), lmax)
     sparse, dense = np.asarray(sparse), np.asarray(dense)
   assert np.max(np.abs(sparse - dense)) <= 1e-12 * np.max(np.abs(dense))
   sparse32 = np.asarray(vector_product(jnp.asarray(h, jnp.float32), jnp.asarray(p, jnp.float32), lmax))
@@ -111,7 +94,7 @@ def test_derivatives_follow_linearity_everywhere():
   with jax.enable_x64(True):
     h, p = h.astype(jnp.float64), p.astype(jnp.float64)
     sparse = lambda h, p: jnp.sum(jnp.sin(eaas.vector_product(h, p, 2)))
-    dense = lambda h, p: jnp.sum(jnp.sin(eaas.cg_vector_product(h, p, 2)))
+    dense = lambda h, p: jnp.sum(jnp.sin(eaas.dense_vector_product(h, p, 2)))
     for a, b in zip(jax.jit(jax.grad(sparse, (0, 1)))(h, p), jax.jit(jax.grad(dense, (0, 1)))(h, p)):
       np.testing.assert_allclose(a, b, atol=1e-12)
     hessian_sparse, hessian_dense = jax.jit(jax.hessian(sparse, 1))(h, p), jax.jit(jax.hessian(dense, 1))(h, p)

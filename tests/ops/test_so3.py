@@ -60,11 +60,9 @@ def test_frame_maps_vector_to_y_including_poles_and_origin():
     mapped = np.einsum("nij,nj->ni", rot, vectors)[nonzero]
     np.testing.assert_allclose(mapped, np.linalg.norm(vectors[nonzero], axis=1)[:, None] * [0, 1, 0], atol=1e-12)
     # D Y(u) = Y(y): only the m = 0 entry of each degree survives (docs/model.md §10).
-    rotated = so3.rotate_rows(
-      so3.wigner_blocks(rot[0], 2), so3.spherical_harmonics(jnp.asarray(vectors[0]), 2)[:, None], (0, 1, 2)
-    )
+    d = so3.block_diagonal_wigner(rot[0], (0, 1, 2))
     np.testing.assert_allclose(
-      rotated[:, 0],
+      d @ so3.spherical_harmonics(jnp.asarray(vectors[0]), 2),
       so3.spherical_harmonics(jnp.array([0.0, 1.0, 0.0]), 2),
       atol=1e-13,
     )
@@ -128,21 +126,3 @@ def test_rows_at_equals_the_gather_and_transposes_without_a_scatter(rows):
   primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(jax.grad(ours))(x).eqns}
   assert not {p for p in primitives if "scatter" in p}, primitives
   assert {p for p in (eqn.primitive.name for eqn in jax.make_jaxpr(jax.grad(gathered))(x).eqns) if "scatter" in p}
-
-
-def test_rotate_rows_applies_the_block_diagonal_wigner_and_its_inverse():
-  """Block by block equals the dense block-diagonal matrix (repeated degrees included), and inverse undoes it."""
-  degrees = (0, 1, 1, 2, 2, 1)
-  rng = np.random.default_rng(11)
-  with jax.enable_x64(True):
-    rotations = jnp.asarray(np.stack([random_rotation(s) for s in range(4)]))
-    blocks = so3.wigner_blocks(rotations, 2)
-    x = jnp.asarray(rng.normal(size=(4, sum(2 * l + 1 for l in degrees), 3)))
-    dense = np.zeros((4, x.shape[1], x.shape[1]))
-    start = 0
-    for l in degrees:
-      dense[:, start : start + 2 * l + 1, start : start + 2 * l + 1] = blocks[l]
-      start += 2 * l + 1
-    rotated = so3.rotate_rows(blocks, x, degrees)
-    np.testing.assert_allclose(rotated, dense @ np.asarray(x), atol=1e-13)
-    np.testing.assert_allclose(so3.rotate_rows(blocks, rotated, degrees, inverse=True), x, atol=1e-13)

@@ -100,3 +100,21 @@ def test_derivatives_follow_linearity_everywhere():
     hessian_sparse, hessian_dense = jax.jit(jax.hessian(sparse, 1))(h, p), jax.jit(jax.hessian(dense, 1))(h, p)
     np.testing.assert_allclose(hessian_sparse, hessian_dense, atol=1e-12)
     assert np.all(np.isfinite(jax.jit(jax.hessian(sparse, 0))(h, p)))
+
+
+def test_near_origin_takes_no_branch_and_stays_within_its_bound():
+  """Below NEAR_ORIGIN the product is taken as zero (exact at p = 0, at most ~|p| |h| elsewhere); just above it the
+  frame gives the dense product; and the program has no branch (padding atoms sit at the origin in every batch,
+  so a branch for them was taken on every call)."""
+  rng = np.random.default_rng(5)
+  h = rng.normal(size=(3, 9, 4))
+  direction = np.array([0.6, -0.48, 0.64])
+  p = np.stack([np.zeros(3), 0.5 * eaas.NEAR_ORIGIN * direction, 10 * eaas.NEAR_ORIGIN * direction])
+  with jax.enable_x64(True):
+    sparse = np.asarray(vector_product(jnp.asarray(h), jnp.asarray(p), 2))
+    dense = np.asarray(dense_vector_product(jnp.asarray(h), jnp.asarray(p), 2))
+    program = str(jax.make_jaxpr(eaas.vector_product, static_argnums=2)(jnp.asarray(h), jnp.asarray(p), 2))
+  assert np.all(sparse[:2] == 0)
+  assert np.max(np.abs(dense[1])) <= eaas.NEAR_ORIGIN * np.max(np.abs(h))
+  np.testing.assert_allclose(sparse[2], dense[2], rtol=0, atol=1e-12 * np.max(np.abs(dense[2])))
+  assert "cond" not in program

@@ -25,8 +25,9 @@ def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int) -> jax.A
   """t_ij = [sum_m Y_(l,m)(r_ij) P_i,(l,m)] for l = 0..lmax, concatenated.
 
   Each entry sums at most 2 lmax + 1 products, so it is computed elementwise in true float32 (as a matrix product
-  it would be a batch of [K, 2l+1] x [2l+1, F] products, which a GPU runs far below its rate), and the sums fuse
-  with what reads them.
+  it would be a batch of [K, 2l+1] x [2l+1, F] products, which a GPU runs far below its rate). On the CPU's buffer
+  assignment this form holds about 38 KB per atom more for conservative forces with remat and chunks
+  (docs/performance.md).
 
   Shapes: sh [N, K, rows], projected [N, rows, F] -> [N, K, (lmax+1) F].
   """

@@ -12,6 +12,8 @@ from typing import Literal
 
 import numpy as np
 
+from pallas_kernels.gate_jnp import MATMUL_PRECISIONS
+
 GATES = ("QK_alpha", "QKdot_alpha", "QKdotS_alpha")
 GATE_ACTIVATIONS = ("softmax", "softplus", "sigmoid")
 SOFTMAX_MAX = ("valid", "all_slots", "e2formerv2")
@@ -19,7 +21,6 @@ ENVELOPES = ("e2formerv2", "main")
 ATTENTION_ORDERS = ("first", "zero")
 FORCE_HEADS = ("linear", "painn")
 ATTENTION_IMPLS = ("auto", "pallas", "jnp_node", "jnp_dense", "jnp_edge")
-MATMUL_PRECISIONS = ("highest", "tensorfloat32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)

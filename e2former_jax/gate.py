@@ -5,39 +5,21 @@ source type embeddings, which the attention layer holds) and returns (g, rho), b
 
   * ``QK_alpha``:     [g; rho] = MLP(e_ij).
   * ``QKdot_alpha``:  t_ij = [sum_m Y_lm(r_ij) (W_l y_i)_lm]_l (degree contractions with the target's features),
-                      g = Linear(t_ij * MLP(e_ij)), rho = MLP'(e_ij).
+                      g = Linear(t_ij * MLP(e_ij)), rho = MLP'(e_ij). Where the attention runs the Pallas kernel,
+                      g after the MLP's last hidden layer is one fused op (``pallas_kernels.direction_gate``).
   * ``QKdotS_alpha``: [rho; s] = MLP(e_ij), t_ij as above with unnormalised harmonics and a narrow projection,
                       g = MLP''(t_ij[:H] * s).
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from e2former_jax import so3
 from e2former_jax.config import ModelConfig
 from e2former_jax.layers import Dense, RadialProfile, SO3Linear
-
-
-def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int) -> jax.Array:
-  """t_ij = [sum_m Y_(l,m)(r_ij) P_i,(l,m)] for l = 0..lmax, concatenated.
-
-  Each entry sums at most 2 lmax + 1 products, so it is computed elementwise in true float32 (as a matrix product
-  it would be a batch of [K, 2l+1] x [2l+1, F] products, which a GPU runs far below its rate). On the CPU's buffer
-  assignment this form holds about 38 KB per atom more for conservative forces with remat and chunks
-  (docs/performance.md).
-
-  Shapes: sh [N, K, rows], projected [N, rows, F] -> [N, K, (lmax+1) F].
-  """
-  return jnp.concatenate(
-    [
-      jnp.sum(sh[..., l * l : (l + 1) ** 2, None] * projected[:, None, l * l : (l + 1) ** 2], axis=-2)
-      for l in range(lmax + 1)
-    ],
-    axis=-1,
-  )
+from pallas_kernels.api import direction_gate, resolve_implementation
+from pallas_kernels.gate_jnp import degree_contractions
 
 
 class Gate(nnx.Module):
@@ -83,8 +65,25 @@ class QKdotAlphaGate(Gate):
   def __call__(self, y, edge_features, geometry):
     cfg = self.cfg
     sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "integral")
-    t = degree_contractions(sh, self.direction_proj(y), cfg.lmax)
-    return self.direction_gate(t * self.edge_mlp(edge_features)), self.rho_mlp(edge_features)
+    last = self.edge_mlp.linears[-1]
+    gate = direction_gate(
+      self.edge_mlp.hidden(edge_features),
+      sh,
+      self.direction_proj(y),
+      last.kernel[...],
+      last.bias[...],
+      self.direction_gate.kernel[...],
+      self.direction_gate.bias[...],
+      precision=cfg.matmul_precision,
+      implementation=self.implementation(y.shape[0]),
+    )
+    return gate, self.rho_mlp(edge_features)
+
+  def implementation(self, num_atoms: int) -> str:
+    """ "pallas" where the attention op runs its Pallas kernel (``ModelConfig.attention_impl``), else "jnp"."""
+    attention = self.cfg.attention_impl
+    fused = attention in ("auto", "pallas") and resolve_implementation(attention, num_atoms) == "pallas"
+    return "pallas" if fused else "jnp"
 
 
 class QKdotSAlphaGate(Gate):

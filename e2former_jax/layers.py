@@ -14,22 +14,13 @@ from flax import nnx
 
 from e2former_jax import so3
 from e2former_jax.norms import LayerNorm
+from pallas_kernels.gate_jnp import matmul
 
 # e3nn's normalize2mom constants (docs/model.md §5).
 SILU_2MOM = 1.6791767923989418
 SIGMOID_2MOM = 1.8467055342154763
 
 kaiming_uniform = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")
-
-
-def matmul(x: jax.Array, w: jax.Array, precision: str, spec: str = "...i,io->...o") -> jax.Array:
-  """Dense contraction at the configured matmul precision ("highest", "tensorfloat32", "bfloat16")."""
-  if precision == "bfloat16":
-    return jnp.einsum(spec, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32).astype(
-      x.dtype
-    )
-  lax_precision = jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
-  return jnp.einsum(spec, x, w, precision=lax_precision)
 
 
 class Dense(nnx.Module):
@@ -114,17 +105,23 @@ class RadialProfile(nnx.Module):
   """
 
   def __init__(self, sizes: tuple[int, ...], *, precision: str, dtype, rngs: nnx.Rngs):
+    if len(sizes) < 3:
+      raise ValueError(f"a radial profile needs at least one hidden layer, got sizes {sizes}")
     self.linears = nnx.List(
       [Dense(a, b, precision=precision, dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
     )
     self.norms = nnx.List([LayerNorm(b, dtype=dtype) for b in sizes[1:-1]])
 
-  def __call__(self, x: jax.Array | EdgeFeatures) -> jax.Array:
-    first, *rest = self.linears
+  def hidden(self, x: jax.Array | EdgeFeatures) -> jax.Array:
+    """The last hidden layer: the input of the last Linear (after its LayerNorm and SiLU)."""
+    first, *rest = self.linears[:-1]
     x = x.linear(first) if isinstance(x, EdgeFeatures) else first(x)
     for linear, norm in zip(rest, self.norms):
       x = linear(jax.nn.silu(norm(x)))
-    return x
+    return jax.nn.silu(self.norms[-1](x))
+
+  def __call__(self, x: jax.Array | EdgeFeatures) -> jax.Array:
+    return self.linears[-1](self.hidden(x))
 
 
 class SO3Linear(nnx.Module):

@@ -1,6 +1,22 @@
 """The node-centric equivariant attention op: one entry point (``api.node_attention``), its jnp reference twin
-(``jnp_node``), a dense jnp variant (``jnp_dense``) and the fused Pallas-Triton kernel (``pallas``)."""
+(``jnp_node``), a dense jnp variant (``jnp_dense``) and the fused Pallas-Triton kernel (``pallas``); and the
+direction gate of ``QKdot_alpha`` (``api.direction_gate``): its twin (``gate_jnp``) and fused kernels
+(``gate_pallas``)."""
 
-from pallas_kernels.api import DENSE_MAX_ATOMS, IMPLEMENTATIONS, node_attention, resolve_implementation
+from pallas_kernels.api import (
+  DENSE_MAX_ATOMS,
+  GATE_IMPLEMENTATIONS,
+  IMPLEMENTATIONS,
+  direction_gate,
+  node_attention,
+  resolve_implementation,
+)
 
-__all__ = ["DENSE_MAX_ATOMS", "IMPLEMENTATIONS", "node_attention", "resolve_implementation"]
+__all__ = [
+  "DENSE_MAX_ATOMS",
+  "GATE_IMPLEMENTATIONS",
+  "IMPLEMENTATIONS",
+  "direction_gate",
+  "node_attention",
+  "resolve_implementation",
+]

@@ -1,4 +1,5 @@
-"""One entry point for the node-centric attention op, whatever computes it.
+"""One entry point for each op of this package, whatever computes it: the node-centric attention
+(``node_attention``) and the direction gate of ``QKdot_alpha`` (``direction_gate``).
 
 ``node_attention(..., implementation=name)`` dispatches to a file named after the implementation:
 
@@ -17,16 +18,22 @@ variant; the Pallas kernel fuses only the softmax, so "pallas" with another acti
 The model's fourth path, "jnp_edge" (the per-edge "standard implementation"), is not this op: it rotates every
 edge into its own frame and needs the EAAS tables, so it lives with the model (``e2former_jax.attention``) and
 uses only ``attention_weights`` from here. Nothing in this package imports e3x or the model.
+
+``direction_gate(..., implementation=name)``: "jnp" (``gate_jnp.py``, the twin) or "pallas" (``gate_pallas.py``,
+fused kernels; float32 only, other types run the twin).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels.gate_jnp import jnp_direction_gate
 from pallas_kernels.jnp_dense import jnp_dense_attention
 from pallas_kernels.jnp_node import ACTIVATIONS, jnp_node_attention
 
 IMPLEMENTATIONS = ("jnp_node", "jnp_dense", "pallas")
+GATE_IMPLEMENTATIONS = ("jnp", "pallas")
 TRITON_CALL = "__gpu$xla.gpu.triton"  # the XLA custom call the Pallas kernels lower to on GPUs
 DENSE_MAX_ATOMS = 256  # "auto" off the GPU uses "jnp_dense" up to this many atom slots, "jnp_node" above
 
@@ -105,3 +112,30 @@ def node_attention(
     raise TypeError(f"{implementation!r} takes no kernel options, got {sorted(kernel_options)}")
   fn = jnp_dense_attention if implementation == "jnp_dense" else jnp_node_attention
   return fn(*args, **options, activation=activation, return_weights=return_weights)
+
+
+def direction_gate(
+  hidden, sh, projected, w_mix, b_mix, w_gate, b_gate, *, precision: str, implementation: str, **kernel_options
+):
+  """The direction gate g [N, K, H] of ``QKdot_alpha`` (the math is in ``gate_jnp``'s docstring).
+
+  Args:
+    hidden: [N, K, A] last hidden layer of the gate's edge MLP.
+    sh: [N, K, (L+1)^2] spherical harmonics of the slots' directions.
+    projected: [N, (L+1)^2, F] projected target features.
+    w_mix, b_mix: [A, (L+1) F], [(L+1) F]: the edge MLP's last layer.
+    w_gate, b_gate: [(L+1) F, H], [H]: the gate's output layer.
+    precision: matmul precision ("highest", "tensorfloat32", "bfloat16").
+    implementation: one of ``GATE_IMPLEMENTATIONS``.
+    **kernel_options: tiling and launch options of the Pallas kernels (``gate_pallas.pallas_direction_gate``).
+  """
+  if implementation not in GATE_IMPLEMENTATIONS:
+    raise ValueError(f"unknown gate implementation {implementation!r}; expected one of {GATE_IMPLEMENTATIONS}")
+  args = (hidden, sh, projected, w_mix, b_mix, w_gate, b_gate)
+  if implementation == "pallas" and all(x.dtype == jnp.float32 for x in args):
+    from pallas_kernels.gate_pallas import pallas_direction_gate  # Pallas/Triton imported only when used
+
+    return pallas_direction_gate(*args, precision=precision, **kernel_options)
+  if kernel_options:
+    raise TypeError(f"the jnp twin takes no kernel options, got {sorted(kernel_options)}")
+  return jnp_direction_gate(*args, precision=precision)

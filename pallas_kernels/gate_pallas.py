@@ -1,0 +1,320 @@
+"""The direction gate of ``QKdot_alpha`` as fused Pallas kernels lowered to Triton (``implementation="pallas"``).
+
+Computes what ``gate_jnp.jnp_direction_gate`` computes (the math is in that module's docstring) without its
+per-edge [N, K, (L+1) F] arrays in device memory (for the paper's model, 768 floats per edge, four of them in the
+XLA form: the edge MLP's last layer, the contractions, their product and, in the backward pass, its cotangent).
+One program takes ``block_t`` target atoms with all their K slots, a [block_t K, A] tile of the hidden layer, and
+walks the columns (l, f) in chunks of ``block_f``: the chunk of the last layer (a [block_t K, A] x [A, block_f]
+product), the chunk of the contractions (elementwise, the target's rows P_n,(l,m) broadcast over its slots) and
+their product times the chunk of the output layer ([block_t K, block_f] x [block_f, H]), accumulated in float32.
+Only u, Y, P and the weights are read and only g [N, K, H] is written.
+
+Gradients (``jax.custom_vjp``). The backward kernel takes the same tiles and, per chunk, the product's cotangent
+ct W_gate^T: it accumulates du = (ct W_gate^T * t) W_mix^T and dY, and writes dP of the chunk's columns (a
+program owns its targets, so every dP entry is written once; no atomics). The weights' cotangents are formed in
+XLA from the same factors; where they are not needed (forces, molecular dynamics) XLA drops them. The backward
+kernel's own derivative (force matching: reverse over reverse) is the jnp twin's second-order derivative.
+
+Tiles. A slot axis K and every width (A, F, H) are padded to powers of two in registers only (masked loads and
+stores); Triton's matrix products need every dimension >= 16, so a padded width is at least 16. Float64 inputs
+take the jnp twin (``api.direction_gate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.gate_jnp import jnp_direction_gate
+from pallas_kernels.pallas import _arange, _Launch, _pow2, _reject_forward_mode
+
+MIN_DOT = 16  # Triton's matrix products need every dimension >= 16
+
+
+def _width(n: int) -> int:
+  """A register width for n columns: the next power of two, at least ``MIN_DOT``."""
+  return max(MIN_DOT, _pow2(n))
+
+
+@dataclasses.dataclass(frozen=True)
+class GateTiles:
+  """Static tiling of the gate kernels (hashable: a ``nondiff_argnums`` argument).
+
+  Attributes:
+    block_t: target atoms per program (block_t * padded K rows per tile).
+    block_f: columns (l, f) per step of the walk over a degree's F channels.
+    precision: matmul precision of the two products ("highest", "tensorfloat32", "bfloat16").
+    launch: Triton launch parameters and interpret mode.
+  """
+
+  block_t: int
+  block_f: int
+  precision: str
+  launch: _Launch
+
+
+def _dot(x, w, precision: str, transpose_w: bool = False):
+  """x [R, I] times w [I, O] (or w [O, I] transposed) in float32 at the tiles' precision."""
+  if precision == "bfloat16":
+    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  lax_precision = lax.Precision.HIGHEST if precision == "highest" else lax.Precision.DEFAULT
+  contract = ((1,), (1,)) if transpose_w else ((1,), (0,))
+  return lax.dot_general(x, w, (contract, ((), ())), precision=lax_precision, preferred_element_type=jnp.float32)
+
+
+class _Tile:
+  """Indices, masks and loads shared by the forward and backward kernels of one program."""
+
+  def __init__(self, num_n: int, num_k: int, block_t: int):
+    self.n, self.n_ok = _arange(pl.program_id(0) * block_t, block_t, num_n)
+    self.k, k_ok = _arange(0, _pow2(num_k), num_k)
+    self.rows_ok = self.n_ok[:, None] & k_ok[None, :]  # [T, Kp]
+    self.shape = (block_t, _pow2(num_k))
+
+  def load_rows(self, ref, width: int, limit: int):
+    """ref [N, K, limit] -> [T * Kp, width] (zero outside the tile)."""
+    c, c_ok = _arange(0, width, limit)
+    x = pltriton.load(
+      ref.at[self.n[:, None, None], self.k[None, :, None], c[None, None, :]],
+      mask=self.rows_ok[:, :, None] & c_ok[None, None, :],
+      other=0.0,
+    )
+    return x.astype(jnp.float32).reshape(self.shape[0] * self.shape[1], width)
+
+  def store_rows(self, ref, x, limit: int):
+    """Stores x [T * Kp, width] into ref [N, K, limit]."""
+    c, c_ok = _arange(0, x.shape[-1], limit)
+    pltriton.store(
+      ref.at[self.n[:, None, None], self.k[None, :, None], c[None, None, :]],
+      x.reshape(*self.shape, x.shape[-1]).astype(ref.dtype),
+      mask=self.rows_ok[:, :, None] & c_ok[None, None, :],
+    )
+
+  def load_harmonic(self, sh_ref, lm: int):
+    """Y_(l,m) of the tile's slots, [T, Kp]."""
+    return pltriton.load(sh_ref.at[self.n[:, None], self.k[None, :], lm], mask=self.rows_ok, other=0.0).astype(
+      jnp.float32
+    )
+
+  def load_projected(self, proj_ref, lm: int, f, f_ok):
+    """P_n,(l,m),f of the tile's targets for channels f, [T, len(f)]."""
+    return pltriton.load(
+      proj_ref.at[self.n[:, None], lm, f[None, :]], mask=self.n_ok[:, None] & f_ok[None, :], other=0.0
+    ).astype(jnp.float32)
+
+
+def _chunk_weights(w_mix_ref, b_mix_ref, w_gate_ref, col, col_ok, width_a: int, width_h: int):
+  """The chunk's columns of the last layer ([Ap, block_f] and [block_f]) and rows of the output layer."""
+  num_a, num_h = w_mix_ref.shape[0], w_gate_ref.shape[1]
+  a, a_ok = _arange(0, width_a, num_a)
+  h, h_ok = _arange(0, width_h, num_h)
+  w_mix = pltriton.load(w_mix_ref.at[a[:, None], col[None, :]], mask=a_ok[:, None] & col_ok[None, :], other=0.0)
+  b_mix = pltriton.load(b_mix_ref.at[col], mask=col_ok, other=0.0)
+  w_gate = pltriton.load(w_gate_ref.at[col[:, None], h[None, :]], mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+  return w_mix.astype(jnp.float32), b_mix.astype(jnp.float32), w_gate.astype(jnp.float32)
+
+
+def _forward_kernel(u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, b_gate_ref, g_ref, *, tiles):
+  """g [N, K, H] for the program's ``block_t`` targets (refs as ``jnp_direction_gate``'s arguments)."""
+  num_n, num_k, num_a = u_ref.shape
+  num_s, num_f = proj_ref.shape[1:]
+  num_h = g_ref.shape[-1]
+  width_a, width_h, block_f = _width(num_a), _width(num_h), tiles.block_f
+  tile = _Tile(num_n, num_k, tiles.block_t)
+  u = tile.load_rows(u_ref, width_a, num_a)
+  harmonics = [tile.load_harmonic(sh_ref, lm) for lm in range(num_s)]
+  acc = jnp.zeros((u.shape[0], width_h), jnp.float32)
+  for l in range(math.isqrt(num_s)):
+
+    def chunk(c, acc, l=l):
+      f, f_ok = _arange(c * block_f, block_f, num_f)
+      w_mix, b_mix, w_gate = _chunk_weights(w_mix_ref, b_mix_ref, w_gate_ref, l * num_f + f, f_ok, width_a, width_h)
+      mixed = _dot(u, w_mix, tiles.precision) + b_mix[None, :]
+      t = sum(
+        harmonics[lm][:, :, None] * tile.load_projected(proj_ref, lm, f, f_ok)[:, None, :]
+        for lm in range(l * l, (l + 1) ** 2)
+      )
+      return acc + _dot(t.reshape(mixed.shape) * mixed, w_gate, tiles.precision)
+
+    acc = lax.fori_loop(0, pl.cdiv(num_f, block_f), chunk, acc)
+  h, h_ok = _arange(0, width_h, num_h)
+  tile.store_rows(g_ref, acc + pltriton.load(b_gate_ref.at[h], mask=h_ok, other=0.0)[None, :], num_h)
+
+
+def _backward_kernel(
+  u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, ct_ref, du_ref, dsh_ref, dproj_ref, *, tiles
+):
+  """du [N, K, A], dY [N, K, S] and dP [N, S, F] from the cotangent ct [N, K, H] of g."""
+  num_n, num_k, num_a = u_ref.shape
+  num_s, num_f = proj_ref.shape[1:]
+  num_h = ct_ref.shape[-1]
+  width_a, width_h, block_f = _width(num_a), _width(num_h), tiles.block_f
+  tile = _Tile(num_n, num_k, tiles.block_t)
+  u = tile.load_rows(u_ref, width_a, num_a)
+  ct = tile.load_rows(ct_ref, width_h, num_h)
+  harmonics = [tile.load_harmonic(sh_ref, lm) for lm in range(num_s)]
+  du = jnp.zeros_like(u)
+  d_harmonics = []
+  for l in range(math.isqrt(num_s)):
+    degree = range(l * l, (l + 1) ** 2)
+
+    def chunk(c, carry, l=l, degree=degree):
+      du, d_sh = carry
+      f, f_ok = _arange(c * block_f, block_f, num_f)
+      w_mix, b_mix, w_gate = _chunk_weights(w_mix_ref, b_mix_ref, w_gate_ref, l * num_f + f, f_ok, width_a, width_h)
+      mixed = _dot(u, w_mix, tiles.precision) + b_mix[None, :]
+      projected = [tile.load_projected(proj_ref, lm, f, f_ok) for lm in degree]
+      t = sum(harmonics[lm][:, :, None] * p[:, None, :] for lm, p in zip(degree, projected))
+      d_product = _dot(ct, w_gate, tiles.precision, transpose_w=True)  # [T Kp, block_f]
+      du = du + _dot(d_product * t.reshape(mixed.shape), w_mix, tiles.precision, transpose_w=True)
+      d_t = (d_product * mixed).reshape(t.shape)  # [T, Kp, block_f]
+      for lm in degree:
+        pltriton.store(
+          dproj_ref.at[tile.n[:, None], lm, f[None, :]],
+          jnp.sum(d_t * harmonics[lm][:, :, None], axis=1).astype(dproj_ref.dtype),
+          mask=tile.n_ok[:, None] & f_ok[None, :],
+        )
+      d_sh = tuple(d + jnp.sum(d_t * p[:, None, :], axis=2) for d, p in zip(d_sh, projected))
+      return du, d_sh
+
+    zeros = tuple(jnp.zeros(tile.shape, jnp.float32) for _ in degree)
+    du, d_sh = lax.fori_loop(0, pl.cdiv(num_f, block_f), chunk, (du, zeros))
+    d_harmonics.extend(d_sh)
+  tile.store_rows(du_ref, du, num_a)
+  for lm, d in enumerate(d_harmonics):
+    pltriton.store(dsh_ref.at[tile.n[:, None], tile.k[None, :], lm], d.astype(dsh_ref.dtype), mask=tile.rows_ok)
+
+
+def _grid(tiles: GateTiles, num_n: int):
+  return (pl.cdiv(num_n, tiles.block_t),)
+
+
+def _forward(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, b_gate):
+  num_n, num_k = u.shape[:2]
+  out = jax.ShapeDtypeStruct((num_n, num_k, w_gate.shape[1]), u.dtype)
+  kernel = functools.partial(_forward_kernel, tiles=tiles)
+  return tiles.launch.call(kernel, out, _grid(tiles, num_n))(u, sh, proj, w_mix, b_mix, w_gate, b_gate)
+
+
+def _input_cotangents_kernel(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, ct):
+  outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (u, sh, proj)]
+  kernel = functools.partial(_backward_kernel, tiles=tiles)
+  return tuple(tiles.launch.call(kernel, outs, _grid(tiles, u.shape[0]))(u, sh, proj, w_mix, b_mix, w_gate, ct))
+
+
+def _twin_input_cotangents(precision: str, u, sh, proj, w_mix, b_mix, w_gate, ct):
+  """The jnp twin's cotangents of (u, Y, P): what ``input_cotangents`` computes, differentiable to any order."""
+  b_gate = jnp.zeros((w_gate.shape[1],), w_gate.dtype)
+  gate = functools.partial(jnp_direction_gate, precision=precision)
+  _, pullback = jax.vjp(lambda u, sh, proj: gate(u, sh, proj, w_mix, b_mix, w_gate, b_gate), u, sh, proj)
+  return pullback(ct)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def input_cotangents(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, ct):
+  """(du, dY, dP) = the cotangents of (u, Y, P) for the cotangent ct [N, K, H] of g, by the backward kernel."""
+  return _input_cotangents_kernel(tiles, u, sh, proj, w_mix, b_mix, w_gate, ct)
+
+
+def _input_cotangents_fwd(tiles, *args):
+  _reject_forward_mode(*args)
+  return input_cotangents(tiles, *args), args
+
+
+def _input_cotangents_bwd(tiles, args, cts):
+  _, pullback = jax.vjp(functools.partial(_twin_input_cotangents, tiles.precision), *args)
+  return pullback(cts)
+
+
+input_cotangents.defvjp(_input_cotangents_fwd, _input_cotangents_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _direction_gate(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, b_gate):
+  return _forward(tiles, u, sh, proj, w_mix, b_mix, w_gate, b_gate)
+
+
+def _direction_gate_fwd(tiles, *args):
+  _reject_forward_mode(*args)
+  # Calling the custom_vjp function (not the kernel) keeps an outer reverse pass on these rules.
+  return _direction_gate(tiles, *args), args
+
+
+def _direction_gate_bwd(tiles, args, ct):
+  u, sh, proj, w_mix, b_mix, w_gate, _ = args
+  du, dsh, dproj = input_cotangents(tiles, u, sh, proj, w_mix, b_mix, w_gate, ct)
+  # The weights' cotangents in XLA, from the twin's factors: dropped by XLA where nothing reads them.
+  mixed_ct, gate_ct = _weight_cotangents(tiles.precision, u, sh, proj, w_mix, b_mix, w_gate, ct)
+  return du, dsh, dproj, *mixed_ct, *gate_ct
+
+
+def _weight_cotangents(precision: str, u, sh, proj, w_mix, b_mix, w_gate, ct):
+  """((dW_mix, db_mix), (dW_gate, db_gate)) by the jnp twin's derivative with the inputs held fixed."""
+  b_gate = jnp.zeros((w_gate.shape[1],), w_gate.dtype)
+  gate = functools.partial(jnp_direction_gate, precision=precision)
+  _, pullback = jax.vjp(
+    lambda w_mix, b_mix, w_gate, b_gate: gate(u, sh, proj, w_mix, b_mix, w_gate, b_gate), w_mix, b_mix, w_gate, b_gate
+  )
+  dw_mix, db_mix, dw_gate, db_gate = pullback(ct)
+  return (dw_mix, db_mix), (dw_gate, db_gate)
+
+
+_direction_gate.defvjp(_direction_gate_fwd, _direction_gate_bwd)
+
+
+def pallas_direction_gate(
+  u,
+  sh,
+  proj,
+  w_mix,
+  b_mix,
+  w_gate,
+  b_gate,
+  *,
+  precision: str = "highest",
+  interpret: bool | None = None,
+  block_t: int = 2,
+  block_f: int = 32,
+  num_warps: int = 4,
+  num_stages: int = 1,
+):
+  """Fused direction gate; same math, arguments and result as ``gate_jnp.jnp_direction_gate``.
+
+  Args:
+    u, sh, proj, w_mix, b_mix, w_gate, b_gate: as ``jnp_direction_gate`` (float32).
+    precision: matmul precision of the two products; the contractions and accumulations are float32.
+    interpret: run the kernels in Pallas interpret mode; None = when the default backend is not a GPU.
+    block_t: target atoms per program (a power of two).
+    block_f: columns per step of the walk over each degree's channels (a power of two, >= 16).
+    num_warps, num_stages: Triton launch parameters.
+
+  Returns:
+    g [N, K, H]. Differentiable in reverse mode to any order (``jax.custom_vjp``); forward mode raises a
+    TypeError.
+  """
+  num_n, num_k, num_a = u.shape
+  num_s, num_f = proj.shape[1:]
+  if sh.shape != (num_n, num_k, num_s) or proj.shape[0] != num_n or math.isqrt(num_s) ** 2 != num_s:
+    raise ValueError(f"sh must be [N, K, (L+1)^2] and proj [N, (L+1)^2, F]; got {sh.shape} and {proj.shape}")
+  columns = math.isqrt(num_s) * num_f
+  if w_mix.shape != (num_a, columns) or b_mix.shape != (columns,) or w_gate.shape[0] != columns:
+    raise ValueError(
+      f"w_mix must be [A, (L+1) F] = {(num_a, columns)}, b_mix [(L+1) F] and w_gate [(L+1) F, H]; got "
+      f"{w_mix.shape}, {b_mix.shape}, {w_gate.shape}"
+    )
+  if b_gate.shape != w_gate.shape[1:]:
+    raise ValueError(f"b_gate must be [H] = {w_gate.shape[1:]}, got {b_gate.shape}")
+  if block_t < 1 or block_t & (block_t - 1) or block_f < MIN_DOT or block_f & (block_f - 1):
+    raise ValueError(f"block_t must be a power of two and block_f a power of two >= 16, got {block_t}, {block_f}")
+  _reject_forward_mode(u, sh, proj, w_mix, b_mix, w_gate, b_gate)
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  tiles = GateTiles(block_t, block_f, precision, _Launch(bool(interpret), num_warps, num_stages))
+  return _direction_gate(tiles, u, sh, proj, w_mix, b_mix, w_gate, b_gate)

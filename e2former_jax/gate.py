@@ -80,10 +80,12 @@ class QKdotAlphaGate(Gate):
     return gate, self.rho_mlp(edge_features)
 
   def implementation(self, num_atoms: int) -> str:
-    """ "pallas" where the attention op runs its Pallas kernel (``ModelConfig.attention_impl``), else "jnp"."""
-    attention = self.cfg.attention_impl
+    """The direction gate's implementation: "pallas" where the attention op runs its Pallas kernel
+    (``ModelConfig.attention_impl``) and the products are TF32 or bfloat16, else "jnp". In true float32 Triton's
+    products run below cuBLAS's, so "highest" keeps the XLA form (docs/kernel.md §7)."""
+    attention, precision = self.cfg.attention_impl, self.cfg.matmul_precision
     fused = attention in ("auto", "pallas") and resolve_implementation(attention, num_atoms) == "pallas"
-    return "pallas" if fused else "jnp"
+    return "pallas" if fused and precision != "highest" else "jnp"
 
 
 class QKdotSAlphaGate(Gate):

@@ -121,7 +121,7 @@ def _chunk_weights(w_mix_ref, b_mix_ref, w_gate_ref, col, col_ok, width_a: int, 
   return w_mix.astype(jnp.float32), b_mix.astype(jnp.float32), w_gate.astype(jnp.float32)
 
 
-def _forward_kernel(u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, b_gate_ref, g_ref, *, tiles):
+def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, b_gate_ref, g_ref, *, tiles):
   """g [N, K, H] for the program's ``block_t`` targets (refs as ``jnp_direction_gate``'s arguments)."""
   num_n, num_k, num_a = u_ref.shape
   num_s, num_f = proj_ref.shape[1:]
@@ -148,7 +148,7 @@ def _forward_kernel(u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, b
   tile.store_rows(g_ref, acc + pltriton.load(b_gate_ref.at[h], mask=h_ok, other=0.0)[None, :], num_h)
 
 
-def _backward_kernel(
+def _gate_backward_kernel(
   u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, ct_ref, du_ref, dsh_ref, dproj_ref, *, tiles
 ):
   """du [N, K, A], dY [N, K, S] and dP [N, S, F] from the cotangent ct [N, K, H] of g."""
@@ -199,13 +199,13 @@ def _grid(tiles: GateTiles, num_n: int):
 def _forward(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, b_gate):
   num_n, num_k = u.shape[:2]
   out = jax.ShapeDtypeStruct((num_n, num_k, w_gate.shape[1]), u.dtype)
-  kernel = functools.partial(_forward_kernel, tiles=tiles)
+  kernel = functools.partial(_gate_forward_kernel, tiles=tiles)
   return tiles.launch.call(kernel, out, _grid(tiles, num_n))(u, sh, proj, w_mix, b_mix, w_gate, b_gate)
 
 
 def _input_cotangents_kernel(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, ct):
   outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (u, sh, proj)]
-  kernel = functools.partial(_backward_kernel, tiles=tiles)
+  kernel = functools.partial(_gate_backward_kernel, tiles=tiles)
   return tuple(tiles.launch.call(kernel, outs, _grid(tiles, u.shape[0]))(u, sh, proj, w_mix, b_mix, w_gate, ct))
 
 
@@ -280,9 +280,9 @@ def pallas_direction_gate(
   *,
   precision: str = "highest",
   interpret: bool | None = None,
-  block_t: int = 2,
+  block_t: int = 4,
   block_f: int = 32,
-  num_warps: int = 4,
+  num_warps: int = 8,
   num_stages: int = 1,
 ):
   """Fused direction gate; same math, arguments and result as ``gate_jnp.jnp_direction_gate``.

@@ -40,14 +40,16 @@ def predictor(
   forces="conservative",
   cutoff=5.0,
   max_neighbors=12,
+  precision="highest",
 ):
   """(config, model, jitted predict) for a tiny randomly initialised model, one per setting however the
-  arguments are spelled (``predictor(stress=True)`` and ``predictor(impl="jnp_node", stress=True)`` are one)."""
-  return _predictor(dtype, gate, impl, stress, forces, cutoff, max_neighbors)
+  arguments are spelled (``predictor(stress=True)`` and ``predictor(impl="jnp_node", stress=True)`` are one).
+  ``precision`` is ``matmul_precision`` (on a CPU every mode's float32 products are true float32)."""
+  return _predictor(dtype, gate, impl, stress, forces, cutoff, max_neighbors, precision)
 
 
 @functools.cache
-def _predictor(dtype, gate, impl, stress, forces, cutoff, max_neighbors):
+def _predictor(dtype, gate, impl, stress, forces, cutoff, max_neighbors, precision):
   cfg = get_config(
     "small",
     **{**TINY, "max_neighbors": max_neighbors},
@@ -56,6 +58,7 @@ def _predictor(dtype, gate, impl, stress, forces, cutoff, max_neighbors):
     dtype=dtype,
     forces=forces,
     cutoff=cutoff,
+    matmul_precision=precision,
   )
   model = E2Former(cfg, rngs=nnx.Rngs(0))
   return cfg, model, make_predict_fn(model, compute_stress=stress)

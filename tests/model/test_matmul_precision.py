@@ -38,6 +38,7 @@ def dot_precisions(jaxpr) -> collections.Counter:
     ("QKdot_alpha", "highest", "jnp_node"),
     ("QKdotS_alpha", "highest", "pallas"),
     ("QKdot_alpha", "tensorfloat32", "jnp_node"),
+    ("QKdot_alpha", "tensorfloat32", "pallas"),  # the fused direction gate's products
   ],
 )
 def test_every_product_states_its_precision(gate, precision, impl):
@@ -50,7 +51,13 @@ def test_every_product_states_its_precision(gate, precision, impl):
     out = predict(nnx.merge(graphdef, params, rest), graph, compute_stress=True)
     return jnp.sum(out["energy"]) + jnp.mean(jnp.sum(out["forces"] ** 2, -1)) + jnp.sum(out["stress"] ** 2)
 
-  found = dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+  found = dot_precisions(jaxpr)
+  kernels = [
+    eqn.params["jaxpr"].debug_info.func_src_info for eqn in equations(jaxpr) if eqn.primitive.name == "pallas_call"
+  ]
+  fused_gate = any(name.startswith("_gate_forward_kernel") for name in kernels)
+  assert fused_gate == (gate == "QKdot_alpha" and impl == "pallas" and precision != "highest")
   highest = str((jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST))
   default = str((jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT))
   assert sum(found.values()) > 100

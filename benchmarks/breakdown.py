@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
@@ -31,23 +30,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.model import benchmark_config, random_structure
+from benchmarks.report import median_ms
 from e2former_jax.eaas import eaas_table
 from e2former_jax.geometry import edge_geometry
 from e2former_jax.graph import graph_from_atoms
 from e2former_jax.model import E2Former
 from e2former_jax.predict import predict
 from pallas_kernels import node_attention
-
-
-def _median_ms(fn, args, repeats):
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
 
 
 def _cost(stage) -> dict:
@@ -160,7 +149,7 @@ def main():
         compiled = lowered.compile()
         flops = _cost(lowered).get("flops", 0.0)  # before GPU rewrites hand the products to cuBLAS (uncounted)
         nbytes = _cost(compiled).get("bytes accessed", 0.0)  # after fusion
-        ms = _median_ms(compiled, fargs, args.repeats)
+        ms = median_ms(compiled, fargs, args.repeats)
         total[name] = ms
         floor = max(flops / (args.peak_tflops * 1e12), nbytes / (args.peak_tbs * 1e12)) * 1e3
         rows.append(

@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import emit, stamp
+from benchmarks.report import emit, median_ms, stamp
 from pallas_kernels.gate_jnp import jnp_direction_gate
 from pallas_kernels.gate_pallas import pallas_direction_gate
 
@@ -67,18 +65,6 @@ def case_fn(gate, case: str):
   return jax.jit(lambda args, ct: grad(*args, ct))
 
 
-def timed(fn, *args, repeats: int) -> float:
-  """Median wall time (ms) of ``fn(*args)`` over ``repeats`` calls after two warm-ups."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
 def max_relative(out, ref) -> float:
   leaves = zip(jax.tree.leaves(out), jax.tree.leaves(ref))
   return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in leaves)
@@ -101,12 +87,12 @@ def main():
     for case in args.cases:
       ref_fn = case_fn(twin, case)
       ref = ref_fn(gate_args, ct)
-      twin_ms = timed(ref_fn, gate_args, ct, repeats=args.repeats)
+      twin_ms = median_ms(ref_fn, (gate_args, ct), args.repeats)
       for tiles in tilings if case != "training" else [dict()]:
         fn = case_fn(functools.partial(pallas_direction_gate, precision=precision, **tiles), case)
         try:
           error = max_relative(fn(gate_args, ct), ref)
-          kernel_ms = timed(fn, gate_args, ct, repeats=args.repeats)
+          kernel_ms = median_ms(fn, (gate_args, ct), args.repeats)
         except jax.errors.JaxRuntimeError as err:  # a tiling that does not launch (shared memory)
           print(f"{precision} {case} {tiles}: {str(err).splitlines()[0][:160]}")
           continue

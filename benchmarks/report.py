@@ -1,8 +1,10 @@
-"""One JSON line per benchmark row: stamped with the card, date and jax version, printed and appended to a file."""
+"""One JSON line per benchmark row: stamped with the card, date and jax version, printed and appended to a file;
+and the median time of a jitted call."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import jax
@@ -21,3 +23,16 @@ def emit(row: dict, path: str | None) -> None:
   if path:
     with open(path, "a") as fh:
       fh.write(line + "\n")
+
+
+def median_ms(fn, args, repeats: int) -> float:
+  """Median wall time (ms) of ``fn(*args)``, each call ended by ``block_until_ready``, over ``repeats`` calls
+  after two warm-ups."""
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3

@@ -209,11 +209,10 @@ def _input_cotangents_kernel(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate
   return tuple(tiles.launch.call(kernel, outs, _grid(tiles, u.shape[0]))(u, sh, proj, w_mix, b_mix, w_gate, ct))
 
 
-def _twin_input_cotangents(precision: str, u, sh, proj, w_mix, b_mix, w_gate, ct):
-  """The jnp twin's cotangents of (u, Y, P): what ``input_cotangents`` computes, differentiable to any order."""
-  b_gate = jnp.zeros((w_gate.shape[1],), w_gate.dtype)
-  gate = functools.partial(jnp_direction_gate, precision=precision)
-  _, pullback = jax.vjp(lambda u, sh, proj: gate(u, sh, proj, w_mix, b_mix, w_gate, b_gate), u, sh, proj)
+def _twin_cotangents(precision: str, u, sh, proj, w_mix, b_mix, w_gate, b_gate, ct):
+  """The jnp twin's cotangents of all seven inputs for the cotangent ct of g (differentiable to any order)."""
+  inputs = (u, sh, proj, w_mix, b_mix, w_gate, b_gate)
+  _, pullback = jax.vjp(functools.partial(jnp_direction_gate, precision=precision), *inputs)
   return pullback(ct)
 
 
@@ -229,7 +228,11 @@ def _input_cotangents_fwd(tiles, *args):
 
 
 def _input_cotangents_bwd(tiles, args, cts):
-  _, pullback = jax.vjp(functools.partial(_twin_input_cotangents, tiles.precision), *args)
+  def twin(u, sh, proj, w_mix, b_mix, w_gate, ct):  # g does not depend on b_gate's value
+    b_gate = jnp.zeros((w_gate.shape[1],), w_gate.dtype)
+    return _twin_cotangents(tiles.precision, u, sh, proj, w_mix, b_mix, w_gate, b_gate, ct)[:3]
+
+  _, pullback = jax.vjp(twin, *args)
   return pullback(cts)
 
 
@@ -248,22 +251,10 @@ def _direction_gate_fwd(tiles, *args):
 
 
 def _direction_gate_bwd(tiles, args, ct):
-  u, sh, proj, w_mix, b_mix, w_gate, _ = args
-  du, dsh, dproj = input_cotangents(tiles, u, sh, proj, w_mix, b_mix, w_gate, ct)
-  # The weights' cotangents in XLA, from the twin's factors: dropped by XLA where nothing reads them.
-  mixed_ct, gate_ct = _weight_cotangents(tiles.precision, u, sh, proj, w_mix, b_mix, w_gate, ct)
-  return du, dsh, dproj, *mixed_ct, *gate_ct
-
-
-def _weight_cotangents(precision: str, u, sh, proj, w_mix, b_mix, w_gate, ct):
-  """((dW_mix, db_mix), (dW_gate, db_gate)) by the jnp twin's derivative with the inputs held fixed."""
-  b_gate = jnp.zeros((w_gate.shape[1],), w_gate.dtype)
-  gate = functools.partial(jnp_direction_gate, precision=precision)
-  _, pullback = jax.vjp(
-    lambda w_mix, b_mix, w_gate, b_gate: gate(u, sh, proj, w_mix, b_mix, w_gate, b_gate), w_mix, b_mix, w_gate, b_gate
-  )
-  dw_mix, db_mix, dw_gate, db_gate = pullback(ct)
-  return (dw_mix, db_mix), (dw_gate, db_gate)
+  du, dsh, dproj = input_cotangents(tiles, *args[:-1], ct)
+  # The weights' cotangents in XLA, by the twin: dropped from programs that do not read them (forces).
+  weight_cts = _twin_cotangents(tiles.precision, *args, ct)[3:]
+  return du, dsh, dproj, *weight_cts
 
 
 _direction_gate.defvjp(_direction_gate_fwd, _direction_gate_bwd)

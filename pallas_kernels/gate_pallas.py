@@ -217,18 +217,18 @@ def _twin_cotangents(precision: str, u, sh, proj, w_mix, b_mix, w_gate, b_gate, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def input_cotangents(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, ct):
+def _input_cotangents(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, ct):
   """(du, dY, dP) = the cotangents of (u, Y, P) for the cotangent ct [N, K, H] of g, by the backward kernel."""
   return _input_cotangents_kernel(tiles, u, sh, proj, w_mix, b_mix, w_gate, ct)
 
 
 def _input_cotangents_fwd(tiles, *args):
   _reject_forward_mode(*args)
-  return input_cotangents(tiles, *args), args
+  return _input_cotangents(tiles, *args), args
 
 
 def _input_cotangents_bwd(tiles, args, cts):
-  def twin(u, sh, proj, w_mix, b_mix, w_gate, ct):  # g does not depend on b_gate's value
+  def twin(u, sh, proj, w_mix, b_mix, w_gate, ct):  # the cotangents of u, Y and P do not depend on b_gate
     b_gate = jnp.zeros((w_gate.shape[1],), w_gate.dtype)
     return _twin_cotangents(tiles.precision, u, sh, proj, w_mix, b_mix, w_gate, b_gate, ct)[:3]
 
@@ -236,7 +236,7 @@ def _input_cotangents_bwd(tiles, args, cts):
   return pullback(cts)
 
 
-input_cotangents.defvjp(_input_cotangents_fwd, _input_cotangents_bwd)
+_input_cotangents.defvjp(_input_cotangents_fwd, _input_cotangents_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -251,7 +251,7 @@ def _direction_gate_fwd(tiles, *args):
 
 
 def _direction_gate_bwd(tiles, args, ct):
-  du, dsh, dproj = input_cotangents(tiles, *args[:-1], ct)
+  du, dsh, dproj = _input_cotangents(tiles, *args[:-1], ct)
   # The weights' cotangents in XLA, by the twin: dropped from programs that do not read them (forces).
   weight_cts = _twin_cotangents(tiles.precision, *args, ct)[3:]
   return du, dsh, dproj, *weight_cts

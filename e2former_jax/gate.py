@@ -5,8 +5,9 @@ source type embeddings, which the attention layer holds) and returns (g, rho), b
 
   * ``QK_alpha``:     [g; rho] = MLP(e_ij).
   * ``QKdot_alpha``:  t_ij = [sum_m Y_lm(r_ij) (W_l y_i)_lm]_l (degree contractions with the target's features),
-                      g = Linear(t_ij * MLP(e_ij)), rho = MLP'(e_ij). Where the attention runs the Pallas kernel,
-                      g after the MLP's last hidden layer is one fused op (``pallas_kernels.direction_gate``).
+                      g = Linear(t_ij * MLP(e_ij)), rho = MLP'(e_ij). Where the attention runs the Pallas kernel
+                      with TF32 or bfloat16 products, g after the MLP's last hidden layer is one fused op
+                      (``pallas_kernels.direction_gate``).
   * ``QKdotS_alpha``: [rho; s] = MLP(e_ij), t_ij as above with unnormalised harmonics and a narrow projection,
                       g = MLP''(t_ij[:H] * s).
 """

@@ -22,6 +22,11 @@ import jax.numpy as jnp
 MATMUL_PRECISIONS = ("highest", "tensorfloat32", "bfloat16")
 
 
+def lax_precision(precision: str) -> jax.lax.Precision:
+  """The ``lax`` precision of a float32 product in a matmul precision mode (bfloat16 operands are cast before)."""
+  return jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
+
+
 def matmul(x: jax.Array, w: jax.Array, precision: str, spec: str = "...i,io->...o") -> jax.Array:
   """Dense contraction at a matmul precision: "highest" (true float32), "tensorfloat32" (the backend's default
   float32 product: TF32 tensor cores on GPUs) or "bfloat16" (bfloat16 operands, float32 accumulation)."""
@@ -29,8 +34,7 @@ def matmul(x: jax.Array, w: jax.Array, precision: str, spec: str = "...i,io->...
     return jnp.einsum(spec, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32).astype(
       x.dtype
     )
-  lax_precision = jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
-  return jnp.einsum(spec, x, w, precision=lax_precision)
+  return jnp.einsum(spec, x, w, precision=lax_precision(precision))
 
 
 def degree_contractions(sh: jax.Array, projected: jax.Array, lmax: int) -> jax.Array:

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gate_jnp import jnp_direction_gate
+from pallas_kernels.gate_jnp import jnp_direction_gate, lax_precision
 from pallas_kernels.pallas import _arange, _Launch, _pow2, _reject_forward_mode
 
 MIN_DOT = 16  # Triton's matrix products need every dimension >= 16
@@ -64,9 +64,10 @@ def _dot(x, w, precision: str, transpose_w: bool = False):
   """x [R, I] times w [I, O] (or w [O, I] transposed) in float32 at the tiles' precision."""
   if precision == "bfloat16":
     x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-  lax_precision = lax.Precision.HIGHEST if precision == "highest" else lax.Precision.DEFAULT
   contract = ((1,), (1,)) if transpose_w else ((1,), (0,))
-  return lax.dot_general(x, w, (contract, ((), ())), precision=lax_precision, preferred_element_type=jnp.float32)
+  return lax.dot_general(
+    x, w, (contract, ((), ())), precision=lax_precision(precision), preferred_element_type=jnp.float32
+  )
 
 
 class _Tile:
@@ -110,84 +111,87 @@ class _Tile:
     ).astype(jnp.float32)
 
 
-def _chunk_weights(w_mix_ref, b_mix_ref, w_gate_ref, col, col_ok, width_a: int, width_h: int):
-  """The chunk's columns of the last layer ([Ap, block_f] and [block_f]) and rows of the output layer."""
-  num_a, num_h = w_mix_ref.shape[0], w_gate_ref.shape[1]
-  a, a_ok = _arange(0, width_a, num_a)
-  h, h_ok = _arange(0, width_h, num_h)
-  w_mix = pltriton.load(w_mix_ref.at[a[:, None], col[None, :]], mask=a_ok[:, None] & col_ok[None, :], other=0.0)
-  b_mix = pltriton.load(b_mix_ref.at[col], mask=col_ok, other=0.0)
-  w_gate = pltriton.load(w_gate_ref.at[col[:, None], h[None, :]], mask=col_ok[:, None] & h_ok[None, :], other=0.0)
-  return w_mix.astype(jnp.float32), b_mix.astype(jnp.float32), w_gate.astype(jnp.float32)
+class _ChunkWalk:
+  """What both kernels hold for their tile (the rows of u, the slots' harmonics) and the factors of one chunk of
+  columns (l, f), which both compute the same way."""
+
+  def __init__(self, tiles: GateTiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref):
+    num_n, num_k, self.num_a = u_ref.shape
+    num_s, self.num_f = proj_ref.shape[1:]
+    self.num_h = w_gate_ref.shape[1]
+    self.width_a, self.width_h = _width(self.num_a), _width(self.num_h)
+    self.tiles, self.refs = tiles, (proj_ref, w_mix_ref, b_mix_ref, w_gate_ref)
+    self.tile = _Tile(num_n, num_k, tiles.block_t)
+    self.u = self.tile.load_rows(u_ref, self.width_a, self.num_a)
+    self.harmonics = [self.tile.load_harmonic(sh_ref, lm) for lm in range(num_s)]
+    self.degrees = range(math.isqrt(num_s))
+    self.num_chunks = pl.cdiv(self.num_f, tiles.block_f)
+
+  def factors(self, l: int, c):
+    """Chunk c of degree l: its channels f and their mask, the chunk's W_mix columns [Ap, block_f] and W_gate rows
+    [block_f, Hp], m = u W_mix + b_mix [T Kp, block_f], the target's P rows [T, block_f] per m, and
+    t [T, Kp, block_f]."""
+    proj_ref, w_mix_ref, b_mix_ref, w_gate_ref = self.refs
+    f, f_ok = _arange(c * self.tiles.block_f, self.tiles.block_f, self.num_f)
+    col = l * self.num_f + f
+    a, a_ok = _arange(0, self.width_a, self.num_a)
+    h, h_ok = _arange(0, self.width_h, self.num_h)
+    w_mix = pltriton.load(w_mix_ref.at[a[:, None], col[None, :]], mask=a_ok[:, None] & f_ok[None, :], other=0.0)
+    b_mix = pltriton.load(b_mix_ref.at[col], mask=f_ok, other=0.0)
+    w_gate = pltriton.load(w_gate_ref.at[col[:, None], h[None, :]], mask=f_ok[:, None] & h_ok[None, :], other=0.0)
+    w_mix, w_gate = w_mix.astype(jnp.float32), w_gate.astype(jnp.float32)
+    mixed = _dot(self.u, w_mix, self.tiles.precision) + b_mix.astype(jnp.float32)[None, :]
+    projected = [self.tile.load_projected(proj_ref, lm, f, f_ok) for lm in range(l * l, (l + 1) ** 2)]
+    t = sum(self.harmonics[l * l + m][:, :, None] * p[:, None, :] for m, p in enumerate(projected))
+    return f, f_ok, w_mix, w_gate, mixed, projected, t
 
 
 def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, b_gate_ref, g_ref, *, tiles):
   """g [N, K, H] for the program's ``block_t`` targets (refs as ``jnp_direction_gate``'s arguments)."""
-  num_n, num_k, num_a = u_ref.shape
-  num_s, num_f = proj_ref.shape[1:]
-  num_h = g_ref.shape[-1]
-  width_a, width_h, block_f = _width(num_a), _width(num_h), tiles.block_f
-  tile = _Tile(num_n, num_k, tiles.block_t)
-  u = tile.load_rows(u_ref, width_a, num_a)
-  harmonics = [tile.load_harmonic(sh_ref, lm) for lm in range(num_s)]
-  acc = jnp.zeros((u.shape[0], width_h), jnp.float32)
-  for l in range(math.isqrt(num_s)):
+  walk = _ChunkWalk(tiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref)
+  acc = jnp.zeros((walk.u.shape[0], walk.width_h), jnp.float32)
+  for l in walk.degrees:
 
     def chunk(c, acc, l=l):
-      f, f_ok = _arange(c * block_f, block_f, num_f)
-      w_mix, b_mix, w_gate = _chunk_weights(w_mix_ref, b_mix_ref, w_gate_ref, l * num_f + f, f_ok, width_a, width_h)
-      mixed = _dot(u, w_mix, tiles.precision) + b_mix[None, :]
-      t = sum(
-        harmonics[lm][:, :, None] * tile.load_projected(proj_ref, lm, f, f_ok)[:, None, :]
-        for lm in range(l * l, (l + 1) ** 2)
-      )
+      _, _, _, w_gate, mixed, _, t = walk.factors(l, c)
       return acc + _dot(t.reshape(mixed.shape) * mixed, w_gate, tiles.precision)
 
-    acc = lax.fori_loop(0, pl.cdiv(num_f, block_f), chunk, acc)
-  h, h_ok = _arange(0, width_h, num_h)
-  tile.store_rows(g_ref, acc + pltriton.load(b_gate_ref.at[h], mask=h_ok, other=0.0)[None, :], num_h)
+    acc = lax.fori_loop(0, walk.num_chunks, chunk, acc)
+  h, h_ok = _arange(0, walk.width_h, walk.num_h)
+  walk.tile.store_rows(g_ref, acc + pltriton.load(b_gate_ref.at[h], mask=h_ok, other=0.0)[None, :], walk.num_h)
 
 
 def _gate_backward_kernel(
   u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, ct_ref, du_ref, dsh_ref, dproj_ref, *, tiles
 ):
   """du [N, K, A], dY [N, K, S] and dP [N, S, F] from the cotangent ct [N, K, H] of g."""
-  num_n, num_k, num_a = u_ref.shape
-  num_s, num_f = proj_ref.shape[1:]
-  num_h = ct_ref.shape[-1]
-  width_a, width_h, block_f = _width(num_a), _width(num_h), tiles.block_f
-  tile = _Tile(num_n, num_k, tiles.block_t)
-  u = tile.load_rows(u_ref, width_a, num_a)
-  ct = tile.load_rows(ct_ref, width_h, num_h)
-  harmonics = [tile.load_harmonic(sh_ref, lm) for lm in range(num_s)]
-  du = jnp.zeros_like(u)
+  walk = _ChunkWalk(tiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref)
+  tile = walk.tile
+  ct = tile.load_rows(ct_ref, walk.width_h, walk.num_h)
+  du = jnp.zeros_like(walk.u)
   d_harmonics = []
-  for l in range(math.isqrt(num_s)):
+  for l in walk.degrees:
     degree = range(l * l, (l + 1) ** 2)
 
     def chunk(c, carry, l=l, degree=degree):
       du, d_sh = carry
-      f, f_ok = _arange(c * block_f, block_f, num_f)
-      w_mix, b_mix, w_gate = _chunk_weights(w_mix_ref, b_mix_ref, w_gate_ref, l * num_f + f, f_ok, width_a, width_h)
-      mixed = _dot(u, w_mix, tiles.precision) + b_mix[None, :]
-      projected = [tile.load_projected(proj_ref, lm, f, f_ok) for lm in degree]
-      t = sum(harmonics[lm][:, :, None] * p[:, None, :] for lm, p in zip(degree, projected))
+      f, f_ok, w_mix, w_gate, mixed, projected, t = walk.factors(l, c)
       d_product = _dot(ct, w_gate, tiles.precision, transpose_w=True)  # [T Kp, block_f]
       du = du + _dot(d_product * t.reshape(mixed.shape), w_mix, tiles.precision, transpose_w=True)
       d_t = (d_product * mixed).reshape(t.shape)  # [T, Kp, block_f]
       for lm in degree:
         pltriton.store(
           dproj_ref.at[tile.n[:, None], lm, f[None, :]],
-          jnp.sum(d_t * harmonics[lm][:, :, None], axis=1).astype(dproj_ref.dtype),
+          jnp.sum(d_t * walk.harmonics[lm][:, :, None], axis=1).astype(dproj_ref.dtype),
           mask=tile.n_ok[:, None] & f_ok[None, :],
         )
       d_sh = tuple(d + jnp.sum(d_t * p[:, None, :], axis=2) for d, p in zip(d_sh, projected))
       return du, d_sh
 
     zeros = tuple(jnp.zeros(tile.shape, jnp.float32) for _ in degree)
-    du, d_sh = lax.fori_loop(0, pl.cdiv(num_f, block_f), chunk, (du, zeros))
+    du, d_sh = lax.fori_loop(0, walk.num_chunks, chunk, (du, zeros))
     d_harmonics.extend(d_sh)
-  tile.store_rows(du_ref, du, num_a)
+  tile.store_rows(du_ref, du, walk.num_a)
   for lm, d in enumerate(d_harmonics):
     pltriton.store(dsh_ref.at[tile.n[:, None], tile.k[None, :], lm], d.astype(dsh_ref.dtype), mask=tile.rows_ok)
 

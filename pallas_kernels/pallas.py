@@ -12,7 +12,7 @@ kernel loads or computes has power-of-two sizes: the flat row axis F = R*G is pa
 power-of-two block and d to a power of two (8 already is). The padding exists only in registers: loads and
 stores are masked, so no padding byte crosses device memory and no input is copied into a padded layout.
 
-Gradients (``jax.custom_vjp``). The backward is the reverse-mode derivative of a composition of three gather
+Gradients (``jax.custom_vjp``). Everything the backward does is defined by a composition of three gather
 kernels, each a bilinear form over the set of active slots E, with the softmax in XLA in between:
 
   gather_dot(A, B)[n,k,h] = sum_{f} A[n,f,h] B[j,f,h]            (n,k) in E, j = neighbors[n,k]
@@ -20,12 +20,14 @@ kernels, each a bilinear form over the set of active slots E, with the softmax i
   source_sum(w, A)[j,f,h] = sum_{(n,k) in E, neighbors[n,k]=j} w[n,k,h] A[n,f,h]
 
 Each one's derivative in either argument is one of the other two, so each carries a ``custom_vjp`` written with
-the others and reverse mode works to any order (forces, and force matching by reverse over reverse) with these
-three kernels and no others. ``source_sum`` gathers over a by-source list (CSR of capacity N*K, built from the
+the others and reverse mode works to any order with these three kernels and no others. The first-order VJP
+(forces) does not run that composition: one kernel per tile of targets recomputes the logits and the softmax,
+forms d beta from the gathered value rows and takes the softmax derivative in registers (``_target_backward_kernel``),
+and two ``source_sum`` calls give d rows and dk; its own derivative (force matching, reverse over reverse) is that
+of the composition. ``source_sum`` gathers over a by-source list (CSR of capacity N*K, built from the
 neighbour list with a stable sort, on device): deterministic, no atomics. Its flat slot ids are int32, so the
 backward takes at most ``max_backward_atoms(K)`` = (2**31 - 1) // K atoms; element offsets are 64-bit wherever
-an array needs it (docs/kernel.md §5). The per-edge softmax derivatives are [N, K, H] XLA arrays, the same size
-as the gate and edge-scale gradients that the backward must return anyway.
+an array needs it (docs/kernel.md §4-5).
 The edge set of the values is the valid slots; that of the logits too, except with softmax_max="all_slots",
 where every slot's logit enters the max: then the source that fills the empty slots (the model's padding atom)
 owns a by-source list as long as the number of empty slots, and its program's loop is that long.

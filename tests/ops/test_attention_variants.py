@@ -1,6 +1,8 @@
 """The attention op's weight variants on every implementation: the unnormalised softplus/sigmoid activations and a
 lower bound of the softmax shift (``max_floor``), values and reverse-mode derivatives against the formulas."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +99,25 @@ def test_variant_derivatives_equal_the_reference_twin(impl, activation, floor):
 def test_unknown_activation_is_named():
   with pytest.raises(ValueError, match="activation must be one of .* got 'relu'"):
     node_attention(*inputs(), implementation="jnp_node", activation="relu")
+
+
+@pytest.mark.parametrize("softmax_max", ["valid", "all_slots"])
+def test_tied_maxima_share_the_cotangent_as_in_the_twin(softmax_max):
+  """Two slots with the same source and gate tie at the max; with envelopes of 1e-3 the +1e-3 in the softmax
+  denominator weighs as much as the sum, so the shift's derivative is large and must be split between the tied
+  slots as JAX's max splits it (the fused backward kernel implements that rule by hand)."""
+  q, k, gate, scale, envelope, valid, neighbors, rows = inputs(2)
+  neighbors = neighbors.at[:, 1].set(neighbors[:, 0])
+  gate = gate.at[:, 1].set(gate[:, 0]).at[:, 0].add(5.0).at[:, 1].add(5.0)  # the tied pair holds the max
+  valid = valid.at[1:, :2].set(True)
+  envelope = jnp.full_like(envelope, 1e-3)
+
+  def loss(impl, *x):
+    out = node_attention(*x[:5], valid, neighbors, x[5], implementation=impl, softmax_max=softmax_max)
+    return jnp.sum(jnp.sin(out))
+
+  diff = (q, k, gate, scale, envelope, rows)
+  reference = jax.grad(functools.partial(loss, "jnp_node"), argnums=tuple(range(6)))(*diff)
+  result = jax.grad(functools.partial(loss, "pallas"), argnums=tuple(range(6)))(*diff)
+  for ours, theirs in zip(result, reference):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)

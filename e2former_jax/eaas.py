@@ -3,7 +3,7 @@
 In the frame where the vector p lies along +y, the Clebsch-Gordan product (h (x) p)^{l3} has exactly one
 non-zero coefficient per output entry, so the dense contraction becomes a gather and a scale ("parity
 re-indexing"). ``eaas_table`` generates that table from the CG coefficients for any lmax; ``vector_product``
-applies it after rotating into the frame of p and rotates back.
+rotates h into the frame of p and applies the table, folded into the rotation back (docs/model.md §10).
 """
 
 from __future__ import annotations
@@ -117,10 +117,13 @@ def axis_weighted_product(h_per_axis: jax.Array, lmax: int) -> jax.Array:
   return jnp.einsum("rao,...arc->...oc", t, h_per_axis, precision=jax.lax.Precision.HIGHEST)
 
 
-def aligned_sparse_product(h_aligned: jax.Array, table: EAASTable) -> jax.Array:
-  """The parity re-indexing in the aligned frame: [..., rows, C] -> [..., R, C] (vector = +y, unit length)."""
-  weight = jnp.asarray(table.weight, h_aligned.dtype)[:, None]
-  return so3.rows_at(h_aligned, table.source_row) * weight
+@functools.cache
+def sparse_matrix(lmax: int) -> np.ndarray:
+  """The parity re-indexing as a matrix S [R, rows] (float64): S[o, source_row[o]] = weight[o], one entry per row."""
+  table = eaas_table(lmax)
+  matrix = np.zeros((table.num_output_rows, so3.num_rows(table.lmax)))
+  matrix[np.arange(table.num_output_rows), table.source_row] = table.weight
+  return matrix
 
 
 NEAR_ORIGIN = 1e-8  # Angstrom; below this |p| the product (at most ~|p| |h|) is taken as zero.
@@ -139,9 +142,11 @@ def _eaas_forward(h: jax.Array, vectors: jax.Array, lmax: int) -> jax.Array:
   d_out = so3.block_diagonal_wigner(rotation, table.output_degrees)
   hp = jax.lax.Precision.HIGHEST
   aligned = jnp.einsum("...ij,...jc->...ic", d_in, h, precision=hp)
-  product = aligned_sparse_product(aligned, table)
+  # D_out^T (S h') as (D_out^T S) h': the re-indexing applied to the [R, R] rotation, not to the [rows, C]
+  # features, leaves one [R, rows] x [rows, C] product per atom whose transpose is a product as well.
   length = jnp.where(near_origin, 0.0, jnp.sqrt(jnp.sum(safe**2, axis=-1, keepdims=True)))[..., None]
-  return jnp.einsum("...ji,...jc->...ic", d_out, product, precision=hp) * length
+  back = jnp.einsum("...oi,or->...ir", d_out, jnp.asarray(sparse_matrix(lmax), h.dtype), precision=hp) * length
+  return jnp.einsum("...ir,...rc->...ic", back, aligned, precision=hp)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

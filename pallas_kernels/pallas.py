@@ -581,6 +581,37 @@ def _target_backward_kernel(
   j3 = j[:, :, None]
   q_scale = dim**-0.5
 
+  def row_product(f):
+    """Flat row f of the slots' value rows [block_n, K, block_h] and of the cotangent [block_n, block_h]."""
+    row = pltriton.load(rows_ref.at[j3, f, h3], mask=ok3, other=0.0).astype(acc_t)
+    return row, pltriton.load(ct_ref.at[n_h, f, h_h], mask=nh_ok, other=0.0).astype(acc_t)
+
+  def value_rows(f, dbeta):
+    row, ct = row_product(f)
+    return dbeta + row * ct[:, None, :]
+
+  # d beta first, while little else is alive (the softmax's [block_n, K, block_h] arrays would spill in the loop).
+  zeros = jnp.zeros((block_n, _pow2(num_slots), block_h), acc_t)
+  per_axis = ()
+  if shift_rows is None:
+    dbeta = lax.fori_loop(0, num_f, value_rows, zeros)
+  else:
+    first, count = shift_rows
+
+    def shift_rows_body(f, carry):
+      dbeta, *per_axis = carry
+      row, ct = row_product(f)
+      per_axis = [
+        acc
+        + row
+        * pltriton.load(ct_shift_ref.at[n_h, axis, f - first, h_h], mask=nh_ok, other=0.0).astype(acc_t)[:, None, :]
+        for axis, acc in enumerate(per_axis)
+      ]
+      return (dbeta + row * ct[:, None, :], *per_axis)
+
+    dbeta = lax.fori_loop(0, first, value_rows, zeros)
+    dbeta, *per_axis = lax.fori_loop(first, first + count, shift_rows_body, (dbeta, zeros, zeros, zeros))
+
   def key_column(t):
     """Column t of the slots' keys [block_n, K, block_h] and of the scaled queries [block_n, block_h]."""
     key = pltriton.load(k_ref.at[j3, h3, t], mask=live3, other=0.0).astype(acc_t)
@@ -608,40 +639,12 @@ def _target_backward_kernel(
   edge_scale = pltriton.load(scale_ref.at[n3, k3, h3], mask=ok3, other=0.0).astype(acc_t)
   beta = alpha * edge_scale
 
-  def row_product(f):
-    """Flat row f of the slots' value rows [block_n, K, block_h] and of the cotangent [block_n, block_h]."""
-    row = pltriton.load(rows_ref.at[j3, f, h3], mask=ok3, other=0.0).astype(acc_t)
-    return row, pltriton.load(ct_ref.at[n_h, f, h_h], mask=nh_ok, other=0.0).astype(acc_t)
-
-  def value_rows(f, dbeta):
-    row, ct = row_product(f)
-    return dbeta + row * ct[:, None, :]
-
-  zeros = jnp.zeros_like(dot)
-  if shift_rows is None:
-    dbeta = lax.fori_loop(0, num_f, value_rows, zeros)
-  else:
-    first, count = shift_rows
-
-    def shift_rows_body(f, carry):
-      dbeta, *per_axis = carry
-      row, ct = row_product(f)
-      per_axis = [
-        acc
-        + row
-        * pltriton.load(ct_shift_ref.at[n_h, axis, f - first, h_h], mask=nh_ok, other=0.0).astype(acc_t)[:, None, :]
-        for axis, acc in enumerate(per_axis)
-      ]
-      return (dbeta + row * ct[:, None, :], *per_axis)
-
-    dbeta = lax.fori_loop(0, first, value_rows, zeros)
-    dbeta, *per_axis = lax.fori_loop(first, first + count, shift_rows_body, (dbeta, zeros, zeros, zeros))
-    for axis, acc in enumerate(per_axis):
-      offset = pltriton.load(shifts_ref.at[n_k, k_k, axis], mask=ok, other=0.0).astype(acc_t)
-      dbeta = dbeta + offset[:, :, None] * acc
-      pltriton.store(
-        dshift_ref.at[n_k, head_block, k_k, axis], jnp.sum(beta * acc, axis=2).astype(dshift_ref.dtype), mask=nk_ok
-      )
+  for axis, acc in enumerate(per_axis):
+    offset = pltriton.load(shifts_ref.at[n_k, k_k, axis], mask=ok, other=0.0).astype(acc_t)
+    dbeta = dbeta + offset[:, :, None] * acc
+    pltriton.store(
+      dshift_ref.at[n_k, head_block, k_k, axis], jnp.sum(beta * acc, axis=2).astype(dshift_ref.dtype), mask=nk_ok
+    )
   dalpha = dbeta * edge_scale
   dw = (dalpha - jnp.sum(dalpha * alpha, axis=1)[:, None, :]) * inv[:, None, :]
   pltriton.store(

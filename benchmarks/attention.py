@@ -1,7 +1,7 @@
 """Attention core alone at the paper's sizes: the fused Pallas kernel against XLA baselines.
 
 Implementations (float32, the same inputs for all):
-  pallas    ``pallas_kernels.pallas.pallas_node_attention`` (fused forward; fused targets' backward + by-source sums)
+  pallas    ``pallas_kernels.pallas.pallas_node_attention`` (fused forward; backward kernels + XLA softmax)
   jnp_node  ``jnp_node_attention`` under XLA (what ``attention_impl="jnp_node"`` runs)
   jnp_edge  per-edge stand-in: the softmax of ``jnp_node_attention``, then sum_j beta_ij (v_j (x) r_ij) with the
             product of every edge by a dense [9, 3, 20] coupling einsum, the contraction
@@ -275,9 +275,8 @@ def sweep(n: int, seed: int, bandwidth: float):
 
 
 def breakdown(n: int, seed: int):
-  """Seconds of each piece of the kernel backward at the paper's sizes: the by-source list, the whole first-order
-  VJP (the targets' kernel and two by-source sums) and each by-source sum alone (the rest of forward + backward is
-  the forward kernel)."""
+  """Seconds of each piece of the kernel backward at the paper's sizes: the by-source list and the five kernel
+  calls of a first-order backward (the rest of forward+backward is the forward kernel and XLA's softmax)."""
   from pallas_kernels import pallas as kernels  # the backward's building blocks
 
   inputs, _ = make_inputs(n, seed)
@@ -285,17 +284,19 @@ def breakdown(n: int, seed: int):
   launch = kernels._Launch(interpret=jax.default_backend() != "gpu")
   build = jax.jit(kernels._graph, static_argnums=2)
   graph = build(inputs["neighbors"], inputs["valid"], n)
-  q_t = jnp.swapaxes(inputs["q"], 1, 2)
+  q_t, k_t = jnp.swapaxes(inputs["q"], 1, 2), jnp.swapaxes(inputs["k"], 1, 2)
   flat_rows = inputs["rows"].reshape(n, -1, H)
   weights = jnp.asarray(rng.normal(size=(n, K, H)), jnp.float32)
-  cotangent = jnp.asarray(rng.normal(size=inputs["rows"].shape), jnp.float32)
-  first_order = jax.jit(functools.partial(kernels._fused_first_order, launch, "valid", 0))
-  source = jax.jit(functools.partial(kernels.source_sum, launch))
-  diff = [inputs[name] for name in ("q", "k", "gate", "edge_scale", "envelope")]
+  cotangent = jnp.asarray(rng.normal(size=flat_rows.shape), jnp.float32)
+  dot, total, source = (
+    jax.jit(functools.partial(f, launch)) for f in (kernels.gather_dot, kernels.gather_sum, kernels.source_sum)
+  )
   pieces = {
     "by-source list (sort)": (build, (inputs["neighbors"], inputs["valid"], n)),
-    "first-order VJP": (first_order, ((graph, graph), inputs["valid"], *diff, inputs["rows"], None, None, cotangent)),
-    "source_sum beta ct (d rows)": (source, (graph, weights, cotangent.reshape(flat_rows.shape))),
+    "gather_dot q.k (logits)": (dot, (graph, q_t, k_t)),
+    "gather_dot ct.rows (d beta)": (dot, (graph, cotangent, flat_rows)),
+    "source_sum beta ct (d rows)": (source, (graph, weights, cotangent)),
+    "gather_sum w k (d q)": (total, (graph, weights, k_t)),
     "source_sum w q (d k)": (source, (graph, weights, q_t)),
   }
   rows = []

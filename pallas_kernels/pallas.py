@@ -12,7 +12,7 @@ kernel loads or computes has power-of-two sizes: the flat row axis F = R*G is pa
 power-of-two block and d to a power of two (8 already is). The padding exists only in registers: loads and
 stores are masked, so no padding byte crosses device memory and no input is copied into a padded layout.
 
-Gradients (``jax.custom_vjp``). Everything the backward does is defined by a composition of three gather
+Gradients (``jax.custom_vjp``). The backward is the reverse-mode derivative of a composition of three gather
 kernels, each a bilinear form over the set of active slots E, with the softmax in XLA in between:
 
   gather_dot(A, B)[n,k,h] = sum_{f} A[n,f,h] B[j,f,h]            (n,k) in E, j = neighbors[n,k]
@@ -20,14 +20,12 @@ kernels, each a bilinear form over the set of active slots E, with the softmax i
   source_sum(w, A)[j,f,h] = sum_{(n,k) in E, neighbors[n,k]=j} w[n,k,h] A[n,f,h]
 
 Each one's derivative in either argument is one of the other two, so each carries a ``custom_vjp`` written with
-the others and reverse mode works to any order with these three kernels and no others. The first-order VJP
-(forces) does not run that composition: one kernel per tile of targets recomputes the logits and the softmax,
-forms d beta from the gathered value rows and takes the softmax derivative in registers (``_target_backward_kernel``),
-and two ``source_sum`` calls give d rows and dk; its own derivative (force matching, reverse over reverse) is that
-of the composition. ``source_sum`` gathers over a by-source list (CSR of capacity N*K, built from the
+the others and reverse mode works to any order (forces, and force matching by reverse over reverse) with these
+three kernels and no others. ``source_sum`` gathers over a by-source list (CSR of capacity N*K, built from the
 neighbour list with a stable sort, on device): deterministic, no atomics. Its flat slot ids are int32, so the
 backward takes at most ``max_backward_atoms(K)`` = (2**31 - 1) // K atoms; element offsets are 64-bit wherever
-an array needs it (docs/kernel.md §4-5).
+an array needs it (docs/kernel.md §5). The per-edge softmax derivatives are [N, K, H] XLA arrays, the same size
+as the gate and edge-scale gradients that the backward must return anyway.
 The edge set of the values is the valid slots; that of the logits too, except with softmax_max="all_slots",
 where every slot's logit enters the max: then the source that fills the empty slots (the model's padding atom)
 owns a by-source list as long as the number of empty slots, and its program's loop is that long.
@@ -516,263 +514,6 @@ def _composed(
   return agg, agg_shift.reshape(num_n, 3, num_shift_rows, num_c)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Fused first-order backward: the targets' side in one kernel
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _target_backward_kernel(
-  q_ref,
-  k_ref,
-  gate_ref,
-  scale_ref,
-  env_ref,
-  valid_ref,
-  nbr_ref,
-  rows_ref,
-  ct_ref,
-  *rest,
-  block_n: int,
-  block_h: int,
-  all_slots: bool,
-  has_floor: bool,
-  shift_rows: tuple[int, int] | None,
-):
-  """One program: the VJP of the op for ``block_n`` targets x ``block_h`` heads, all K slots in registers.
-
-  Recomputes the logits and the softmax of its tile (gathered keys), forms d beta = sum_f ct[n, f] rows[j, f]
-  (gathered value rows, one flat row at a time for all slots), and takes the softmax derivative in registers,
-  with JAX's rules at the max (ties share the max's cotangent equally; max(m, floor) gives half to each side on
-  a tie), so that it equals reverse mode through ``_composed``.
-
-  Refs in: q [N, H, d], k [M, H, d], gate and scale [N, K, H], env [N, K], valid [N, K] int32, nbr [N, K] int32,
-  rows [M, F, H], ct [N, F, H] (cotangent of agg); with ``has_floor`` floor [N, H]; with ``shift_rows`` =
-  (first flat row, count) shifts [N, K, 3] and ct_shift [N, 3, count, H].
-  Refs out: dq [N, H, d]; dgate, dscale, ddot (the cotangent of q . k, for dk = source_sum(ddot, q)) and beta,
-  all [N, K, H]; denv [N, B, K] (one partial sum over the heads per head block, B blocks); with ``has_floor``
-  dfloor [N, H]; with ``shift_rows`` dshift [N, B, K, 3] (partial sums as denv).
-  """
-  rest = list(rest)
-  floor_ref = rest.pop(0) if has_floor else None
-  if shift_rows is not None:
-    shifts_ref, ct_shift_ref = rest.pop(0), rest.pop(0)
-  dq_ref, dgate_ref, dscale_ref, ddot_ref, beta_ref, denv_ref, *rest = rest
-  dfloor_ref = rest.pop(0) if has_floor else None
-  dshift_ref = rest.pop(0) if shift_rows is not None else None
-  num_n, num_h, dim = q_ref.shape
-  num_slots = nbr_ref.shape[1]
-  num_f = rows_ref.shape[1]
-  acc_t = _accumulator_type(dq_ref.dtype)
-  head_block = pl.program_id(1)
-  n, n_ok = _arange(pl.program_id(0) * block_n, block_n, num_n)
-  h, h_ok = _arange(head_block * block_h, block_h, num_h)
-  slot, slot_ok = _arange(0, _pow2(num_slots), num_slots)
-  nk_ok = n_ok[:, None] & slot_ok[None, :]
-  nh_ok = n_ok[:, None] & h_ok[None, :]
-  n_k, k_k = n[:, None], slot[None, :]  # [block_n, K] slot indices
-  n_h, h_h = n[:, None], h[None, :]  # [block_n, block_h] head indices
-  n3, k3, h3 = n[:, None, None], slot[None, :, None], h[None, None, :]
-  j = pltriton.load(nbr_ref.at[n_k, k_k], mask=nk_ok, other=0)
-  ok = (pltriton.load(valid_ref.at[n_k, k_k], mask=nk_ok, other=0) != 0) & nk_ok
-  live = nk_ok if all_slots else ok  # slots whose logit takes part in the max
-  tile_ok = nk_ok[:, :, None] & h_ok[None, None, :]
-  ok3 = ok[:, :, None] & h_ok[None, None, :]
-  live3 = live[:, :, None] & h_ok[None, None, :]
-  j3 = j[:, :, None]
-  q_scale = dim**-0.5
-
-  def row_product(f):
-    """Flat row f of the slots' value rows [block_n, K, block_h] and of the cotangent [block_n, block_h]."""
-    row = pltriton.load(rows_ref.at[j3, f, h3], mask=ok3, other=0.0).astype(acc_t)
-    return row, pltriton.load(ct_ref.at[n_h, f, h_h], mask=nh_ok, other=0.0).astype(acc_t)
-
-  def value_rows(f, dbeta):
-    row, ct = row_product(f)
-    return dbeta + row * ct[:, None, :]
-
-  # d beta first, while little else is alive (the softmax's [block_n, K, block_h] arrays would spill in the loop).
-  zeros = jnp.zeros((block_n, _pow2(num_slots), block_h), acc_t)
-  per_axis = ()
-  if shift_rows is None:
-    dbeta = lax.fori_loop(0, num_f, value_rows, zeros)
-  else:
-    first, count = shift_rows
-
-    def shift_rows_body(f, carry):
-      dbeta, *per_axis = carry
-      row, ct = row_product(f)
-      per_axis = [
-        acc
-        + row
-        * pltriton.load(ct_shift_ref.at[n_h, axis, f - first, h_h], mask=nh_ok, other=0.0).astype(acc_t)[:, None, :]
-        for axis, acc in enumerate(per_axis)
-      ]
-      return (dbeta + row * ct[:, None, :], *per_axis)
-
-    dbeta = lax.fori_loop(0, first, value_rows, zeros)
-    dbeta, *per_axis = lax.fori_loop(first, first + count, shift_rows_body, (dbeta, zeros, zeros, zeros))
-
-  def key_column(t):
-    """Column t of the slots' keys [block_n, K, block_h] and of the scaled queries [block_n, block_h]."""
-    key = pltriton.load(k_ref.at[j3, h3, t], mask=live3, other=0.0).astype(acc_t)
-    query = pltriton.load(q_ref.at[n_h, h_h, t], mask=nh_ok, other=0.0).astype(acc_t) * q_scale
-    return key, query
-
-  dot = jnp.zeros((block_n, _pow2(num_slots), block_h), acc_t)
-  for t in range(dim):
-    key, query = key_column(t)
-    dot = dot + query[:, None, :] * key
-  gate = pltriton.load(gate_ref.at[n3, k3, h3], mask=live3, other=0.0).astype(acc_t)
-  logit = gate * dot
-  logit_max = jnp.max(jnp.where(live3, logit, -jnp.inf), axis=1)
-  shift = logit_max
-  if has_floor:
-    floor = pltriton.load(floor_ref.at[n_h, h_h], mask=nh_ok, other=-jnp.inf).astype(acc_t)
-    shift = jnp.maximum(logit_max, floor)
-  finite = shift > -jnp.inf
-  shift = jnp.where(finite, shift, 0.0)
-  env = pltriton.load(env_ref.at[n_k, k_k], mask=ok, other=0.0).astype(acc_t)
-  expo = jnp.where(ok3, jnp.exp(jnp.where(ok3, logit - shift[:, None, :], 0.0)), 0.0)
-  w = expo * env[:, :, None]
-  inv = 1.0 / (jnp.sum(w, axis=1) + EPSILON)
-  alpha = w * inv[:, None, :]
-  edge_scale = pltriton.load(scale_ref.at[n3, k3, h3], mask=ok3, other=0.0).astype(acc_t)
-  beta = alpha * edge_scale
-
-  for axis, acc in enumerate(per_axis):
-    offset = pltriton.load(shifts_ref.at[n_k, k_k, axis], mask=ok, other=0.0).astype(acc_t)
-    dbeta = dbeta + offset[:, :, None] * acc
-    pltriton.store(
-      dshift_ref.at[n_k, head_block, k_k, axis], jnp.sum(beta * acc, axis=2).astype(dshift_ref.dtype), mask=nk_ok
-    )
-  dalpha = dbeta * edge_scale
-  dw = (dalpha - jnp.sum(dalpha * alpha, axis=1)[:, None, :]) * inv[:, None, :]
-  pltriton.store(
-    denv_ref.at[n_k, head_block, k_k],
-    jnp.sum(jnp.where(ok3, dw * expo, 0.0), axis=2).astype(denv_ref.dtype),
-    mask=nk_ok,
-  )
-  dlogit = jnp.where(ok3, dw * w, 0.0)
-  dshift = jnp.where(finite, -jnp.sum(dlogit, axis=1), 0.0)
-  dmax = dshift
-  if has_floor:
-    # lax.max's rule: the larger side takes the cotangent, a tie gives half to each.
-    dmax = dshift * jnp.where(logit_max == shift, jnp.where(floor == shift, 0.5, 1.0), 0.0)
-    dfloor = dshift * jnp.where(floor == shift, jnp.where(logit_max == shift, 0.5, 1.0), 0.0)
-    pltriton.store(dfloor_ref.at[n_h, h_h], dfloor.astype(dfloor_ref.dtype), mask=nh_ok)
-  # reduce_max's rule: the slots that attain the max share its cotangent equally.
-  at_max = live3 & (logit == logit_max[:, None, :])
-  count = jnp.sum(at_max.astype(acc_t), axis=1)
-  dlogit = dlogit + jnp.where(at_max, (dmax / jnp.maximum(count, 1.0))[:, None, :], 0.0)
-  ddot = jnp.where(live3, dlogit * gate, 0.0)
-  for name_ref, value in (
-    (dgate_ref, jnp.where(live3, dlogit * dot, 0.0)),
-    (dscale_ref, dbeta * alpha),
-    (ddot_ref, ddot * q_scale),
-    (beta_ref, beta),
-  ):
-    pltriton.store(name_ref.at[n3, k3, h3], value.astype(name_ref.dtype), mask=tile_ok)
-  for t in range(dim):
-    key, _ = key_column(t)
-    pltriton.store(dq_ref.at[n_h, h_h, t], (jnp.sum(ddot * key, axis=1) * q_scale).astype(dq_ref.dtype), mask=nh_ok)
-
-
-def _backward_tiles(num_slots: int, num_h: int) -> tuple[int, int]:
-  """(block_n, block_h) of the targets' backward kernel: a [block_n, padded K, block_h] tile of 2,048 elements."""
-  block_h = max(16, min(_pow2(num_h), 2048 // _pow2(num_slots)))
-  return max(1, 2048 // (_pow2(num_slots) * block_h)), block_h
-
-
-def _fused_first_order(
-  launch, softmax_max, num_shift_rows, graphs, valid, q, k, gate, edge_scale, envelope, rows, shifts, max_floor, ct
-):
-  """The op's VJP: the targets' kernel, then the by-source sums for d rows and dk (``source_sum``)."""
-  logit_graph, value_graph = graphs
-  num_n, num_h, dim = q.shape
-  num_m, num_r, num_c = rows.shape
-  groups = num_c // num_h
-  num_slots = valid.shape[1]
-  dtype = jnp.result_type(q, k, gate, edge_scale, envelope, rows)
-  block_n, block_h = _backward_tiles(num_slots, num_h)
-  num_blocks = pl.cdiv(num_h, block_h)
-  flat_rows = rows.reshape(num_m, num_r * groups, num_h)
-  agg_ct = ct if shifts is None else ct[0]
-  args = [q, k, gate, edge_scale, envelope, valid.astype(jnp.int32), logit_graph[0], flat_rows]
-  args.append(agg_ct.reshape(num_n, num_r * groups, num_h).astype(dtype))
-  edge = jax.ShapeDtypeStruct((num_n, num_slots, num_h), dtype)
-  out_shape = [jax.ShapeDtypeStruct(q.shape, dtype), edge, edge, edge, edge]
-  out_shape.append(jax.ShapeDtypeStruct((num_n, num_blocks, num_slots), dtype))
-  if max_floor is not None:
-    args.append(max_floor)
-    out_shape.append(jax.ShapeDtypeStruct(max_floor.shape, dtype))
-  shift_rows = None
-  if shifts is not None:
-    shift_rows = ((num_r - num_shift_rows) * groups, num_shift_rows * groups)
-    args += [shifts, ct[1].reshape(num_n, 3, num_shift_rows * groups, num_h).astype(dtype)]
-    out_shape.append(jax.ShapeDtypeStruct((num_n, num_blocks, num_slots, 3), dtype))
-  kernel = functools.partial(
-    _target_backward_kernel,
-    block_n=block_n,
-    block_h=block_h,
-    all_slots=softmax_max == "all_slots",
-    has_floor=max_floor is not None,
-    shift_rows=shift_rows,
-  )
-  outs = list(launch.call(kernel, out_shape, (pl.cdiv(num_n, block_n), num_blocks))(*args))
-  dq, dgate, dscale, ddot, beta, denv = outs[:6]
-  dfloor = outs[6] if max_floor is not None else None
-  dk = jnp.swapaxes(_source_sum_call(launch, logit_graph, ddot, jnp.swapaxes(q, 1, 2)), 1, 2)
-  drows = _source_sum_call(launch, value_graph, beta, agg_ct.reshape(num_n, num_r * groups, num_h))
-  dshifts = None
-  if shifts is not None:
-    first = (num_r - num_shift_rows) * groups
-    ct_shift = ct[1].reshape(num_n, 3, num_shift_rows * groups, num_h)
-    tail = sum(
-      _source_sum_call(launch, value_graph, beta * shifts[..., axis, None], ct_shift[:, axis]) for axis in range(3)
-    )
-    drows = jnp.concatenate([drows[:, :first], drows[:, first:] + tail], axis=1)
-    dshifts = jnp.sum(outs[-1], axis=1)
-  drows = drows.reshape(num_m, num_r, num_c)
-  return dq, dk, dgate, dscale, jnp.sum(denv, axis=1), drows, dshifts, dfloor
-
-
-def _composed_vjp(
-  launch, softmax_max, num_shift_rows, graphs, valid, q, k, gate, edge_scale, envelope, rows, shifts, max_floor, ct
-):
-  """The op's VJP as reverse mode through ``_composed`` (the three bilinear kernels and XLA's softmax)."""
-  fn = functools.partial(_composed, launch, softmax_max, num_shift_rows, graphs, valid)
-  _, pullback = jax.vjp(fn, q, k, gate, edge_scale, envelope, rows, shifts, max_floor)
-  return pullback(ct)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _first_order(
-  launch, softmax_max, num_shift_rows, graphs, valid, q, k, gate, edge_scale, envelope, rows, shifts, max_floor, ct
-):
-  """(dq, dk, dgate, dscale, denv, drows, dshifts, dfloor) by the fused kernels (``_fused_first_order``).
-
-  Its own derivative, which force-matching training takes, is that of ``_composed_vjp``: the same function,
-  differentiable to any order through the three bilinear kernels.
-  """
-  return _fused_first_order(
-    launch, softmax_max, num_shift_rows, graphs, valid, q, k, gate, edge_scale, envelope, rows, shifts, max_floor, ct
-  )
-
-
-def _first_order_fwd(launch, softmax_max, num_shift_rows, graphs, valid, *args):
-  _reject_forward_mode(*args)
-  return _first_order(launch, softmax_max, num_shift_rows, graphs, valid, *args), (graphs, valid, args)
-
-
-def _first_order_bwd(launch, softmax_max, num_shift_rows, res, outer):
-  graphs, valid, args = res
-  _, pullback = jax.vjp(functools.partial(_composed_vjp, launch, softmax_max, num_shift_rows, graphs, valid), *args)
-  return (None, None, *pullback(outer))
-
-
-_first_order.defvjp(_first_order_fwd, _first_order_bwd)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
 def _node_attention(
   launch,
@@ -857,11 +598,9 @@ def _node_attention_bwd(launch, backward_launch, block_n, block_h, softmax_max, 
   num_m = rows.shape[0]
   value_graph = _graph(neighbors, valid, num_m)
   logit_graph = value_graph if softmax_max == "valid" else _graph(neighbors, jnp.ones_like(valid), num_m)
-  graphs = (logit_graph, value_graph)
-  args = (q, k, gate, edge_scale, envelope, rows, shifts, max_floor, ct)
-  dq, dk, dgate, dscale, denv, drows, dshifts, dfloor = _first_order(
-    backward_launch, softmax_max, num_shift_rows, graphs, valid, *args
-  )
+  fn = functools.partial(_composed, backward_launch, softmax_max, num_shift_rows, (logit_graph, value_graph), valid)
+  _, pullback = jax.vjp(fn, q, k, gate, edge_scale, envelope, rows, shifts, max_floor)
+  dq, dk, dgate, dscale, denv, drows, dshifts, dfloor = pullback(ct)
   return dq, dk, dgate, dscale, denv, None, None, drows, dshifts, dfloor
 
 

@@ -6,10 +6,11 @@ Parts (each jitted alone on the benchmark structure of ``benchmarks/model.py``, 
 * ``edge_degree``: the edge-degree embedding (per-edge radial MLPs per degree, spherical harmonics).
 * ``gates``: every block's per-edge gate and rho ([N, K, hidden] MLPs, degree contractions), all blocks.
 * ``attention_op``: every block's node-centric attention aggregate (``pallas_kernels.node_attention``).
-* ``messages``: every block's first-order message from its aggregate (``attention.node_centric_message``: the two
-  EAAS products with the target positions).
+* ``messages``: every block's first-order message from an aggregate of that shape (``attention.node_centric_message``:
+  the two EAAS products with the target positions).
 * ``model``: the whole call (energy, and forces direct or conservative); ``rest`` = model minus the parts:
-  node-level work (queries, keys, values, path linears, FFN, norms), the EAAS products of the value rows, and the heads.
+  node-level work (queries, keys, values, path linears, FFN, norms), the EAAS products of the value rows and the
+  heads.
 
 ``--mode direct`` times forward passes; ``--mode conservative`` times each part's forward + VJP (what the force
 needs of it) and the model's E + conservative F. FLOPs are XLA's ``cost_analysis`` of each part's program as
@@ -110,8 +111,6 @@ def parts(model: E2Former, graph):
       for _ in blocks
     ]
 
-  aggregate = jax.random.normal(ks[4], (n, num_rows, cfg.channels))
-
   def messages_part(positions, aggregate):
     return [node_centric_message(aggregate, positions, cfg.lmax) for _ in blocks]
 
@@ -125,7 +124,7 @@ def parts(model: E2Former, graph):
     "edge_degree": (edge_degree_part, (x,)),
     "gates": (gates_part, (x, y)),
     "attention_op": (attention_part, (q, kk, gate, scale, values)),
-    "messages": (messages_part, (x, aggregate)),
+    "messages": (messages_part, (x, values)),
     "model": (model_part, (x,)),
   }
 

@@ -121,7 +121,7 @@ def axis_weighted_product(h_per_axis: jax.Array, lmax: int) -> jax.Array:
 def sparse_matrix(lmax: int) -> np.ndarray:
   """The parity re-indexing as a matrix S [R, rows] (float64): S[o, source_row[o]] = weight[o], one entry per row."""
   table = eaas_table(lmax)
-  matrix = np.zeros((table.num_output_rows, so3.num_rows(table.lmax)))
+  matrix = np.zeros((table.num_output_rows, so3.num_rows(lmax)))
   matrix[np.arange(table.num_output_rows), table.source_row] = table.weight
   return matrix
 

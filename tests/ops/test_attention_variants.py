@@ -104,11 +104,15 @@ def test_unknown_activation_is_named():
 @pytest.mark.parametrize("softmax_max", ["valid", "all_slots"])
 def test_tied_maxima_share_the_cotangent_as_in_the_twin(softmax_max):
   """Two slots with the same source and gate tie at the max; with envelopes of 1e-3 the +1e-3 in the softmax
-  denominator weighs as much as the sum, so the shift's derivative is large and must be split between the tied
-  slots as JAX's max splits it (the fused backward kernel implements that rule by hand)."""
+  denominator weighs as much as the sum, so the shift's derivative is large; every path must split it between the
+  tied slots as the twin's max does (a backward that takes the softmax derivative itself has to follow that rule).
+  It failed against a fused backward kernel (68614e2, taken back) altered to give each tied slot the whole
+  cotangent."""
   q, k, gate, scale, envelope, valid, neighbors, rows = inputs(2)
   neighbors = neighbors.at[:, 1].set(neighbors[:, 0])
-  gate = gate.at[:, 1].set(gate[:, 0]).at[:, 0].add(5.0).at[:, 1].add(5.0)  # the tied pair holds the max
+  gate = (
+    gate.at[:, 1].set(gate[:, 0]).at[:, 0].add(5.0).at[:, 1].add(5.0)
+  )  # the tied pair holds the max where q . k > 0
   valid = valid.at[1:, :2].set(True)
   envelope = jnp.full_like(envelope, 1e-3)
 

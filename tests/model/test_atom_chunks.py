@@ -1,6 +1,8 @@
 """Per-atom work computed in chunks of atoms (``ModelConfig.edge_chunk``: the per-edge MLPs; ``node_chunk``: the
 node-level maps of each block) changes no result."""
 
+import functools
+
 import ase.build
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,8 @@ CHUNKED_CASES = {
   "first_order_pallas": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="pallas"),
   # the per-edge ("standard") message: only its readout is chunked per atom
   "edge_aligned": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="jnp_edge"),
+  # remat alone (``remat=True``: each block recomputed in the backward pass instead of stored), no chunks
+  "remat": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="jnp_node"),
 }
 
 
@@ -64,24 +68,39 @@ CHUNKED_CASES = {
 GATHERED_CASES = ("first_order_pallas",)
 
 
+def _chunk_test_structures(options: dict) -> list:
+  """Molecules and a periodic cell in one batch; molecules only for the ``e2formerv2`` softmax, whose shift slots
+  are defined for molecules."""
+  cell = [ase.build.bulk("Si", "diamond", a=5.43, cubic=True)]
+  return molecules() + (cell if options["softmax_max"] != "e2formerv2" else [])
+
+
+@functools.cache
+def _unchunked(options: tuple) -> tuple:
+  """(energies, forces, parameter gradients) of the one-block model of ``options`` (a sorted tuple of config
+  items, the attention path left out) without chunks, through the node-centric jnp op: the reference of every
+  chunked case of these options (one compilation shared by the cases)."""
+  options = dict(options)
+  cfg = get_config("small", **{**TINY, "num_layers": 1}, **options, attention_impl="jnp_node")
+  return force_matching_gradients(cfg, _chunk_test_structures(options), NUM_GRAPHS + 1)
+
+
 @pytest.mark.parametrize("case", CHUNKED_CASES)
 def test_chunks_change_no_result(case, monkeypatch):
   """Energies, conservative forces and the parameter gradients of a force-matching loss with the per-edge MLPs
-  in chunks of 7 atoms and the node-level maps in chunks of 5 (neither divides the 48 atom slots) against no
-  chunking: the same operations in another grouping, so float32 round-off only (1e-5 relative). Molecules and a
-  periodic cell in one batch (molecules only for the ``e2formerv2`` softmax, whose shift slots are defined for
-  molecules)."""
+  in chunks of 7 atoms and the node-level maps in chunks of 5 (neither divides the 48 atom slots; the "remat"
+  case: no chunks, each block rematerialised) against no chunking and no remat on the node-centric jnp path: the
+  same operations in another grouping or re-run instead of stored (for the other paths also the same model by
+  another op, equal to round-off as tests/model/test_model.py checks), so float32 round-off only (1e-5
+  relative)."""
   if case in GATHERED_CASES:
     monkeypatch.setattr(chunking, "source_capacity", lambda n, k, m: min(m, 30))
   options = CHUNKED_CASES[case]
-  structures = molecules()
-  if options["softmax_max"] != "e2formerv2":
-    structures.append(ase.build.bulk("Si", "diamond", a=5.43, cubic=True))
-  results = []
-  for chunks in (dict(edge_chunk=0, node_chunk=0), dict(edge_chunk=7, node_chunk=5, remat=case.endswith("remat"))):
-    cfg = get_config("small", **{**TINY, "num_layers": 1}, **options, **chunks)  # one block: its maps and gate
-    results.append(force_matching_gradients(cfg, structures, NUM_GRAPHS + 1))
-  (e0, f0, g0), (e1, f1, g1) = results
+  chunks = dict(edge_chunk=7, node_chunk=5) if case != "remat" else {}
+  chunks["remat"] = case.endswith("remat")
+  cfg = get_config("small", **{**TINY, "num_layers": 1}, **options, **chunks)  # one block: its maps and gate
+  e1, f1, g1 = force_matching_gradients(cfg, _chunk_test_structures(options), NUM_GRAPHS + 1)
+  e0, f0, g0 = _unchunked(tuple(sorted((k, v) for k, v in options.items() if k != "attention_impl")))
   assert relative(e1, e0) <= 1e-5 and relative(f1, f0) <= 1e-5
   assert max(relative(b, a) for a, b in zip(g0, g1, strict=True)) <= 1e-5
 

@@ -17,7 +17,6 @@ from model_helpers import (
   TINY,
   evaluate,
   evaluate_together,
-  force_matching_gradients,
   molecules,
   predictor,
   random_rotation,
@@ -179,17 +178,3 @@ def test_attention_weights_of_the_paths_that_form_them():
     np.testing.assert_allclose(dense_alpha, node_alpha, rtol=0, atol=1e-6)
   with pytest.raises(ValueError, match="return_attention needs"):
     attention_weights(("jnp_edge",))
-
-
-def test_remat_changes_no_result():
-  """``remat=True`` (each block recomputed in the backward pass) gives the same energies, conservative forces and
-  parameter gradients of a force-matching loss as without it, to float32 round-off (1e-5 relative): the same
-  operations, re-run instead of stored."""
-  mols = molecules()
-  results = []
-  for remat in (False, True):
-    cfg = get_config("small", **TINY, attention_impl="jnp_node", remat=remat)
-    results.append(force_matching_gradients(cfg, mols, NUM_GRAPHS))
-  (e0, f0, g0), (e1, f1, g1) = results
-  assert relative(e1, e0) <= 1e-5 and relative(f1, f0) <= 1e-5
-  assert max(relative(b, a) for a, b in zip(g0, g1, strict=True)) <= 1e-5

@@ -43,21 +43,28 @@ def test_over_atom_chunks_equals_one_call_and_keeps_gradients_finite():
       np.testing.assert_allclose(grad, whole_grad, rtol=1e-6)
 
 
+QKDOT = dict(gate="QKdot_alpha", softmax_max="valid")
+BOTH_CHUNKS = dict(edge_chunk=7, node_chunk=5)  # neither divides the 48 atom slots
+
+# case -> (model options, chunk and remat settings)
 CHUNKED_CASES = {
   # the first-order message through the node-centric op, a periodic cell in the batch
-  "first_order": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="jnp_node"),
+  "first_order": ({**QKDOT, "attention_impl": "jnp_node"}, BOTH_CHUNKS),
   # the zero-order message, the e2formerv2 softmax (its shift slots run the chunked gate too) and remat
-  "zero_order_remat": dict(
-    gate="QKdotS_alpha", softmax_max="e2formerv2", attention_orders=("first", "zero"), attention_impl="jnp_node"
+  "zero_order_remat": (
+    dict(gate="QKdotS_alpha", softmax_max="e2formerv2", attention_orders=("first", "zero"), attention_impl="jnp_node"),
+    {**BOTH_CHUNKS, "remat": True},
   ),
   # the fused kernel (interpret mode here) on chunks of targets and the rows of their sources; not QKdotS_alpha with
   # the Si cell: its unnormalised harmonics leave the cell's zero forces (by symmetry) at float32 noise of 1e-3
-  # eV/A whatever the grouping, 1.3e-4 of max|F| (measured with and without chunks, before and after the op joined)
-  "first_order_pallas": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="pallas"),
+  # eV/A whatever the grouping, 1.3e-4 of max|F| (measured with and without chunks, before and after the op joined).
+  # The node-level maps unchunked: their chunks do not depend on the attention path, and they add a third of this
+  # case's compile time (CI time).
+  "first_order_pallas": ({**QKDOT, "attention_impl": "pallas"}, dict(edge_chunk=7)),
   # the per-edge ("standard") message: only its readout is chunked per atom
-  "edge_aligned": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="jnp_edge"),
-  # remat alone (``remat=True``: each block recomputed in the backward pass instead of stored), no chunks
-  "remat": dict(gate="QKdot_alpha", softmax_max="valid", attention_impl="jnp_node"),
+  "edge_aligned": ({**QKDOT, "attention_impl": "jnp_edge"}, BOTH_CHUNKS),
+  # remat alone (each block recomputed in the backward pass instead of stored)
+  "remat": ({**QKDOT, "attention_impl": "jnp_node"}, dict(remat=True)),
 }
 
 
@@ -88,16 +95,13 @@ def _unchunked(options: tuple) -> tuple:
 @pytest.mark.parametrize("case", CHUNKED_CASES)
 def test_chunks_change_no_result(case, monkeypatch):
   """Energies, conservative forces and the parameter gradients of a force-matching loss with the per-edge MLPs
-  in chunks of 7 atoms and the node-level maps in chunks of 5 (neither divides the 48 atom slots; the "remat"
-  case: no chunks, each block rematerialised) against no chunking and no remat on the node-centric jnp path: the
-  same operations in another grouping or re-run instead of stored (for the other paths also the same model by
-  another op, equal to round-off as tests/model/test_model.py checks), so float32 round-off only (1e-5
-  relative)."""
+  in chunks of 7 atoms and (where a case says) the node-level maps in chunks of 5, or each block rematerialised,
+  against no chunks and no remat on the node-centric jnp path: the same operations in another grouping or re-run
+  instead of stored (for the other paths also the same model by another op, equal to round-off as
+  tests/model/test_model.py checks), so float32 round-off only (1e-5 relative)."""
   if case in GATHERED_CASES:
     monkeypatch.setattr(chunking, "source_capacity", lambda n, k, m: min(m, 30))
-  options = CHUNKED_CASES[case]
-  chunks = dict(edge_chunk=7, node_chunk=5) if case != "remat" else {}
-  chunks["remat"] = case.endswith("remat")
+  options, chunks = CHUNKED_CASES[case]
   cfg = get_config("small", **{**TINY, "num_layers": 1}, **options, **chunks)  # one block: its maps and gate
   e1, f1, g1 = force_matching_gradients(cfg, _chunk_test_structures(options), NUM_GRAPHS + 1)
   e0, f0, g0 = _unchunked(tuple(sorted((k, v) for k, v in options.items() if k != "attention_impl")))

@@ -14,23 +14,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("E2FORMER_JAX_CACHE_DIR", "off")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
-# The slowest files (seconds in a quiet one-process run, 2026-12-05), slowest first. With pytest-xdist's
+# The slowest files (seconds in a two-worker run as CI runs it, 2026-12-07), slowest first. With pytest-xdist's
 # ``--dist loadfile`` a worker takes the next whole file when it is nearly done with its current one, in
 # collection order; starting with the long files keeps one worker from running a long file alone at the end.
 # A file missing here (new or renamed) runs after these, in its usual order.
 SLOWEST_FILES = (
-  "tests/authors/test_import.py",  # 118 s
-  "tests/model/test_model.py",  # 115 s
-  "tests/model/test_atom_chunks.py",  # about 110 s with the node_chunk tests (262 s in a loaded two-worker run)
-  "tests/training/test_training.py",  # 77 s
-  "tests/model/test_potential.py",  # 58 s
-  "tests/project/test_notebooks.py",  # 56 s
-  "tests/model/test_model_float64.py",  # 51 s
-  "tests/training/test_distributed.py",  # 51 s
-  "tests/authors/test_import_float64.py",  # 45 s
-  "tests/model/test_calculator.py",  # 40 s
-  "tests/training/test_evaluation.py",  # 38 s
-  "tests/md/test_md.py",  # 38 s
+  "tests/model/test_atom_chunks.py",  # 335 s
+  "tests/authors/test_import.py",  # 212 s
+  "tests/model/test_model.py",  # 163 s
+  "tests/training/test_training.py",  # 146 s
+  "tests/model/test_potential.py",  # 124 s
+  "tests/project/test_notebooks.py",  # 117 s
+  "tests/training/test_distributed.py",  # 106 s
+  "tests/md/test_md.py",  # 95 s
+  "tests/model/test_model_float64.py",  # 92 s
+  "tests/authors/test_import_float64.py",  # 88 s
+  "tests/model/test_calculator.py",  # 80 s
+  "tests/training/test_evaluation.py",  # 75 s
 )
 
 _FILE_SECONDS = collections.defaultdict(float)

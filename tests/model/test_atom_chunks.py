@@ -43,6 +43,7 @@ def test_over_atom_chunks_equals_one_call_and_keeps_gradients_finite():
       np.testing.assert_allclose(grad, whole_grad, rtol=1e-6)
 
 
+ONE_BLOCK = {**TINY, "num_layers": 1}  # one block: its maps and gate
 QKDOT = dict(gate="QKdot_alpha", softmax_max="valid")
 BOTH_CHUNKS = dict(edge_chunk=7, node_chunk=5)  # neither divides the 48 atom slots
 
@@ -88,7 +89,7 @@ def _unchunked(options: tuple) -> tuple:
   items, the attention path left out) without chunks, through the node-centric jnp op: the reference of every
   chunked case of these options (one compilation shared by the cases)."""
   options = dict(options)
-  cfg = get_config("small", **{**TINY, "num_layers": 1}, **options, attention_impl="jnp_node")
+  cfg = get_config("small", **ONE_BLOCK, **options, attention_impl="jnp_node")
   return force_matching_gradients(cfg, _chunk_test_structures(options), NUM_GRAPHS + 1)
 
 
@@ -102,7 +103,7 @@ def test_chunks_change_no_result(case, monkeypatch):
   if case in GATHERED_CASES:
     monkeypatch.setattr(chunking, "source_capacity", lambda n, k, m: min(m, 30))
   options, chunks = CHUNKED_CASES[case]
-  cfg = get_config("small", **{**TINY, "num_layers": 1}, **options, **chunks)  # one block: its maps and gate
+  cfg = get_config("small", **ONE_BLOCK, **options, **chunks)
   e1, f1, g1 = force_matching_gradients(cfg, _chunk_test_structures(options), NUM_GRAPHS + 1)
   e0, f0, g0 = _unchunked(tuple(sorted((k, v) for k, v in options.items() if k != "attention_impl")))
   assert relative(e1, e0) <= 1e-5 and relative(f1, f0) <= 1e-5

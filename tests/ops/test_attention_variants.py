@@ -110,9 +110,8 @@ def test_tied_maxima_share_the_cotangent_as_in_the_twin(softmax_max):
   cotangent."""
   q, k, gate, scale, envelope, valid, neighbors, rows = inputs(2)
   neighbors = neighbors.at[:, 1].set(neighbors[:, 0])
-  gate = (
-    gate.at[:, 1].set(gate[:, 0]).at[:, 0].add(5.0).at[:, 1].add(5.0)
-  )  # the tied pair holds the max where q . k > 0
+  # the tied pair holds the max where q . k > 0
+  gate = gate.at[:, 1].set(gate[:, 0]).at[:, 0].add(5.0).at[:, 1].add(5.0)
   valid = valid.at[1:, :2].set(True)
   envelope = jnp.full_like(envelope, 1e-3)
 

@@ -18,6 +18,8 @@ written once; the byte model below) over the device-to-device copy bandwidth mea
 Neighbours are spatially local (source within +-256 of the target index), K = 32 slots, 28-32 of them valid.
 
 Usage: PYTHONPATH=$PWD python benchmarks/attention.py --sizes 4096 32768 --check --sweep --breakdown --out r.json
+(``--sweep-backward``: each backward kernel over a few tilings, block_n/block_h/num_warps/num_stages, at the
+smallest size)
 """
 
 from __future__ import annotations
@@ -274,36 +276,101 @@ def sweep(n: int, seed: int, bandwidth: float):
   return rows
 
 
-def breakdown(n: int, seed: int):
-  """Seconds of each piece of the kernel backward at the paper's sizes: the by-source list and the five kernel
-  calls of a first-order backward (the rest of forward+backward is the forward kernel and XLA's softmax)."""
+def backward_pieces(n: int, seed: int):
+  """The by-source list and the five kernel calls of a first-order backward at the paper's sizes, on random
+  weights: name -> (function of a ``_Launch``, its arguments, flat row width F of its gathered rows)."""
   from pallas_kernels import pallas as kernels  # the backward's building blocks
 
   inputs, _ = make_inputs(n, seed)
   rng = np.random.default_rng(seed + 2)
-  launch = kernels._Launch(interpret=jax.default_backend() != "gpu")
   build = jax.jit(kernels._graph, static_argnums=2)
   graph = build(inputs["neighbors"], inputs["valid"], n)
   q_t, k_t = jnp.swapaxes(inputs["q"], 1, 2), jnp.swapaxes(inputs["k"], 1, 2)
   flat_rows = inputs["rows"].reshape(n, -1, H)
   weights = jnp.asarray(rng.normal(size=(n, K, H)), jnp.float32)
   cotangent = jnp.asarray(rng.normal(size=flat_rows.shape), jnp.float32)
-  dot, total, source = (
-    jax.jit(functools.partial(f, launch)) for f in (kernels.gather_dot, kernels.gather_sum, kernels.source_sum)
-  )
-  pieces = {
-    "by-source list (sort)": (build, (inputs["neighbors"], inputs["valid"], n)),
-    "gather_dot q.k (logits)": (dot, (graph, q_t, k_t)),
-    "gather_dot ct.rows (d beta)": (dot, (graph, cotangent, flat_rows)),
-    "source_sum beta ct (d rows)": (source, (graph, weights, cotangent)),
-    "gather_sum w k (d q)": (total, (graph, weights, k_t)),
-    "source_sum w q (d k)": (source, (graph, weights, q_t)),
+  kernel = lambda f: lambda launch: jax.jit(functools.partial(f, launch))  # noqa: E731
+  dot, total, source = (kernel(f) for f in (kernels.gather_dot, kernels.gather_sum, kernels.source_sum))
+  return {
+    "by-source list (sort)": (lambda launch: build, (inputs["neighbors"], inputs["valid"], n), None),
+    "gather_dot q.k (logits)": (dot, (graph, q_t, k_t), D),
+    "gather_dot ct.rows (d beta)": (dot, (graph, cotangent, flat_rows), flat_rows.shape[1]),
+    "source_sum beta ct (d rows)": (source, (graph, weights, cotangent), flat_rows.shape[1]),
+    "gather_sum w k (d q)": (total, (graph, weights, k_t), D),
+    "source_sum w q (d k)": (source, (graph, weights, q_t), D),
   }
+
+
+def backward_launch(**tiling):
+  from pallas_kernels import pallas as kernels
+
+  return kernels._Launch(interpret=jax.default_backend() != "gpu", **tiling)
+
+
+def breakdown(n: int, seed: int):
+  """Seconds of each piece of the kernel backward with the default launch parameters (the rest of forward +
+  backward is the forward kernel and XLA's softmax)."""
   rows = []
-  for name, (fn, args) in pieces.items():
-    seconds, _ = timed(fn, args, max_reps=20, budget_s=1.0)
+  for name, (fn, args, _) in backward_pieces(n, seed).items():
+    seconds, _ = timed(fn(backward_launch()), args, max_reps=20, budget_s=1.0)
     rows.append(dict(n=n, piece=name, seconds=seconds))
     print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+# (block_n, block_h, num_warps, num_stages) tried for the backward's kernels; None = the default rule
+BACKWARD_TILINGS = {
+  "wide": (
+    None,
+    (1, 64, 4, 2),
+    (1, 64, 4, 3),
+    (1, 64, 8, 1),
+    (1, 64, 8, 2),
+    (1, 32, 4, 1),
+    (1, 32, 2, 1),
+    (1, 32, 4, 2),
+    (2, 32, 4, 1),
+    (1, 128, 8, 1),
+    (2, 64, 8, 1),
+    (1, 16, 2, 1),
+  ),
+  "narrow": (
+    None,
+    (4, 128, 4, 2),
+    (8, 128, 8, 1),
+    (8, 128, 4, 1),
+    (2, 128, 4, 1),
+    (1, 128, 4, 1),
+    (8, 64, 4, 1),
+    (4, 64, 4, 1),
+    (16, 64, 8, 1),
+    (16, 128, 8, 1),
+    (8, 128, 8, 2),
+  ),
+}
+
+
+def sweep_backward(n: int, seed: int):
+  """Each backward kernel call over a few tilings ("wide" for the 58-row gathers, "narrow" for the d = 8 ones);
+  every tiling's result is compared with the default's."""
+  rows = []
+  for name, (fn, args, num_f) in backward_pieces(n, seed).items():
+    if num_f is None:
+      continue
+    reference = None
+    for tiling in BACKWARD_TILINGS["narrow" if num_f <= 16 else "wide"]:
+      params = {} if tiling is None else dict(zip(("block_n", "block_h", "num_warps", "num_stages"), tiling))
+      row = dict(n=n, piece=name, tiling="default" if tiling is None else "/".join(map(str, tiling)))
+      try:
+        call = fn(backward_launch(**params))
+        out = call(*args)
+        reference = out if reference is None else reference
+        row["rel_vs_default"] = float(jnp.max(jnp.abs(out - reference)) / jnp.max(jnp.abs(reference)))
+        row["seconds"], _ = timed(call, args, max_reps=20, budget_s=0.5)
+      except Exception as err:  # noqa: BLE001 - a tiling that does not compile or launch is reported
+        row["error"] = str(err).splitlines()[0][:160]
+      rows.append(row)
+      print(json.dumps(row), flush=True)
   return rows
 
 
@@ -329,6 +396,7 @@ def main():
   parser.add_argument("--check-n", type=int, default=1024)
   parser.add_argument("--sweep", action="store_true", help="forward tiling sweep at the largest size")
   parser.add_argument("--breakdown", action="store_true", help="time the backward's pieces at the largest size")
+  parser.add_argument("--sweep-backward", action="store_true", help="tilings of each backward kernel, smallest size")
   parser.add_argument("--seed", type=int, default=int(time.time()))
   parser.add_argument("--out", default="attention_results.json")
   opts = parser.parse_args()
@@ -368,6 +436,8 @@ def main():
     stage("sweep", sweep, max(opts.sizes), opts.seed, bandwidth)
   if opts.breakdown:
     stage("breakdown", breakdown, max(opts.sizes), opts.seed)
+  if opts.sweep_backward:
+    stage("sweep_backward", sweep_backward, min(opts.sizes), opts.seed)
   with open(opts.out, "w") as f:
     json.dump(report, f, indent=1, default=str)
   print(f"\n{device.device_kind}, jax {jax.__version__}, copy {bandwidth / 1e12:.2f} TB/s, seed {opts.seed}")
@@ -389,6 +459,10 @@ def main():
     )
   if opts.breakdown and isinstance(report["breakdown"], list):
     print("backward pieces (ms):", ", ".join(f"{r['piece']} {1e3 * r['seconds']:.2f}" for r in report["breakdown"]))
+  if opts.sweep_backward and isinstance(report["sweep_backward"], list):
+    for piece in dict.fromkeys(r["piece"] for r in report["sweep_backward"]):
+      timed_rows = [r for r in report["sweep_backward"] if r["piece"] == piece and "seconds" in r]
+      print(f"{piece}:", " ".join(f"{r['tiling']}:{1e3 * r['seconds']:.3f}" for r in timed_rows))
 
 
 if __name__ == "__main__":

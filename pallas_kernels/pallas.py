@@ -73,11 +73,21 @@ def _reject_forward_mode(*arrays) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Launch:
-  """Static launch parameters of one kernel family (hashable: a ``nondiff_argnums`` argument)."""
+  """Static launch parameters of one kernel family (hashable: a ``nondiff_argnums`` argument).
+
+  ``block_n`` and ``block_h`` (targets or sources, and heads, per program) apply to the backward's gather
+  kernels; 0 takes them from the register budget (``_tiles``)."""
 
   interpret: bool
   num_warps: int = 4
   num_stages: int = 1
+  block_n: int = 0
+  block_h: int = 0
+
+  def tiles(self, num_f: int, num_h: int) -> tuple[int, int]:
+    """(block_n, block_h) of a gather kernel over [*, num_f, num_h] rows."""
+    block_n, block_h = _tiles(num_f, num_h)
+    return self.block_n or block_n, min(self.block_h or block_h, _pow2(num_h))
 
   def call(self, kernel, out_shape, grid):
     return pl.pallas_call(
@@ -395,7 +405,7 @@ def source_csr(neighbors: jax.Array, active: jax.Array, num_sources: int) -> tup
 
 def _gather_dot_call(launch, graph, a, b):
   neighbors, mask, _, _ = graph
-  block_n, block_h = _tiles(a.shape[1], a.shape[2])
+  block_n, block_h = launch.tiles(a.shape[1], a.shape[2])
   kernel = functools.partial(_gather_dot_kernel, block_n=block_n, block_h=block_h)
   grid = (pl.cdiv(a.shape[0], block_n), pl.cdiv(a.shape[2], block_h))
   out_shape = jax.ShapeDtypeStruct((*neighbors.shape, a.shape[2]), jnp.result_type(a, b))
@@ -404,7 +414,7 @@ def _gather_dot_call(launch, graph, a, b):
 
 def _gather_sum_call(launch, graph, w, b):
   neighbors, mask, _, _ = graph
-  block_n, block_h = _tiles(b.shape[1], b.shape[2])
+  block_n, block_h = launch.tiles(b.shape[1], b.shape[2])
   kernel = functools.partial(_gather_sum_kernel, block_n=block_n, block_h=block_h)
   grid = (pl.cdiv(w.shape[0], block_n), pl.cdiv(w.shape[2], block_h))
   out_shape = jax.ShapeDtypeStruct((w.shape[0], *b.shape[1:]), jnp.result_type(w, b))
@@ -415,7 +425,7 @@ def _source_sum_call(launch, graph, w, a):
   _, _, order, ptr = graph
   num_n, num_slots, num_h = w.shape
   num_m = ptr.shape[0] - 1
-  block_n, block_h = _tiles(a.shape[1], num_h)
+  block_n, block_h = launch.tiles(a.shape[1], num_h)
   kernel = functools.partial(_source_sum_kernel, block_n=block_n, block_h=block_h, num_slots=num_slots)
   grid = (pl.cdiv(num_m, block_n), pl.cdiv(num_h, block_h))
   out_shape = jax.ShapeDtypeStruct((num_m, *a.shape[1:]), jnp.result_type(w, a))

@@ -15,7 +15,7 @@ products, plus 2 F (L+1)^2 + (L+1) F = 5,376 in the contractions and the product
 reads its [N, K, (L+1) F] arrays (3,072 bytes per slot each) in device memory.
 
 Usage: PYTHONPATH=$PWD python benchmarks/gate.py --atoms 4096 --precision tensorfloat32 highest --sweep \
-           --json $OUT/gate.jsonl
+           --json $OUT/gate.jsonl  (``--tiles 4/16/8/1 ...``: other tilings, block_t/block_f/warps/stages)
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ TILES = [
   dict(block_t=t, block_f=f, num_warps=w, num_stages=s)
   for t, f, w, s in itertools.product((2, 4), (32, 64), (4, 8), (1, 3))
 ]
+
+
+def parse_tiles(text: str) -> dict:
+  """ "4/32/8/1" -> the kernel options block_t, block_f, num_warps, num_stages."""
+  return dict(zip(("block_t", "block_f", "num_warps", "num_stages"), map(int, text.split("/")), strict=True))
 
 
 def inputs(num_atoms: int, seed: int = 0):
@@ -76,6 +81,9 @@ def main():
   parser.add_argument("--precision", nargs="+", default=["tensorfloat32", "highest"])
   parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
   parser.add_argument("--sweep", action="store_true", help=f"also time the {len(TILES)} tilings (not training)")
+  parser.add_argument(
+    "--tiles", nargs="+", default=[], metavar="T/F/W/S", help="also time these tilings: block_t/block_f/warps/stages"
+  )
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--json")
   args = parser.parse_args()
@@ -83,7 +91,7 @@ def main():
   for num_atoms, precision in itertools.product(args.atoms, args.precision):
     *gate_args, ct = inputs(num_atoms)
     twin = functools.partial(jnp_direction_gate, precision=precision)
-    tilings = [dict()] + (TILES if args.sweep else [])
+    tilings = [dict()] + (TILES if args.sweep else []) + [parse_tiles(t) for t in args.tiles]
     for case in args.cases:
       ref_fn = case_fn(twin, case)
       ref = ref_fn(gate_args, ct)

@@ -71,51 +71,43 @@ def _dot(x, w, precision: str, transpose_w: bool = False):
 
 
 class _Tile:
-  """Indices, masks and loads shared by the forward and backward kernels of one program. The tile's rows are
-  its targets' slots, flat (row r = target r // Kp, slot r % Kp); every per-slot value is loaded, computed and
-  stored as [T * Kp, ...] rows, so that the products' results and the contractions share one layout (no reshape
-  between them in the forward kernel)."""
+  """Indices, masks and loads shared by the forward and backward kernels of one program."""
 
   def __init__(self, num_n: int, num_k: int, block_t: int):
     self.n, self.n_ok = _arange(pl.program_id(0) * block_t, block_t, num_n)
-    num_kp = _pow2(num_k)
-    r = jnp.arange(block_t * num_kp, dtype=jnp.int32)
-    self.row_n, self.row_k = pl.program_id(0) * block_t + r // num_kp, r % num_kp
-    self.rows_ok = (self.row_n < num_n) & (self.row_k < num_k)  # [T * Kp]
-    self.shape = (block_t, num_kp)
+    self.k, k_ok = _arange(0, _pow2(num_k), num_k)
+    self.rows_ok = self.n_ok[:, None] & k_ok[None, :]  # [T, Kp]
+    self.shape = (block_t, _pow2(num_k))
 
   def load_rows(self, ref, width: int, limit: int):
     """ref [N, K, limit] -> [T * Kp, width] (zero outside the tile)."""
     c, c_ok = _arange(0, width, limit)
     x = pltriton.load(
-      ref.at[self.row_n[:, None], self.row_k[:, None], c[None, :]],
-      mask=self.rows_ok[:, None] & c_ok[None, :],
+      ref.at[self.n[:, None, None], self.k[None, :, None], c[None, None, :]],
+      mask=self.rows_ok[:, :, None] & c_ok[None, None, :],
       other=0.0,
     )
-    return x.astype(jnp.float32)
+    return x.astype(jnp.float32).reshape(self.shape[0] * self.shape[1], width)
 
   def store_rows(self, ref, x, limit: int):
     """Stores x [T * Kp, width] into ref [N, K, limit]."""
     c, c_ok = _arange(0, x.shape[-1], limit)
     pltriton.store(
-      ref.at[self.row_n[:, None], self.row_k[:, None], c[None, :]],
-      x.astype(ref.dtype),
-      mask=self.rows_ok[:, None] & c_ok[None, :],
+      ref.at[self.n[:, None, None], self.k[None, :, None], c[None, None, :]],
+      x.reshape(*self.shape, x.shape[-1]).astype(ref.dtype),
+      mask=self.rows_ok[:, :, None] & c_ok[None, None, :],
     )
 
   def load_harmonic(self, sh_ref, lm: int):
-    """Y_(l,m) of the tile's slots, [T * Kp]."""
-    return pltriton.load(sh_ref.at[self.row_n, self.row_k, lm], mask=self.rows_ok, other=0.0).astype(jnp.float32)
-
-  def store_harmonic(self, dsh_ref, lm: int, d):
-    """Stores d [T * Kp] as column (l, m) of dsh_ref [N, K, S]."""
-    pltriton.store(dsh_ref.at[self.row_n, self.row_k, lm], d.astype(dsh_ref.dtype), mask=self.rows_ok)
+    """Y_(l,m) of the tile's slots, [T, Kp]."""
+    return pltriton.load(sh_ref.at[self.n[:, None], self.k[None, :], lm], mask=self.rows_ok, other=0.0).astype(
+      jnp.float32
+    )
 
   def load_projected(self, proj_ref, lm: int, f, f_ok):
-    """P_n,(l,m),f of each row's target for channels f, [T * Kp, len(f)] (a target's row repeated over its
-    slots; the repeats are cache hits)."""
+    """P_n,(l,m),f of the tile's targets for channels f, [T, len(f)]."""
     return pltriton.load(
-      proj_ref.at[self.row_n[:, None], lm, f[None, :]], mask=self.rows_ok[:, None] & f_ok[None, :], other=0.0
+      proj_ref.at[self.n[:, None], lm, f[None, :]], mask=self.n_ok[:, None] & f_ok[None, :], other=0.0
     ).astype(jnp.float32)
 
 
@@ -137,7 +129,8 @@ class _ChunkWalk:
 
   def factors(self, l: int, c):
     """Chunk c of degree l: its channels f and their mask, the chunk's W_mix columns [Ap, block_f] and W_gate rows
-    [block_f, Hp], m = u W_mix + b_mix [T Kp, block_f], each row's P per m [T Kp, block_f], and t [T Kp, block_f]."""
+    [block_f, Hp], m = u W_mix + b_mix [T Kp, block_f], the target's P rows [T, block_f] per m, and
+    t [T, Kp, block_f]."""
     proj_ref, w_mix_ref, b_mix_ref, w_gate_ref = self.refs
     f, f_ok = _arange(c * self.tiles.block_f, self.tiles.block_f, self.num_f)
     col = l * self.num_f + f
@@ -149,7 +142,7 @@ class _ChunkWalk:
     w_mix, w_gate = w_mix.astype(jnp.float32), w_gate.astype(jnp.float32)
     mixed = _dot(self.u, w_mix, self.tiles.precision) + b_mix.astype(jnp.float32)[None, :]
     projected = [self.tile.load_projected(proj_ref, lm, f, f_ok) for lm in range(l * l, (l + 1) ** 2)]
-    t = sum(self.harmonics[l * l + m][:, None] * p for m, p in enumerate(projected))
+    t = sum(self.harmonics[l * l + m][:, :, None] * p[:, None, :] for m, p in enumerate(projected))
     return f, f_ok, w_mix, w_gate, mixed, projected, t
 
 
@@ -161,7 +154,7 @@ def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_r
 
     def chunk(c, acc, l=l):
       _, _, _, w_gate, mixed, _, t = walk.factors(l, c)
-      return acc + _dot(t * mixed, w_gate, tiles.precision)
+      return acc + _dot(t.reshape(mixed.shape) * mixed, w_gate, tiles.precision)
 
     acc = lax.fori_loop(0, walk.num_chunks, chunk, acc)
   h, h_ok = _arange(0, walk.width_h, walk.num_h)
@@ -184,24 +177,23 @@ def _gate_backward_kernel(
       du, d_sh = carry
       f, f_ok, w_mix, w_gate, mixed, projected, t = walk.factors(l, c)
       d_product = _dot(ct, w_gate, tiles.precision, transpose_w=True)  # [T Kp, block_f]
-      du = du + _dot(d_product * t, w_mix, tiles.precision, transpose_w=True)
-      d_t = d_product * mixed  # [T Kp, block_f]
+      du = du + _dot(d_product * t.reshape(mixed.shape), w_mix, tiles.precision, transpose_w=True)
+      d_t = (d_product * mixed).reshape(t.shape)  # [T, Kp, block_f]
       for lm in degree:
-        d_proj = (d_t * walk.harmonics[lm][:, None]).reshape(*tile.shape, d_t.shape[-1])
         pltriton.store(
           dproj_ref.at[tile.n[:, None], lm, f[None, :]],
-          jnp.sum(d_proj, axis=1).astype(dproj_ref.dtype),
+          jnp.sum(d_t * walk.harmonics[lm][:, :, None], axis=1).astype(dproj_ref.dtype),
           mask=tile.n_ok[:, None] & f_ok[None, :],
         )
-      d_sh = tuple(d + jnp.sum(d_t * p, axis=1) for d, p in zip(d_sh, projected))
+      d_sh = tuple(d + jnp.sum(d_t * p[:, None, :], axis=2) for d, p in zip(d_sh, projected))
       return du, d_sh
 
-    zeros = tuple(jnp.zeros(walk.u.shape[:1], jnp.float32) for _ in degree)
+    zeros = tuple(jnp.zeros(tile.shape, jnp.float32) for _ in degree)
     du, d_sh = lax.fori_loop(0, walk.num_chunks, chunk, (du, zeros))
     d_harmonics.extend(d_sh)
   tile.store_rows(du_ref, du, walk.num_a)
   for lm, d in enumerate(d_harmonics):
-    tile.store_harmonic(dsh_ref, lm, d)
+    pltriton.store(dsh_ref.at[tile.n[:, None], tile.k[None, :], lm], d.astype(dsh_ref.dtype), mask=tile.rows_ok)
 
 
 def _grid(tiles: GateTiles, num_n: int):

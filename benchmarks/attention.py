@@ -15,7 +15,11 @@ one shared count (docs/performance.md §3: 17,922 FLOP per edge slot forward; fo
 forward, a convention), and the share of the HBM floor: fewest bytes (each input read once, each output
 written once; the byte model below) over the device-to-device copy bandwidth measured in the same run.
 
-Neighbours are spatially local (source within +-256 of the target index), K = 32 slots, 28-32 of them valid.
+Neighbours (``--neighbors``): "window" (default, every entry before 2026-12-07), K = 32 sources drawn within
++-256 of the target's index, 28-32 of them valid; "spatial", the K nearest atoms of a uniform box at 0.1 atoms
+per A^3 numbered in Morton order, valid within 5 A: the pattern of the model's own calls (``DevicePotential``
+sorts atoms so), in which a tile's gathered rows are mostly shared with its neighbours'. The "spatial" inputs
+import the package (``e2former_jax.potential.morton_order``) and scipy.
 
 Usage: PYTHONPATH=$PWD python benchmarks/attention.py --sizes 4096 32768 --check --sweep --breakdown --out r.json
 (``--sweep-backward``: each backward kernel over a few tilings, block_n/block_h/num_warps/num_stages, at the
@@ -63,14 +67,39 @@ def forward_backward_bytes_per_atom() -> int:
   return forward_bytes_per_atom() + inputs + 4 * R * C + gradients
 
 
-def make_inputs(n: int, seed: int):
-  """Random float32 inputs with local neighbours; rows = [v (x) p (20 rows); v (9 rows)]."""
+NEIGHBORS = ("window", "spatial")
+DENSITY = 0.1  # atoms per A^3, the benchmark structures' (benchmarks/model.py)
+CUTOFF = 5.0  # A, the paper's
+
+
+def spatial_neighbors(n: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Atoms uniform in a cube at ``DENSITY``, numbered in Morton order as ``DevicePotential`` numbers them, and their
+  K nearest neighbours: (positions [n, 3], neighbors [n, K], valid [n, K], valid = within ``CUTOFF``)."""
+  from scipy.spatial import cKDTree
+
+  from e2former_jax.potential import morton_order
+
+  positions = rng.uniform(0.0, (n / DENSITY) ** (1 / 3), size=(n, 3)).astype(np.float32)
+  positions = positions[np.asarray(morton_order(jnp.asarray(positions), jnp.ones(n, bool)))]
+  distances, neighbors = cKDTree(positions).query(positions, K + 1)
+  return positions, neighbors[:, 1:], distances[:, 1:] < CUTOFF
+
+
+def make_inputs(n: int, seed: int, neighbors: str = "window"):
+  """Random float32 inputs; rows = [v (x) p (20 rows); v (9 rows)]. Neighbours "window": K sources drawn within
+  +-256 of the target's index, 28-32 of them valid (the protocol of every entry before 2026-12-07); "spatial": the
+  K nearest atoms of a uniform box numbered in Morton order (``spatial_neighbors``), the model's own pattern."""
   rng = np.random.default_rng(seed)
   f32 = lambda *shape, scale=1.0: jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
-  neighbors = np.clip(np.arange(n)[:, None] + rng.integers(-256, 257, size=(n, K)), 0, n - 1)
-  valid = np.arange(K)[None] < rng.integers(K - 4, K + 1, size=n)[:, None]
+  if neighbors == "spatial":
+    positions, slots, valid = spatial_neighbors(n, rng)
+    positions = jnp.asarray(positions)
+  else:
+    slots = np.clip(np.arange(n)[:, None] + rng.integers(-256, 257, size=(n, K)), 0, n - 1)
+    valid = np.arange(K)[None] < rng.integers(K - 4, K + 1, size=n)[:, None]
+    positions = f32(n, 3, scale=10.0)
   coupling = f32(V_ROWS, 3, PRODUCT_ROWS, scale=0.3)
-  v, positions = f32(n, V_ROWS, C), f32(n, 3, scale=10.0)
+  v = f32(n, V_ROWS, C)
   inputs = dict(
     q=f32(n, H, D),
     k=f32(n, H, D),
@@ -78,7 +107,7 @@ def make_inputs(n: int, seed: int):
     edge_scale=f32(n, K, H),
     envelope=jnp.asarray(rng.uniform(0.05, 1.0, size=(n, K)), jnp.float32),
     valid=jnp.asarray(valid),
-    neighbors=jnp.asarray(neighbors, jnp.int32),
+    neighbors=jnp.asarray(slots, jnp.int32),
     v=v,
     positions=positions,
   )
@@ -169,8 +198,8 @@ def rel_error(got, want) -> float:
   return max(float(np.max(np.abs(g - w)) / np.max(np.abs(w))) for g, w in zip(got, want))
 
 
-def benchmark_size(n: int, bandwidth: float, impl_names, seed: int):
-  inputs, coupling = make_inputs(n, seed)
+def benchmark_size(n: int, bandwidth: float, impl_names, seed: int, neighbors: str):
+  inputs, coupling = make_inputs(n, seed, neighbors)
   impls = implementations(coupling)
   cotangent = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(n, R, C)), jnp.float32)
   edge_cotangent = cotangent[:, :PRODUCT_ROWS]
@@ -244,9 +273,9 @@ def check_derivatives(n: int, seed: int):
   return errors
 
 
-def sweep(n: int, seed: int, bandwidth: float):
+def sweep(n: int, seed: int, bandwidth: float, neighbors: str):
   """Forward time of the kernel over a few tilings (block_n, block_h, num_warps, num_stages)."""
-  inputs, coupling = make_inputs(n, seed)
+  inputs, coupling = make_inputs(n, seed, neighbors)
   args = [inputs[a] for a in NODE_ARGS]
   rows = []
   for block_n, block_h, warps, stages in (
@@ -276,12 +305,12 @@ def sweep(n: int, seed: int, bandwidth: float):
   return rows
 
 
-def backward_pieces(n: int, seed: int):
+def backward_pieces(n: int, seed: int, neighbors: str):
   """The by-source list and the five kernel calls of a first-order backward at the paper's sizes, on random
   weights: name -> (function of a ``_Launch``, its arguments, flat row width F of its gathered rows)."""
   from pallas_kernels import pallas as kernels  # the backward's building blocks
 
-  inputs, _ = make_inputs(n, seed)
+  inputs, _ = make_inputs(n, seed, neighbors)
   rng = np.random.default_rng(seed + 2)
   build = jax.jit(kernels._graph, static_argnums=2)
   graph = build(inputs["neighbors"], inputs["valid"], n)
@@ -307,11 +336,11 @@ def backward_launch(**tiling):
   return kernels._Launch(interpret=jax.default_backend() != "gpu", **tiling)
 
 
-def breakdown(n: int, seed: int):
+def breakdown(n: int, seed: int, neighbors: str):
   """Seconds of each piece of the kernel backward with the default launch parameters (the rest of forward +
   backward is the forward kernel and XLA's softmax)."""
   rows = []
-  for name, (fn, args, _) in backward_pieces(n, seed).items():
+  for name, (fn, args, _) in backward_pieces(n, seed, neighbors).items():
     seconds, _ = timed(fn(backward_launch()), args, max_reps=20, budget_s=1.0)
     rows.append(dict(n=n, piece=name, seconds=seconds))
     print(json.dumps(rows[-1]), flush=True)
@@ -350,11 +379,11 @@ BACKWARD_TILINGS = {
 }
 
 
-def sweep_backward(n: int, seed: int):
+def sweep_backward(n: int, seed: int, neighbors: str):
   """Each backward kernel call over a few tilings ("wide" for the 58-row gathers, "narrow" for the d = 8 ones);
   every tiling's result is compared with the default's."""
   rows = []
-  for name, (fn, args, num_f) in backward_pieces(n, seed).items():
+  for name, (fn, args, num_f) in backward_pieces(n, seed, neighbors).items():
     if num_f is None:
       continue
     reference = None
@@ -397,6 +426,7 @@ def main():
   parser.add_argument("--sweep", action="store_true", help="forward tiling sweep at the largest size")
   parser.add_argument("--breakdown", action="store_true", help="time the backward's pieces at the largest size")
   parser.add_argument("--sweep-backward", action="store_true", help="tilings of each backward kernel, smallest size")
+  parser.add_argument("--neighbors", choices=NEIGHBORS, default="window", help="neighbour pattern (make_inputs)")
   parser.add_argument("--seed", type=int, default=int(time.time()))
   parser.add_argument("--out", default="attention_results.json")
   opts = parser.parse_args()
@@ -406,6 +436,7 @@ def main():
     device=device.device_kind,
     jax=jax.__version__,
     seed=opts.seed,
+    neighbors=opts.neighbors,
     bytes_per_atom=dict(forward=forward_bytes_per_atom(), forward_backward=forward_backward_bytes_per_atom()),
     results=[],
     checks={},
@@ -428,16 +459,16 @@ def main():
   report["copy_bandwidth_tb_s"] = bandwidth / 1e12
   print(json.dumps(dict(copy_bandwidth_tb_s=bandwidth / 1e12)), flush=True)
   for n in opts.sizes:
-    stage(f"size_{n}", benchmark_size, n, bandwidth, opts.impls, opts.seed)
+    stage(f"size_{n}", benchmark_size, n, bandwidth, opts.impls, opts.seed, opts.neighbors)
     results, checks = report.pop(f"size_{n}") if "error" not in report[f"size_{n}"] else ([], {})
     report["results"] += results
     report["checks"][n] = checks
   if opts.sweep:
-    stage("sweep", sweep, max(opts.sizes), opts.seed, bandwidth)
+    stage("sweep", sweep, max(opts.sizes), opts.seed, bandwidth, opts.neighbors)
   if opts.breakdown:
-    stage("breakdown", breakdown, max(opts.sizes), opts.seed)
+    stage("breakdown", breakdown, max(opts.sizes), opts.seed, opts.neighbors)
   if opts.sweep_backward:
-    stage("sweep_backward", sweep_backward, min(opts.sizes), opts.seed)
+    stage("sweep_backward", sweep_backward, min(opts.sizes), opts.seed, opts.neighbors)
   with open(opts.out, "w") as f:
     json.dump(report, f, indent=1, default=str)
   print(f"\n{device.device_kind}, jax {jax.__version__}, copy {bandwidth / 1e12:.2f} TB/s, seed {opts.seed}")

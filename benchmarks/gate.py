@@ -43,7 +43,7 @@ TILES = [
 
 
 def parse_tiles(text: str) -> dict:
-  """ "4/32/8/1" -> the kernel options block_t, block_f, num_warps, num_stages."""
+  """The kernel options block_t, block_f, num_warps and num_stages written as "4/32/8/1"."""
   return dict(zip(("block_t", "block_f", "num_warps", "num_stages"), map(int, text.split("/")), strict=True))
 
 

@@ -170,6 +170,31 @@ def test_forward_mode_fails_with_clear_message():
     jax.hessian(energy)(arrays["q"])
 
 
+def test_backward_kernels_give_the_same_sums_with_any_tiles():
+  """The backward's three gather kernels with tiles set in their launch parameters (targets or sources per
+  program not dividing N or M, fewer heads per program than H) against the register-budget default: each output
+  is the same sum in the same order (slots, list entries or rows), so equal to the last bit."""
+  from pallas_kernels import pallas as kernels
+
+  n, m, k, h, f = 21, 19, 6, 8, 5
+  rng = np.random.default_rng(SEED)
+  valid = jnp.asarray(rng.uniform(size=(n, k)) > 0.2)
+  neighbors = jnp.asarray(rng.integers(0, m, size=(n, k)), jnp.int32)
+  graph = kernels._graph(neighbors, valid, m)
+  f32 = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  a, b, w = f32(n, f, h), f32(m, f, h), f32(n, k, h)
+  calls = (
+    (kernels.gather_dot, (a, b)),
+    (kernels.gather_sum, (w, b)),
+    (kernels.source_sum, (w, a)),
+  )
+  for kernel, args in calls:
+    default = kernel(kernels._Launch(interpret=True), graph, *args)
+    for block_n, block_h in ((2, 4), (5, 2), (1, 16)):
+      tiled = kernel(kernels._Launch(interpret=True, block_n=block_n, block_h=block_h), graph, *args)
+      np.testing.assert_array_equal(tiled, default, err_msg=f"{kernel.__name__} {block_n}x{block_h}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CUDA lowering on the CPU host (an abstract H100): Pallas-to-Triton errors fail here, not on the GPU.
 # ---------------------------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ Modes (``benchmarks/model.py``'s structure and backbone, ``--gate`` QKdotS_alpha
   train         gradient of E + mean F^2 with respect to the parameters, F = -dE/dx (the authors' protocol)
 
   PYTHONPATH=$PWD python benchmarks/profile.py --atoms 4096 --modes direct conservative --json $OUT/profile.jsonl
+
+A fourth table sums the instructions by kind of work (``kind_of_work``: the Pallas kernels, the matrix products,
+the slices around the per-degree products, ...). ``--summarize FILE`` prints the tables of a saved JSON lines file
+without running anything (no GPU needed).
 """
 
 from __future__ import annotations
@@ -164,6 +168,51 @@ def device_time_per_op(trace_dir: str, module_prefix: str) -> dict[str, float]:
   return dict(totals)
 
 
+def kind_of_work(instruction: str, source: str) -> str:
+  """The kind of work of an instruction, from its name and its "scope | source line": the direction gate's or the
+  attention's Pallas kernels, the attention's softmax in XLA, the EAAS products, the other matrix products, the
+  slices and concatenations around the per-degree products, the norms, or other work."""
+  if "gate_pallas.py" in source:
+    return "direction gate kernels"
+  if instruction.startswith("pallas_call"):
+    return "attention forward kernel" if "_fused_forward" in source else "attention backward kernels"
+  if "pallas_node_attention" in source:
+    return "attention softmax and derivative (XLA)"
+  if "eaas.py" in source:
+    return "EAAS products"
+  if "cublas" in instruction or instruction.startswith("custom-call") or " matmul" in source:
+    return "other matrix products"
+  if "side_by_side" in source or "node_inputs" in source:
+    return "slices and concatenations of the per-degree products"
+  if "norms.py" in source:
+    return "norms"
+  return "other"
+
+
+def print_tables(row: dict, top: int) -> None:
+  """The four tables of one profiled call (one JSON line)."""
+  n, mode = row["atoms"], row["mode"]
+  print(
+    f"\n{row['device']}: N = {n}, {mode}: call {row['wall_ms']:.2f} ms, kernels {row['kernel_ms']:.2f} ms, "
+    f"gaps {row['wall_ms'] - row['kernel_ms']:.2f} ms"
+  )
+  print(f"{'ms':>8} {'share':>6}  modules (forward and backward)")
+  for name, ms in row["modules"][:top]:
+    print(f"{ms:8.3f} {ms / row['wall_ms']:6.1%}  {name}")
+  print(f"{'ms':>8} {'share':>6}  scope | source line")
+  for line, ms in row["lines"][:top]:
+    print(f"{ms:8.3f} {ms / row['wall_ms']:6.1%}  {line}")
+  print(f"{'ms':>8} {'share':>6}  instruction (source)")
+  for op, ms, src in row["ops"][:top]:
+    print(f"{ms:8.3f} {ms / row['wall_ms']:6.1%}  {op} ({src})")
+  kinds = collections.defaultdict(float)
+  for op, ms, src in row["ops"]:
+    kinds[kind_of_work(op, src)] += ms
+  print(f"{'ms':>8} {'share':>6}  kind of work (share of the kernel time)")
+  for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+    print(f"{ms:8.3f} {ms / row['kernel_ms']:6.1%}  {kind}")
+
+
 def profile(mode: str, n: int, args) -> dict:
   forces = "direct" if mode == "direct" else "conservative"
   cfg = benchmark_config(
@@ -227,23 +276,17 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--top", type=int, default=25, help="rows of each printed table")
   p.add_argument("--json", help="append one JSON line per (size, mode), every op and line included")
+  p.add_argument("--summarize", metavar="FILE", help="print the tables of a saved --json file and stop")
   args = p.parse_args()
+  if args.summarize:
+    with open(args.summarize) as fh:
+      for line in fh:
+        print_tables(json.loads(line), args.top)
+    return
   for n in args.atoms:
     for mode in args.modes:
       row = profile(mode, n, args)
-      print(
-        f"\n{row['device']}: N = {n}, {mode}: call {row['wall_ms']:.2f} ms, kernels {row['kernel_ms']:.2f} ms, "
-        f"gaps {row['wall_ms'] - row['kernel_ms']:.2f} ms"
-      )
-      print(f"{'ms':>8} {'share':>6}  modules (forward and backward)")
-      for name, ms in row["modules"][: args.top]:
-        print(f"{ms:8.3f} {ms / row['wall_ms']:6.1%}  {name}")
-      print(f"{'ms':>8} {'share':>6}  scope | source line")
-      for line, ms in row["lines"][: args.top]:
-        print(f"{ms:8.3f} {ms / row['wall_ms']:6.1%}  {line}")
-      print(f"{'ms':>8} {'share':>6}  instruction (source)")
-      for op, ms, src in row["ops"][: args.top]:
-        print(f"{ms:8.3f} {ms / row['wall_ms']:6.1%}  {op} ({src})")
+      print_tables(row, args.top)
       if args.json:
         with open(args.json, "a") as fh:
           fh.write(json.dumps(row) + "\n")

@@ -43,8 +43,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pallas_kernels import pallas as kernels  # noqa: E402 - the op and the backward's building blocks
 from pallas_kernels.jnp_node import attention_logits, attention_weights, jnp_node_attention, per_channel  # noqa: E402
-from pallas_kernels.pallas import pallas_node_attention  # noqa: E402
 
 H, D, C, K, V_ROWS, PRODUCT_ROWS = 128, 8, 256, 32, 9, 20
 R = PRODUCT_ROWS + V_ROWS
@@ -141,7 +141,7 @@ def implementations(coupling, tiling=None):
   """name -> (function, names of its arguments in ``make_inputs``)."""
   tiling = tiling or {}
   return {
-    "pallas": (lambda *a: pallas_node_attention(*a, **tiling), NODE_ARGS),
+    "pallas": (lambda *a: kernels.pallas_node_attention(*a, **tiling), NODE_ARGS),
     "jnp_node": (jnp_node_attention, NODE_ARGS),
     "jnp_edge": (functools.partial(edge_message, coupling=coupling), EDGE_ARGS),
   }
@@ -265,7 +265,7 @@ def check_derivatives(n: int, seed: int):
       grads, pullback2 = jax.vjp(first, *diff)
       return out, grads, pullback2(draw(grads, 2))
 
-    got = jax.jit(lambda: derivatives(pallas_node_attention))()
+    got = jax.jit(lambda: derivatives(kernels.pallas_node_attention))()
     want = jax.jit(lambda: derivatives(jnp_node_attention))()
     for order, g, w in zip(("forward", "vjp", "vjp_of_vjp"), got, want):
       errors[f"{softmax_max}_shifts{num_shift_rows}_{order}"] = rel_error(g, w)
@@ -308,8 +308,6 @@ def sweep(n: int, seed: int, bandwidth: float, neighbors: str):
 def backward_pieces(n: int, seed: int, neighbors: str):
   """The by-source list and the five kernel calls of a first-order backward at the paper's sizes, on random
   weights: name -> (function of a ``_Launch``, its arguments, flat row width F of its gathered rows)."""
-  from pallas_kernels import pallas as kernels  # the backward's building blocks
-
   inputs, _ = make_inputs(n, seed, neighbors)
   rng = np.random.default_rng(seed + 2)
   build = jax.jit(kernels._graph, static_argnums=2)
@@ -331,8 +329,7 @@ def backward_pieces(n: int, seed: int, neighbors: str):
 
 
 def backward_launch(**tiling):
-  from pallas_kernels import pallas as kernels
-
+  """Launch parameters of the backward's kernels (interpret mode off a GPU), tiles as given or the default."""
   return kernels._Launch(interpret=jax.default_backend() != "gpu", **tiling)
 
 

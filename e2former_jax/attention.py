@@ -157,7 +157,7 @@ class E2Attention(nnx.Module):
 
     def per_target(layer, y, target_numbers, neighbors, geometry):
       features = EdgeFeatures.of_slots(
-        geometry.rbf, layer.target_type, layer.source_type, target_numbers, numbers, neighbors
+        geometry, layer.target_type, layer.source_type, target_numbers, numbers, neighbors, self.cfg
       )
       return layer.gate(y, features, geometry)
 
@@ -195,7 +195,7 @@ class E2Attention(nnx.Module):
 
     def per_target(layer, sources, slots, y, positions, target_numbers, q, neighbors, geometry, shifts, max_floor):
       features = EdgeFeatures.of_slots(
-        geometry.rbf, layer.target_type, layer.source_type, target_numbers, numbers, neighbors
+        geometry, layer.target_type, layer.source_type, target_numbers, numbers, neighbors, cfg
       )
       gate, rho = layer.gate(y, features, geometry)
       outputs = node_attention(

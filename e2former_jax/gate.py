@@ -18,8 +18,8 @@ from flax import nnx
 
 from e2former_jax import so3
 from e2former_jax.config import ModelConfig
-from e2former_jax.layers import Dense, RadialProfile, SO3Linear
-from pallas_kernels.api import direction_gate, resolve_implementation
+from e2former_jax.layers import Dense, RadialProfile, SO3Linear, kernel_implementation
+from pallas_kernels.api import direction_gate
 from pallas_kernels.gate_jnp import degree_contractions
 
 
@@ -81,12 +81,8 @@ class QKdotAlphaGate(Gate):
     return gate, self.rho_mlp(edge_features)
 
   def implementation(self, num_atoms: int) -> str:
-    """The direction gate's implementation: "pallas" where the attention op runs its Pallas kernel
-    (``ModelConfig.attention_impl``) and the products are TF32 or bfloat16, else "jnp". In true float32 Triton's
-    products run below cuBLAS's, so "highest" keeps the XLA form (docs/kernel.md §7)."""
-    attention, precision = self.cfg.attention_impl, self.cfg.matmul_precision
-    fused = attention in ("auto", "pallas") and resolve_implementation(attention, num_atoms) == "pallas"
-    return "pallas" if fused and precision != "highest" else "jnp"
+    """The direction gate's implementation (``layers.kernel_implementation``)."""
+    return kernel_implementation(self.cfg.attention_impl, self.cfg.matmul_precision, num_atoms)
 
 
 class QKdotSAlphaGate(Gate):

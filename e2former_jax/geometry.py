@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from e2former_jax.config import ModelConfig
 from e2former_jax.graph import AtomGraph
+from pallas_kernels.radial_jnp import gaussian_basis
 
 
 @functools.partial(
@@ -40,13 +41,6 @@ class EdgeGeometry:
     """[N, K, num_basis] Gaussian basis of |r_ij|, computed where it is read: inside a chunk of atoms
     (``chunking.py``) only the chunk's basis exists, in the forward pass and in the backward pass."""
     return gaussian_basis(self.distance, *self.basis)
-
-
-def gaussian_basis(distance: jax.Array, cutoff: float, num_basis: int, width: float) -> jax.Array:
-  """rbf_k(d) = exp(-(d - mu_k)^2 / (2 (width * delta)^2)), mu_k = linspace(0, cutoff, num_basis)."""
-  mu = jnp.linspace(0.0, cutoff, num_basis, dtype=distance.dtype)
-  sigma = width * cutoff / (num_basis - 1)
-  return jnp.exp(-((distance[..., None] - mu) ** 2) / (2 * sigma**2))
 
 
 def polynomial_envelope(distance: jax.Array, cutoff: float) -> jax.Array:

@@ -14,7 +14,9 @@ from flax import nnx
 
 from e2former_jax import so3
 from e2former_jax.norms import LayerNorm
+from pallas_kernels.api import radial_profile, resolve_implementation
 from pallas_kernels.gate_jnp import matmul
+from pallas_kernels.radial_jnp import gaussian_basis
 
 # e3nn's normalize2mom constants (docs/model.md §5).
 SILU_2MOM = 1.6791767923989418
@@ -37,6 +39,10 @@ class Dense(nnx.Module):
     y = matmul(x, self.kernel[...], self.precision)
     return y if self.bias is None else y + self.bias[...]
 
+  def bias_or_zeros(self) -> jax.Array:
+    """b, or zeros [out] for a layer without a bias."""
+    return jnp.zeros(self.kernel.shape[-1:], self.kernel.dtype) if self.bias is None else self.bias[...]
+
 
 class Embedding(nnx.Module):
   """Lookup table initialised U(+-1e-3) (the authors' init for every ``nn.Embedding``)."""
@@ -49,6 +55,15 @@ class Embedding(nnx.Module):
     return self.embedding[...][index]
 
 
+def kernel_implementation(attention_impl: str, precision: str, num_atoms: int) -> str:
+  """The implementation of the per-edge ops with fused Pallas kernels (the direction gate, the radial profiles):
+  "pallas" where the attention op runs its Pallas kernel (``ModelConfig.attention_impl`` "auto" on a GPU, or
+  "pallas") and the products are TF32 or bfloat16, else "jnp". In true float32 Triton's products run below
+  cuBLAS's, so "highest" keeps the XLA form (docs/kernel.md §7)."""
+  fused = attention_impl in ("auto", "pallas") and resolve_implementation(attention_impl, num_atoms) == "pallas"
+  return "pallas" if fused and precision != "highest" else "jnp"
+
+
 @dataclasses.dataclass(frozen=True)
 class EdgeFeatures:
   """The invariant edge features e_ij = [rbf(|r_ij|); T(Z_i); S(Z_j)], held as their parts and never concatenated.
@@ -57,51 +72,85 @@ class EdgeFeatures:
   e_ij W + b = rbf_ij W_rbf + (T W_T + b)[Z_i] + (S W_S)[Z_j], so the type tables are projected (one row per
   element) and only the radial basis is multiplied per edge (docs/performance.md, per-edge work). Nothing is
   computed per source atom: inside a chunk of targets that reads the sources' atomic numbers, no work grows with
-  the number of atoms outside the chunk.
+  the number of atoms outside the chunk. A ``RadialProfile`` of these features is one op
+  (``pallas_kernels.radial_profile``), which forms the basis from the distances itself.
 
   Attributes:
-    rbf: [N, K, B] radial basis of the slots.
+    distance: [N, K] slot distances (Angstrom).
+    basis: (cutoff, num_basis, width) of the Gaussian radial basis (static).
     target_table: [S, T] target-type embedding table (row Z for atomic number Z).
     source_table: [S, T] source-type embedding table.
     target_numbers: [N] atomic number of each target atom.
     source_numbers: [N, K] atomic number of each slot's source atom.
+    implementation: of the radial profiles, "jnp" or "pallas" (``kernel_implementation``).
   """
 
-  rbf: jax.Array
+  distance: jax.Array
+  basis: tuple[float, int, float]
   target_table: jax.Array
   source_table: jax.Array
   target_numbers: jax.Array
   source_numbers: jax.Array
+  implementation: str = "jnp"
 
   @classmethod
-  def of_slots(cls, rbf, target_type: Embedding, source_type: Embedding, target_numbers, numbers, neighbors):
+  def of_slots(cls, geometry, target_type: Embedding, source_type: Embedding, target_numbers, numbers, neighbors, cfg):
     """The features of slots ``neighbors`` [N, K] (indices into ``numbers`` [M]) of targets of atomic numbers
-    ``target_numbers`` [N], with the type tables of two ``Embedding`` modules."""
+    ``target_numbers`` [N], with the distances of ``geometry`` (an ``EdgeGeometry``), the type tables of two
+    ``Embedding`` modules and the implementation that ``cfg`` (a ``ModelConfig``) selects."""
     source_numbers = jnp.asarray(numbers)[neighbors]
-    return cls(rbf, target_type.embedding[...], source_type.embedding[...], target_numbers, source_numbers)
+    implementation = kernel_implementation(cfg.attention_impl, cfg.matmul_precision, target_numbers.shape[0])
+    return cls(
+      geometry.distance,
+      geometry.basis,
+      target_type.embedding[...],
+      source_type.embedding[...],
+      target_numbers,
+      source_numbers,
+      implementation,
+    )
+
+  @property
+  def rbf(self) -> jax.Array:
+    """[N, K, B] radial basis of the slots."""
+    return gaussian_basis(self.distance, *self.basis)
 
   @property
   def size(self) -> int:
     """Width of e_ij, B + 2T."""
-    return self.rbf.shape[-1] + self.target_table.shape[-1] + self.source_table.shape[-1]
+    return self.basis[1] + self.target_table.shape[-1] + self.source_table.shape[-1]
 
-  def linear(self, layer: Dense) -> jax.Array:
-    """``layer(e_ij)``, [N, K, out], without forming e_ij."""
-    w = layer.kernel[...]
-    b, t = self.rbf.shape[-1], self.target_table.shape[-1]
+  def profile(self, radial: RadialProfile, last: bool) -> jax.Array:
+    """``radial(e_ij)`` (``last``) or ``radial.hidden(e_ij)``, [N, K, out], without forming e_ij."""
+    first = radial.linears[0]
+    w = first.kernel[...]
+    b, t = self.basis[1], self.target_table.shape[-1]
     if w.shape[0] != self.size:
       raise ValueError(f"a layer of input width {w.shape[0]} cannot read edge features of width {self.size}")
-    target = matmul(self.target_table, w[b : b + t], layer.precision)
-    if layer.bias is not None:
-      target = target + layer.bias[...]
-    source = matmul(self.source_table, w[b + t :], layer.precision)
-    return matmul(self.rbf, w[:b], layer.precision) + target[self.target_numbers][:, None] + source[self.source_numbers]
+    target = matmul(self.target_table, w[b : b + t], first.precision)
+    if first.bias is not None:
+      target = target + first.bias[...]
+    source = matmul(self.source_table, w[b + t :], first.precision)
+    linears = radial.linears[1:] if last else radial.linears[1:-1]
+    return radial_profile(
+      self.distance,
+      target[self.target_numbers],
+      source,
+      self.source_numbers,
+      w[:b],
+      tuple((norm.scale[...], norm.bias[...]) for norm in radial.norms),
+      tuple((layer.kernel[...], layer.bias_or_zeros()) for layer in linears),
+      basis=self.basis,
+      precision=first.precision,
+      implementation=self.implementation,
+    )
 
 
 class RadialProfile(nnx.Module):
   """MLP Linear -> LayerNorm -> SiLU -> ... -> Linear (no norm or activation after the last layer).
 
-  The input is an array [..., in] or ``EdgeFeatures`` (then the first layer is applied by parts).
+  The input is an array [..., in] or ``EdgeFeatures`` (then the whole MLP is one op whose first layer is applied
+  by parts).
   """
 
   def __init__(self, sizes: tuple[int, ...], *, precision: str, dtype, rngs: nnx.Rngs):
@@ -114,13 +163,17 @@ class RadialProfile(nnx.Module):
 
   def hidden(self, x: jax.Array | EdgeFeatures) -> jax.Array:
     """The last hidden layer: the input of the last Linear (after its LayerNorm and SiLU)."""
+    if isinstance(x, EdgeFeatures):
+      return x.profile(self, last=False)
     first, *rest = self.linears[:-1]
-    x = x.linear(first) if isinstance(x, EdgeFeatures) else first(x)
+    x = first(x)
     for linear, norm in zip(rest, self.norms):
       x = linear(jax.nn.silu(norm(x)))
     return jax.nn.silu(self.norms[-1](x))
 
   def __call__(self, x: jax.Array | EdgeFeatures) -> jax.Array:
+    if isinstance(x, EdgeFeatures):
+      return x.profile(self, last=True)
     return self.linears[-1](self.hidden(x))
 
 

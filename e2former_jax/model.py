@@ -57,7 +57,7 @@ class EdgeDegreeEmbedding(nnx.Module):
 
     def per_target(layer, target_numbers, neighbors, geometry):
       features = EdgeFeatures.of_slots(
-        geometry.rbf, layer.target_type, layer.source_type, target_numbers, graph.numbers, neighbors
+        geometry, layer.target_type, layer.source_type, target_numbers, graph.numbers, neighbors, cfg
       )
       sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
       # sum over the K slots of [2l+1] x [C] outer products, elementwise in true float32 (as matrix products,

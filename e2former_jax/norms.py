@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from e2former_jax import so3
+from pallas_kernels.radial_jnp import layer_norm
 
 
 class LayerNorm(nnx.Module):
@@ -18,9 +19,7 @@ class LayerNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((features,), dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...] + self.bias[...]
+    return layer_norm(x, self.scale[...], self.bias[...])
 
 
 class RMSNormSH(nnx.Module):

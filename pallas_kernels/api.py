@@ -1,5 +1,6 @@
 """One entry point for each op of this package, whatever computes it: the node-centric attention
-(``node_attention``) and the direction gate of ``QKdot_alpha`` (``direction_gate``).
+(``node_attention``), the direction gate of ``QKdot_alpha`` (``direction_gate``) and the radial profile of the
+edges, the model's per-edge MLPs (``radial_profile``).
 
 ``node_attention(..., implementation=name)`` dispatches to a file named after the implementation:
 
@@ -21,6 +22,9 @@ uses only ``attention_weights`` from here. Nothing in this package imports e3x o
 
 ``direction_gate(..., implementation=name)``: "jnp" (``gate_jnp.py``, the twin) or "pallas" (``gate_pallas.py``,
 fused kernels; float32 only, other types run the twin).
+
+``radial_profile(..., implementation=name)``: "jnp" (``radial_jnp.py``, the twin) or "pallas"
+(``radial_pallas.py``, fused kernels; float32 only, other types run the twin).
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ import jax.numpy as jnp
 from pallas_kernels.gate_jnp import jnp_direction_gate
 from pallas_kernels.jnp_dense import jnp_dense_attention
 from pallas_kernels.jnp_node import ACTIVATIONS, jnp_node_attention
+from pallas_kernels.radial_jnp import jnp_radial_profile
 
 IMPLEMENTATIONS = ("jnp_node", "jnp_dense", "pallas")
-GATE_IMPLEMENTATIONS = ("jnp", "pallas")
+GATE_IMPLEMENTATIONS = ("jnp", "pallas")  # also the radial profile's
 TRITON_CALL = "__gpu$xla.gpu.triton"  # the XLA custom call the Pallas kernels lower to on GPUs
 DENSE_MAX_ATOMS = 256  # "auto" off the GPU uses "jnp_dense" up to this many atom slots, "jnp_node" above
 
@@ -139,3 +144,48 @@ def direction_gate(
   if kernel_options:
     raise TypeError(f"the jnp twin takes no kernel options, got {sorted(kernel_options)}")
   return jnp_direction_gate(*args, precision=precision)
+
+
+def radial_profile(
+  distance,
+  target_rows,
+  source_table,
+  source_numbers,
+  w_rbf,
+  norms,
+  linears,
+  *,
+  basis: tuple[float, int, float],
+  precision: str,
+  implementation: str,
+  **kernel_options,
+):
+  """The radial profile of the edges [N, K, O], a per-edge MLP of the invariant edge features (the math is in
+  ``radial_jnp``'s docstring).
+
+  Args:
+    distance: [N, K] slot distances (Angstrom).
+    target_rows: [N, A] the first Linear's target-type block and bias, one row per target.
+    source_table: [S, A] the first Linear's source-type block, one row per element.
+    source_numbers: [N, K] int, each slot's source element (row of ``source_table``).
+    w_rbf: [B, A] the first Linear's radial-basis block.
+    norms: ((scale, bias), ...) of the LayerNorms.
+    linears: ((w, b), ...) of the Linears after the norms (one fewer than the norms, or as many).
+    basis: (cutoff, num_basis, width) of the Gaussian radial basis.
+    precision: matmul precision ("highest", "tensorfloat32", "bfloat16").
+    implementation: one of ``GATE_IMPLEMENTATIONS``.
+    **kernel_options: tiling and launch options of the Pallas kernels (``radial_pallas.pallas_radial_profile``).
+  """
+  if implementation not in GATE_IMPLEMENTATIONS:
+    raise ValueError(
+      f"unknown radial profile implementation {implementation!r}; expected one of {GATE_IMPLEMENTATIONS}"
+    )
+  args = (distance, target_rows, source_table, source_numbers, w_rbf, norms, linears)
+  floats = (distance, target_rows, source_table, w_rbf, *jax.tree.leaves((norms, linears)))
+  if implementation == "pallas" and all(x.dtype == jnp.float32 for x in floats):
+    from pallas_kernels.radial_pallas import pallas_radial_profile  # Pallas/Triton imported only when used
+
+    return pallas_radial_profile(*args, basis=basis, precision=precision, **kernel_options)
+  if kernel_options:
+    raise TypeError(f"the jnp twin takes no kernel options, got {sorted(kernel_options)}")
+  return jnp_radial_profile(*args, basis=basis, precision=precision)

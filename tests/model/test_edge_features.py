@@ -1,4 +1,5 @@
-"""The invariant edge features applied by parts (``layers.EdgeFeatures``) equal the concatenated features."""
+"""A radial profile of the invariant edge features applied by parts (``layers.EdgeFeatures``, one op in either
+implementation) equals the MLP of the concatenated features."""
 
 import jax
 import jax.numpy as jnp
@@ -6,23 +7,26 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from e2former_jax.layers import Dense, EdgeFeatures, RadialProfile
+from e2former_jax.layers import EdgeFeatures, RadialProfile
 
 N, K, B, T, S = 7, 5, 6, 4, 3
+BASIS = (5.0, B, 2.0)
 
 
-def parts(seed=0):
+def parts(seed=0, implementation="jnp"):
   rng = np.random.default_rng(seed)
   neighbors = rng.integers(0, N, (N, K))
   neighbors[:, -1] = neighbors[:, 0]  # duplicate sources
   neighbors[-1] = 0  # a padding row: every slot points at atom 0
   numbers = rng.integers(0, S, N)
   return EdgeFeatures(
-    jnp.asarray(rng.normal(size=(N, K, B)), jnp.float32),
+    jnp.asarray(rng.uniform(0.5, 5.0, size=(N, K)), jnp.float32),
+    BASIS,
     jnp.asarray(rng.normal(size=(S, T)), jnp.float32),
     jnp.asarray(rng.normal(size=(S, T)), jnp.float32),
     jnp.asarray(numbers),
     jnp.asarray(numbers[neighbors]),
+    implementation,
   )
 
 
@@ -31,27 +35,31 @@ def concatenated(e: EdgeFeatures) -> jax.Array:
   return jnp.concatenate([e.rbf, target, e.source_table[e.source_numbers]], axis=-1)
 
 
-def test_radial_profile_by_parts_equals_concatenated_input():
-  """Forward and the gradients with respect to every part and every parameter; float32 sums of at most
-  B + 2T = 14 terms in another order: 1e-5 relative."""
+@pytest.mark.parametrize("implementation", ["jnp", "pallas"])
+@pytest.mark.parametrize("last", [True, False])
+def test_radial_profile_by_parts_equals_concatenated_input(implementation, last):
+  """Forward and the gradients with respect to the distances, both tables and every parameter, for the whole MLP
+  and for its last hidden layer; the Pallas kernels in interpret mode. Float32 sums of at most B + 2T = 14 terms in
+  another order: 1e-5 relative."""
   mlp = RadialProfile((B + 2 * T, 8, 8, 3), precision="highest", dtype=jnp.float32, rngs=nnx.Rngs(1))
   graphdef, params = nnx.split(mlp)
-  e = parts()
+  e = parts(implementation=implementation)
 
-  def loss(params, rbf, target, source, by_parts):
-    features = EdgeFeatures(rbf, target, source, e.target_numbers, e.source_numbers)
-    out = nnx.merge(graphdef, params)(features if by_parts else concatenated(features))
-    return jnp.sum(jnp.sin(out))
+  def loss(params, distance, target, source, by_parts):
+    features = EdgeFeatures(distance, BASIS, target, source, e.target_numbers, e.source_numbers, implementation)
+    module = nnx.merge(graphdef, params)
+    apply = module if last else module.hidden
+    return jnp.sum(jnp.sin(apply(features if by_parts else concatenated(features))))
 
-  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
-  args = (e.rbf, e.target_table, e.source_table)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)
+  args = (e.distance, e.target_table, e.source_table)
   split, whole = (grad(params, *args, by_parts) for by_parts in (True, False))
   assert float(loss(params, *args, True)) == pytest.approx(float(loss(params, *args, False)), rel=1e-5)
   for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
-def test_a_layer_of_another_width_is_refused():
-  layer = Dense(B + 2 * T + 1, 3, precision="highest", dtype=jnp.float32, rngs=nnx.Rngs(0))
+def test_a_profile_of_another_width_is_refused():
+  mlp = RadialProfile((B + 2 * T + 1, 8, 3), precision="highest", dtype=jnp.float32, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="input width 15 cannot read edge features of width 14"):
-    parts().linear(layer)
+    mlp(parts())

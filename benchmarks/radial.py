@@ -1,0 +1,151 @@
+"""The radial profile of the edges (the per-edge MLPs) alone at the paper's sizes: fused Pallas kernels against
+the XLA twin.
+
+Profiles (``radial_jnp.jnp_radial_profile``; B = 256 basis functions, A = 128 hidden, K = 32 slots, 10 elements):
+  "hidden"  B -> A -> A, the last hidden layer (the ``QKdot_alpha`` gate's edge MLP, whose last layer is in the gate)
+  "rho"     B -> A -> A -> 128 (the gates' rho MLP, H = 128 heads)
+  "degree"  B -> A -> A -> 256 (one of the edge-degree embedding's three MLPs, C = 256 channels)
+Random float32 inputs with the scales of an initialised model, the same for both implementations.
+
+Cases: "forward"; "forces" (value and gradient of sum(out * ct) with respect to the distances: what energies and
+conservative forces need, the weights held fixed); "training" (the same with respect to every float input).
+Each case is checked against the twin on the same inputs (largest difference relative to the largest entry) and
+timed: median of ``--repeats`` calls after two warm-ups, each ending in ``block_until_ready``.
+
+Cost model per slot: 2 (B A + sum of the Linears' I O) FLOP in the products ("hidden" 98,304; "rho" 131,072;
+"degree" 163,840), the basis B exponentials; fewest bytes 4 (1 + 1 + O) (distance, element, output) per slot plus
+the target rows. The twin writes and reads the basis [N, K, B] and several [N, K, A] arrays in device memory.
+
+Usage: PYTHONPATH=$PWD python benchmarks/radial.py --atoms 4096 --precision tensorfloat32 --json $OUT/radial.jsonl
+(``--tiles 64/32/4/1 ...``: other tilings, block_r/block_b/warps/stages)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.report import emit, median_ms, stamp
+from pallas_kernels.radial_jnp import jnp_radial_profile
+from pallas_kernels.radial_pallas import pallas_radial_profile
+
+B, A, K, ELEMENTS, CUTOFF = 256, 128, 32, 10, 5.0
+BASIS = (CUTOFF, B, 1.0)
+PROFILES = {"hidden": (A, A), "rho": (A, A, 128), "degree": (A, A, 256)}  # widths after the first layer's
+CASES = ("forward", "forces", "training")
+
+
+def parse_tiles(text: str) -> dict:
+  """The kernel options block_r, block_b, num_warps and num_stages written as "64/32/4/1"."""
+  return dict(zip(("block_r", "block_b", "num_warps", "num_stages"), map(int, text.split("/")), strict=True))
+
+
+def flop_per_slot(profile: str) -> int:
+  widths = PROFILES[profile]
+  return 2 * (B * A + sum(i * o for i, o in zip(widths[:-1], widths[1:])))
+
+
+def inputs(num_atoms: int, profile: str, seed: int = 0):
+  """(distance, target rows, source table, source elements, W_rbf, norms, linears) and a cotangent."""
+  rng = np.random.default_rng(seed)
+  f32 = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+  widths = PROFILES[profile]
+  distance = jnp.asarray(rng.uniform(0.8, CUTOFF, size=(num_atoms, K)), jnp.float32)
+  numbers = jnp.asarray(rng.integers(0, ELEMENTS, size=(num_atoms, K)), jnp.int32)
+  norms = tuple((1.0 + f32(A, scale=0.1), f32(A, scale=0.1)) for _ in range(2))
+  linears = tuple((f32(i, o, scale=i**-0.5), f32(o, scale=0.1)) for i, o in zip(widths[:-1], widths[1:]))
+  args = (distance, f32(num_atoms, A), f32(ELEMENTS, A), numbers, f32(B, A, scale=B**-0.5), norms, linears)
+  return args, f32(num_atoms, K, widths[-1])
+
+
+def case_fn(profile_fn, case: str):
+  """A jitted function of (args, ct) for one case."""
+  if case == "forward":
+    return jax.jit(lambda args, ct: profile_fn(*args))
+
+  def loss(floats, numbers, ct):
+    distance, target, source, w_rbf, norms, linears = floats
+    return jnp.sum(profile_fn(distance, target, source, numbers, w_rbf, norms, linears) * ct)
+
+  grad = jax.grad(loss)
+
+  def run(args, ct):
+    distance, target, source, numbers, w_rbf, norms, linears = args
+    floats = (distance, target, source, w_rbf, norms, linears)
+    if case == "forces":
+      return jax.grad(lambda d: loss((d, *floats[1:]), numbers, ct))(distance)
+    return grad(floats, numbers, ct)
+
+  return jax.jit(run)
+
+
+def max_relative(out, ref) -> float:
+  leaves = zip(jax.tree.leaves(out), jax.tree.leaves(ref))
+  return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in leaves)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--atoms", type=int, nargs="+", default=[4096])
+  parser.add_argument("--precision", nargs="+", default=["tensorfloat32"])
+  parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
+  parser.add_argument("--cases", nargs="+", default=["forward", "forces"], choices=CASES)
+  parser.add_argument(
+    "--tiles", nargs="+", default=[], metavar="R/B/W/S", help="also time these tilings: block_r/block_b/warps/stages"
+  )
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--json")
+  args = parser.parse_args()
+  rows = []
+  for num_atoms, precision, profile in itertools.product(args.atoms, args.precision, args.profiles):
+    profile_args, ct = inputs(num_atoms, profile)
+    twin = functools.partial(jnp_radial_profile, basis=BASIS, precision=precision)
+    for case in args.cases:
+      ref_fn = case_fn(twin, case)
+      ref = ref_fn(profile_args, ct)
+      twin_ms = median_ms(ref_fn, (profile_args, ct), args.repeats)
+      for tiles in [dict()] + [parse_tiles(t) for t in args.tiles]:
+        kernel = functools.partial(pallas_radial_profile, basis=BASIS, precision=precision, **tiles)
+        fn = case_fn(kernel, case)
+        try:
+          error = max_relative(fn(profile_args, ct), ref)
+          kernel_ms = median_ms(fn, (profile_args, ct), args.repeats)
+        except jax.errors.JaxRuntimeError as err:  # a tiling that does not launch (shared memory)
+          print(f"{precision} {profile} {case} {tiles}: {str(err).splitlines()[0][:160]}")
+          continue
+        flop = flop_per_slot(profile) * num_atoms * K * (1 if case == "forward" else 3)
+        row = stamp(
+          dict(
+            atoms=num_atoms,
+            precision=precision,
+            profile=profile,
+            case=case,
+            tiles=tiles or "default",
+            kernel_ms=round(kernel_ms, 4),
+            twin_ms=round(twin_ms, 4),
+            speedup=round(twin_ms / kernel_ms, 2),
+            kernel_tflops=round(flop / kernel_ms / 1e9, 1),
+            max_relative_difference=error,
+          )
+        )
+        emit(row, args.json)
+        rows.append(row)
+  print(
+    "\n| atoms | precision | profile | case | tiles | kernel (ms) | XLA twin (ms) | speed-up | kernel TFLOP/s | "
+    "max rel. diff |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(
+      f"| {r['atoms']} | {r['precision']} | {r['profile']} | {r['case']} | {r['tiles']} | {r['kernel_ms']} | "
+      f"{r['twin_ms']} | {r['speedup']} | {r['kernel_tflops']} | {r['max_relative_difference']:.1e} |"
+    )
+
+
+if __name__ == "__main__":
+  main()

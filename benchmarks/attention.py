@@ -329,7 +329,9 @@ def backward_pieces(n: int, seed: int, neighbors: str):
 
 
 def backward_launch(**tiling):
-  """Launch parameters of the backward's kernels (interpret mode off a GPU), tiles as given or the default."""
+  """Launch parameters of the backward's kernels (interpret mode off a GPU), tiles as given or the op's default
+  (``pallas.BACKWARD_STAGES`` pipelining stages)."""
+  tiling.setdefault("num_stages", kernels.BACKWARD_STAGES)
   return kernels._Launch(interpret=jax.default_backend() != "gpu", **tiling)
 
 

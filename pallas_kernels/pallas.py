@@ -266,6 +266,12 @@ def _fused_forward(
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Software-pipelining stages of the backward's gather kernels: 2 was faster than 1 for four of the five calls of a
+# first-order backward on Morton-ordered neighbours (H200, 2026-12-07, ``benchmarks/attention.py --neighbors
+# spatial --sweep-backward``; benchmarks/RESULTS.md).
+BACKWARD_STAGES = 2
+
+
 def _tiles(num_f: int, num_h: int) -> tuple[int, int]:
   """(block_n, block_h) keeping a [block_n, padded F, block_h] tile within the register budget."""
   f_pad = _pow2(num_f)
@@ -687,7 +693,7 @@ def pallas_node_attention(
   launch = _Launch(bool(interpret), num_warps, num_stages)
   return _node_attention(
     launch,
-    _Launch(bool(interpret)),
+    _Launch(bool(interpret), num_stages=BACKWARD_STAGES),
     block_n,
     block_h,
     softmax_max,

@@ -1,5 +1,5 @@
-"""The radial profile of the edges (the per-edge MLPs) alone at the paper's sizes: fused Pallas kernels against
-the XLA twin.
+"""The radial profile of the edges (the per-edge MLPs) alone at the paper's sizes: the fused Pallas forward kernel
+against the XLA twin.
 
 Profiles (``radial_jnp.jnp_radial_profile``; B = 256 basis functions, A = 128 hidden, K = 32 slots, 10 elements):
   "hidden"  B -> A -> A, the last hidden layer (the ``QKdot_alpha`` gate's edge MLP, whose last layer is in the gate)
@@ -7,10 +7,10 @@ Profiles (``radial_jnp.jnp_radial_profile``; B = 256 basis functions, A = 128 hi
   "degree"  B -> A -> A -> 256 (one of the edge-degree embedding's three MLPs, C = 256 channels)
 Random float32 inputs with the scales of an initialised model, the same for both implementations.
 
-Cases: "forward"; "forces" (value and gradient of sum(out * ct) with respect to the distances: what energies and
-conservative forces need, the weights held fixed); "training" (the same with respect to every float input).
-Each case is checked against the twin on the same inputs (largest difference relative to the largest entry) and
-timed: median of ``--repeats`` calls after two warm-ups, each ending in ``block_until_ready``.
+The forward pass only: differentiated calls of the op run the twin (``radial_pallas``; the backward kernel of
+62227fd, which this script timed with "forces" and "training" cases, was slower than XLA). Each tiling is checked
+against the twin on the same inputs (largest difference relative to the largest entry) and timed: median of
+``--repeats`` calls after two warm-ups, each ending in ``block_until_ready``.
 
 Cost model per slot: 2 (B A + sum of the Linears' I O) FLOP in the products ("hidden" 98,304; "rho" 131,072;
 "degree" 163,840), the basis B exponentials; fewest bytes 4 (1 + 1 + O) (distance, element, output) per slot plus
@@ -37,7 +37,6 @@ from pallas_kernels.radial_pallas import pallas_radial_profile
 B, A, K, ELEMENTS, CUTOFF = 256, 128, 32, 10, 5.0
 BASIS = (CUTOFF, B, 1.0)
 PROFILES = {"hidden": (A, A), "rho": (A, A, 128), "degree": (A, A, 256)}  # widths after the first layer's
-CASES = ("forward", "forces", "training")
 
 
 def parse_tiles(text: str) -> dict:
@@ -51,7 +50,7 @@ def flop_per_slot(profile: str) -> int:
 
 
 def inputs(num_atoms: int, profile: str, seed: int = 0):
-  """(distance, target rows, source table, source elements, W_rbf, norms, linears) and a cotangent."""
+  """(distance, target rows, source table, source elements, W_rbf, norms, linears)."""
   rng = np.random.default_rng(seed)
   f32 = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
   widths = PROFILES[profile]
@@ -59,29 +58,7 @@ def inputs(num_atoms: int, profile: str, seed: int = 0):
   numbers = jnp.asarray(rng.integers(0, ELEMENTS, size=(num_atoms, K)), jnp.int32)
   norms = tuple((1.0 + f32(A, scale=0.1), f32(A, scale=0.1)) for _ in range(2))
   linears = tuple((f32(i, o, scale=i**-0.5), f32(o, scale=0.1)) for i, o in zip(widths[:-1], widths[1:]))
-  args = (distance, f32(num_atoms, A), f32(ELEMENTS, A), numbers, f32(B, A, scale=B**-0.5), norms, linears)
-  return args, f32(num_atoms, K, widths[-1])
-
-
-def case_fn(profile_fn, case: str):
-  """A jitted function of (args, ct) for one case."""
-  if case == "forward":
-    return jax.jit(lambda args, ct: profile_fn(*args))
-
-  def loss(floats, numbers, ct):
-    distance, target, source, w_rbf, norms, linears = floats
-    return jnp.sum(profile_fn(distance, target, source, numbers, w_rbf, norms, linears) * ct)
-
-  grad = jax.grad(loss)
-
-  def run(args, ct):
-    distance, target, source, numbers, w_rbf, norms, linears = args
-    floats = (distance, target, source, w_rbf, norms, linears)
-    if case == "forces":
-      return jax.grad(lambda d: loss((d, *floats[1:]), numbers, ct))(distance)
-    return grad(floats, numbers, ct)
-
-  return jax.jit(run)
+  return distance, f32(num_atoms, A), f32(ELEMENTS, A), numbers, f32(B, A, scale=B**-0.5), norms, linears
 
 
 def max_relative(out, ref) -> float:
@@ -94,7 +71,6 @@ def main():
   parser.add_argument("--atoms", type=int, nargs="+", default=[4096])
   parser.add_argument("--precision", nargs="+", default=["tensorfloat32"])
   parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
-  parser.add_argument("--cases", nargs="+", default=["forward", "forces"], choices=CASES)
   parser.add_argument(
     "--tiles", nargs="+", default=[], metavar="R/B/W/S", help="also time these tilings: block_r/block_b/warps/stages"
   )
@@ -103,38 +79,34 @@ def main():
   args = parser.parse_args()
   rows = []
   for num_atoms, precision, profile in itertools.product(args.atoms, args.precision, args.profiles):
-    profile_args, ct = inputs(num_atoms, profile)
-    twin = functools.partial(jnp_radial_profile, basis=BASIS, precision=precision)
-    for case in args.cases:
-      ref_fn = case_fn(twin, case)
-      ref = ref_fn(profile_args, ct)
-      twin_ms = median_ms(ref_fn, (profile_args, ct), args.repeats)
-      for tiles in [dict()] + [parse_tiles(t) for t in args.tiles]:
-        kernel = functools.partial(pallas_radial_profile, basis=BASIS, precision=precision, **tiles)
-        fn = case_fn(kernel, case)
-        try:
-          error = max_relative(fn(profile_args, ct), ref)
-          kernel_ms = median_ms(fn, (profile_args, ct), args.repeats)
-        except jax.errors.JaxRuntimeError as err:  # a tiling that does not launch (shared memory)
-          print(f"{precision} {profile} {case} {tiles}: {str(err).splitlines()[0][:160]}")
-          continue
-        flop = flop_per_slot(profile) * num_atoms * K * (1 if case == "forward" else 3)
-        row = stamp(
-          dict(
-            atoms=num_atoms,
-            precision=precision,
-            profile=profile,
-            case=case,
-            tiles=tiles or "default",
-            kernel_ms=round(kernel_ms, 4),
-            twin_ms=round(twin_ms, 4),
-            speedup=round(twin_ms / kernel_ms, 2),
-            kernel_tflops=round(flop / kernel_ms / 1e9, 1),
-            max_relative_difference=error,
-          )
+    profile_args = inputs(num_atoms, profile)
+    twin = jax.jit(functools.partial(jnp_radial_profile, basis=BASIS, precision=precision))
+    ref = twin(*profile_args)
+    twin_ms = median_ms(twin, profile_args, args.repeats)
+    for tiles in [dict()] + [parse_tiles(t) for t in args.tiles]:
+      fn = jax.jit(functools.partial(pallas_radial_profile, basis=BASIS, precision=precision, **tiles))
+      try:
+        error = max_relative(fn(*profile_args), ref)
+        kernel_ms = median_ms(fn, profile_args, args.repeats)
+      except jax.errors.JaxRuntimeError as err:  # a tiling that does not launch (shared memory)
+        print(f"{precision} {profile} {tiles}: {str(err).splitlines()[0][:160]}")
+        continue
+      row = stamp(
+        dict(
+          atoms=num_atoms,
+          precision=precision,
+          profile=profile,
+          case="forward",
+          tiles=tiles or "default",
+          kernel_ms=round(kernel_ms, 4),
+          twin_ms=round(twin_ms, 4),
+          speedup=round(twin_ms / kernel_ms, 2),
+          kernel_tflops=round(flop_per_slot(profile) * num_atoms * K / kernel_ms / 1e9, 1),
+          max_relative_difference=error,
         )
-        emit(row, args.json)
-        rows.append(row)
+      )
+      emit(row, args.json)
+      rows.append(row)
   print(
     "\n| atoms | precision | profile | case | tiles | kernel (ms) | XLA twin (ms) | speed-up | kernel TFLOP/s | "
     "max rel. diff |"

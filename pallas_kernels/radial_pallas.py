@@ -1,4 +1,4 @@
-"""The radial profile of the edges as fused Pallas kernels lowered to Triton (``implementation="pallas"``).
+"""The radial profile of the edges as a fused Pallas kernel lowered to Triton (``implementation="pallas"``).
 
 Computes what ``radial_jnp.jnp_radial_profile`` computes (the math is in that module's docstring) with only the
 result in device memory. In XLA the MLP crosses device memory several times per layer: the radial basis [N, K, B]
@@ -8,12 +8,11 @@ consecutive slots (rows of the flat [N K] slot axis): it loads each slot's dista
 source element's row, forms the radial basis in chunks of ``block_b`` functions and multiplies each chunk by its
 rows of W_rbf as it goes, then applies the norms, SiLUs and Linears in registers and writes [block_r, O].
 
-Gradients (``jax.custom_vjp``). Forces need the cotangent of the distances only: the backward kernel recomputes
-a program's forward pass in registers, keeping each norm's input, runs the chain back to the first layer and
-contracts d x_0 with the basis functions' derivatives, chunk by chunk: it writes d distance [N, K] and nothing
-else. The other inputs (the type rows and every weight) depend on the parameters alone; their cotangents are the
-jnp twin's, in XLA, and are dropped from programs that do not read them (energies and forces, molecular
-dynamics). The backward kernel's own derivative (force matching: reverse over reverse) is the twin's.
+Gradients (``jax.custom_vjp``): the kernel is the forward pass of calls that are not differentiated (energies
+with direct forces, molecular dynamics with direct forces). Under differentiation the op runs the jnp twin and
+its derivative in XLA, to any order: a backward kernel (d distance from the recomputed chain, 62227fd) ran the
+forces' forward and backward 0.64-0.88x as fast as XLA, and the forward kernel itself runs its products at 20-35
+TFLOP/s of TF32 (docs/kernel.md §8), so XLA's products win once the residuals are needed.
 
 Tiles. Every width is padded to a power of two (at least 16, Triton's smallest product) in registers only
 (masked loads and stores; the padded columns stay exactly zero through every layer, so the norms' sums run over
@@ -40,8 +39,6 @@ from pallas_kernels.radial_jnp import (
   check_layers,
   jnp_radial_profile,
 )
-
-REGISTER_BUDGET = 8192  # float32 elements of the widest [block_r, width] array a program holds by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +79,7 @@ def _sigmoid(y):
 
 
 class _Program:
-  """The slots of one program and what the forward and backward kernels compute the same way for them."""
+  """The slots of one program: their distances, and the radial basis and first layer formed from them."""
 
   def __init__(self, tiles: RadialTiles, num_k: int, dist_ref, target_ref, source_ref, numbers_ref, centers_ref):
     self.tiles, self.num_k = tiles, num_k
@@ -98,7 +95,7 @@ class _Program:
     b, b_ok = _arange(c * self.tiles.block_b, self.tiles.block_b, self.num_b)
     mu = pltriton.load(self.refs[3].at[b], mask=b_ok, other=0.0).astype(jnp.float32)
     diff = self.distance[:, None] - mu[None, :]
-    return b, b_ok, diff, jnp.where(b_ok[None, :], jnp.exp(-(diff * diff) / self.two_sigma2), 0.0)
+    return b, b_ok, jnp.where(b_ok[None, :], jnp.exp(-(diff * diff) / self.two_sigma2), 0.0)
 
   def first_layer(self, w_rbf_ref, width: int):
     """x_0 [block_r, width] = rbf W_rbf + target_rows[n] + source_table[z] (padded columns zero)."""
@@ -112,32 +109,19 @@ class _Program:
     x = x + pltriton.load(source_ref.at[z[:, None], a[None, :]], mask=mask, other=0.0).astype(jnp.float32)
 
     def step(c, x):
-      b, b_ok, _, rbf = self.basis_chunk(c)
+      b, b_ok, rbf = self.basis_chunk(c)
       w = pltriton.load(w_rbf_ref.at[b[:, None], a[None, :]], mask=b_ok[:, None] & a_ok[None, :], other=0.0)
       return x + _dot(rbf, w.astype(jnp.float32), self.tiles.precision)
 
     return lax.fori_loop(0, pl.cdiv(self.num_b, self.tiles.block_b), step, x)
 
-  def distance_cotangent(self, w_rbf_ref, dx0):
-    """d distance [block_r] from the cotangent dx0 [block_r, width] of x_0: sum_b (dx0 W_rbf^T)_b d rbf_b / d d."""
-    num_a = w_rbf_ref.shape[1]
-    a, a_ok = _arange(0, dx0.shape[1], num_a)
-
-    def step(c, dd):
-      b, b_ok, diff, rbf = self.basis_chunk(c)
-      w = pltriton.load(w_rbf_ref.at[b[:, None], a[None, :]], mask=b_ok[:, None] & a_ok[None, :], other=0.0)
-      d_rbf = _dot(dx0, w.astype(jnp.float32), self.tiles.precision, transpose_w=True)  # [block_r, block_b]
-      return dd + jnp.sum(d_rbf * rbf * diff, axis=1) * (-2.0 / self.two_sigma2)
-
-    return lax.fori_loop(0, pl.cdiv(self.num_b, self.tiles.block_b), step, jnp.zeros_like(self.distance))
-
 
 def _normalised(x, num: int):
-  """(x - mean) * rstd over the first ``num`` columns of x [R, Wp] (zero in the others), and rstd [R, 1]."""
+  """(x - mean) / sqrt(var + eps) over the first ``num`` columns of x [R, Wp] (zero in the others)."""
   ok = _arange(0, x.shape[1], num)[1][None, :]
   centred = jnp.where(ok, x - jnp.sum(x, axis=1, keepdims=True) / num, 0.0)
   rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / num + LAYER_NORM_EPSILON)
-  return centred * rstd, rstd
+  return centred * rstd
 
 
 def _split_refs(refs, num_norms: int, num_linears: int):
@@ -163,7 +147,7 @@ def _forward_kernel(
   x = program.first_layer(w_rbf_ref, _width(widths[0]))
   for i, (scale_ref, bias_ref) in enumerate(norm_refs):
     padded = x.shape[1]
-    xhat, _ = _normalised(x, widths[i])
+    xhat = _normalised(x, widths[i])
     y = xhat * _load_vector(scale_ref, padded)[None, :] + _load_vector(bias_ref, padded)[None, :]
     x = y * _sigmoid(y)
     if i < num_linears:
@@ -176,125 +160,22 @@ def _forward_kernel(
   )
 
 
-def _backward_kernel(
-  dist_ref,
-  target_ref,
-  source_ref,
-  numbers_ref,
-  centers_ref,
-  w_rbf_ref,
-  *refs,
-  tiles,
-  num_k,
-  num_norms,
-  num_linears,
-):
-  """d distance [N K] from the cotangent ct [N K, O] of the output, for the program's ``block_r`` slots."""
-  norm_refs, linear_refs, (ct_ref, dd_ref) = _split_refs(refs, num_norms, num_linears)
-  widths = _widths(w_rbf_ref, linear_refs)
-  program = _Program(tiles, num_k, dist_ref, target_ref, source_ref, numbers_ref, centers_ref)
-  # Forward pass, keeping each norm's input.
-  inputs, x = [], program.first_layer(w_rbf_ref, _width(widths[0]))
-  for i, (scale_ref, bias_ref) in enumerate(norm_refs[:-1]):
-    inputs.append(x)
-    padded = x.shape[1]
-    y = _normalised(x, widths[i])[0] * _load_vector(scale_ref, padded)[None, :]
-    y = y + _load_vector(bias_ref, padded)[None, :]
-    w_ref, b_ref = linear_refs[i]
-    out_padded = _width(widths[i + 1])
-    x = _dot(y * _sigmoid(y), _load_matrix(w_ref, padded, out_padded), tiles.precision)
-    x = x + _load_vector(b_ref, out_padded)[None, :]
-  inputs.append(x)
-  # Backward pass: g is the cotangent of the last norm's SiLU output, then of each earlier one's.
-  o, o_ok = _arange(0, _width(widths[-1]), ct_ref.shape[1])
-  ct = pltriton.load(ct_ref.at[program.r[:, None], o[None, :]], mask=program.r_ok[:, None] & o_ok[None, :], other=0.0)
-  g = ct.astype(jnp.float32)
-  if num_linears == num_norms:
-    w = _load_matrix(linear_refs[-1][0], _width(widths[-2]), _width(widths[-1]))
-    g = _dot(g, w, tiles.precision, transpose_w=True)
-  for i in reversed(range(num_norms)):
-    scale_ref, bias_ref = norm_refs[i]
-    x = inputs[i]
-    padded = x.shape[1]
-    xhat, rstd = _normalised(x, widths[i])
-    scale = _load_vector(scale_ref, padded)[None, :]
-    y = xhat * scale + _load_vector(bias_ref, padded)[None, :]
-    s = _sigmoid(y)
-    d_xhat = g * s * (1.0 + y * (1.0 - s)) * scale
-    mean_d = jnp.sum(d_xhat, axis=1, keepdims=True) / widths[i]
-    mean_dx = jnp.sum(d_xhat * xhat, axis=1, keepdims=True) / widths[i]
-    ok = _arange(0, padded, widths[i])[1][None, :]
-    g = jnp.where(ok, rstd * (d_xhat - mean_d - xhat * mean_dx), 0.0)  # the cotangent of x_i
-    if i > 0:
-      w = _load_matrix(linear_refs[i - 1][0], _width(widths[i - 1]), padded)
-      g = _dot(g, w, tiles.precision, transpose_w=True)
-  pltriton.store(dd_ref.at[program.r], program.distance_cotangent(w_rbf_ref, g).astype(dd_ref.dtype), mask=program.r_ok)
-
-
 def _flat_args(distance, target_rows, source_table, source_numbers, centers, w_rbf, norms, linears):
-  """The kernels' operands: the slot arrays flattened to [N K], then the weights in order."""
+  """The kernel's operands: the slot arrays flattened to [N K], then the weights in order."""
   flat = (distance.reshape(-1), target_rows, source_table, source_numbers.reshape(-1), centers, w_rbf)
   return flat + tuple(x for pair in (*norms, *linears) for x in pair)
 
 
-def _call(kernel, tiles: RadialTiles, args, out_shape):
-  distance, _, _, _, _, _, norms, linears = args
-  num_r = distance.size
-  kernel = functools.partial(
-    kernel, tiles=tiles, num_k=distance.shape[1], num_norms=len(norms), num_linears=len(linears)
-  )
-  return tiles.launch.call(kernel, out_shape, (pl.cdiv(num_r, tiles.block_r),))
-
-
 def _forward(tiles: RadialTiles, *args):
-  distance, w_rbf, linears = args[0], args[5], args[7]
+  """The kernel's result [N, K, O] for the op's arguments (with the basis centres after the element numbers)."""
+  distance, w_rbf, norms, linears = args[0], args[5], args[6], args[7]
   width = linears[-1][0].shape[1] if linears else w_rbf.shape[1]
+  kernel = functools.partial(
+    _forward_kernel, tiles=tiles, num_k=distance.shape[1], num_norms=len(norms), num_linears=len(linears)
+  )
   out = jax.ShapeDtypeStruct((distance.size, width), distance.dtype)
-  return _call(_forward_kernel, tiles, args, out)(*_flat_args(*args)).reshape(distance.shape + (width,))
-
-
-def _distance_cotangent_kernel(tiles: RadialTiles, *args_and_ct):
-  *args, ct = args_and_ct
-  distance = args[0]
-  out = jax.ShapeDtypeStruct((distance.size,), distance.dtype)
-  flat = _flat_args(*args) + (ct.reshape(distance.size, ct.shape[-1]),)
-  return _call(_backward_kernel, tiles, args, out)(*flat).reshape(distance.shape)
-
-
-def _twin_cotangents(tiles: RadialTiles, args, ct):
-  """The jnp twin's cotangents of every argument for the cotangent ct of the output (differentiable to any order;
-  None for the element numbers and the basis centres, which the twin forms from ``tiles.basis``)."""
-  distance, target_rows, source_table, numbers, _, w_rbf, norms, linears = args
-
-  def twin(distance, target_rows, source_table, w_rbf, norms, linears):
-    return jnp_radial_profile(
-      distance, target_rows, source_table, numbers, w_rbf, norms, linears, basis=tiles.basis, precision=tiles.precision
-    )
-
-  _, pullback = jax.vjp(twin, distance, target_rows, source_table, w_rbf, norms, linears)
-  d_distance, d_target, d_source, d_w_rbf, d_norms, d_linears = pullback(ct)
-  return d_distance, d_target, d_source, None, None, d_w_rbf, d_norms, d_linears
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _distance_cotangent(tiles: RadialTiles, args, ct):
-  """d distance [N, K] for the cotangent ct [N, K, O] of the output, by the backward kernel."""
-  return _distance_cotangent_kernel(tiles, *args, ct)
-
-
-def _distance_cotangent_fwd(tiles, args, ct):
-  _reject_forward_mode(args, ct)
-  return _distance_cotangent(tiles, args, ct), (args, ct)
-
-
-def _distance_cotangent_bwd(tiles, saved, dd):
-  def twin(args, ct):
-    return _twin_cotangents(tiles, args, ct)[0]
-
-  return jax.vjp(twin, *saved)[1](dd)
-
-
-_distance_cotangent.defvjp(_distance_cotangent_fwd, _distance_cotangent_bwd)
+  call = tiles.launch.call(kernel, out, (pl.cdiv(distance.size, tiles.block_r),))
+  return call(*_flat_args(*args)).reshape(distance.shape + (width,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -302,16 +183,23 @@ def _radial_profile(tiles: RadialTiles, args):
   return _forward(tiles, *args)
 
 
+def _twin(tiles: RadialTiles, distance, target_rows, source_table, numbers, w_rbf, norms, linears):
+  return jnp_radial_profile(
+    distance, target_rows, source_table, numbers, w_rbf, norms, linears, basis=tiles.basis, precision=tiles.precision
+  )
+
+
 def _radial_profile_fwd(tiles, args):
   _reject_forward_mode(args)
-  # Calling the custom_vjp function (not the kernel) keeps an outer reverse pass on these rules.
-  return _radial_profile(tiles, args), args
+  distance, target_rows, source_table, numbers, _, w_rbf, norms, linears = args
+  # Differentiated calls run the twin in XLA; its pullback (a pytree of the residual arrays) is the residual.
+  twin = lambda *floats: _twin(tiles, *floats[:3], numbers, *floats[3:])
+  return jax.vjp(twin, distance, target_rows, source_table, w_rbf, norms, linears)
 
 
-def _radial_profile_bwd(tiles, args, ct):
-  d_distance = _distance_cotangent(tiles, args, ct)
-  # The other cotangents in XLA, by the twin: dropped from programs that do not read them (forces).
-  return ((d_distance, *_twin_cotangents(tiles, args, ct)[1:]),)
+def _radial_profile_bwd(tiles, pullback, ct):
+  d_distance, d_target, d_source, d_w_rbf, d_norms, d_linears = pullback(ct)
+  return ((d_distance, d_target, d_source, None, None, d_w_rbf, d_norms, d_linears),)
 
 
 _radial_profile.defvjp(_radial_profile_fwd, _radial_profile_bwd)
@@ -331,7 +219,7 @@ def pallas_radial_profile(
   interpret: bool | None = None,
   block_r: int = 0,
   block_b: int = 32,
-  num_warps: int = 4,
+  num_warps: int = 0,
   num_stages: int = 1,
 ):
   """Fused radial profile; same math, arguments and result as ``radial_jnp.jnp_radial_profile``.
@@ -341,12 +229,13 @@ def pallas_radial_profile(
       ``jnp_radial_profile`` (float32).
     precision: matmul precision of the products; the basis, norms, activations and accumulations are float32.
     interpret: run the kernels in Pallas interpret mode; None = when the default backend is not a GPU.
-    block_r: slots per program (a power of two); 0 = ``REGISTER_BUDGET`` over the widest padded layer, at most 128.
+    block_r: slots per program (a power of two); 0 = 32, or 128 where a layer is wider than 128.
     block_b: radial basis functions per step of the first layer (a power of two, >= 16).
-    num_warps, num_stages: Triton launch parameters.
+    num_warps, num_stages: Triton launch parameters (num_warps 0 = 4, or 8 where a layer is wider than 128).
 
   Returns:
-    [N, K, O]. Differentiable in reverse mode to any order (``jax.custom_vjp``); forward mode raises a TypeError.
+    [N, K, O]. Differentiable in reverse mode to any order, by the twin (``jax.custom_vjp``); forward mode raises a
+    TypeError.
   """
   norms = tuple(tuple(pair) for pair in norms)
   linears = tuple(tuple(pair) for pair in linears)
@@ -363,7 +252,10 @@ def pallas_radial_profile(
       f"{source_numbers.shape}, {w_rbf.shape}"
     )
   widest = max(_width(w.shape[1]) for w in (w_rbf, *(w for w, _ in linears)))
-  block_r = block_r or max(16, min(128, REGISTER_BUDGET // widest))
+  # The fastest of five tilings (benchmarks/radial.py, H200, TF32, 4,096 atoms, 2026-12-07): 32 slots and 4 warps
+  # with 128-wide layers, 128 slots and 8 warps with the edge-degree embedding's 256-wide output.
+  default_r, default_warps = (32, 4) if widest <= 128 else (128, 8)
+  block_r, num_warps = block_r or default_r, num_warps or default_warps
   if block_r & (block_r - 1) or block_b < 16 or block_b & (block_b - 1):
     raise ValueError(f"block_r must be a power of two and block_b a power of two >= 16, got {block_r}, {block_b}")
   args = (distance, target_rows, source_table, source_numbers, basis_centers(basis[0], basis[1]), w_rbf, norms, linears)

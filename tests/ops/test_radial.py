@@ -1,8 +1,9 @@
-"""The fused radial-profile kernels against their jnp twin (interpret mode on the CPU), and their CUDA lowering.
+"""The fused radial-profile kernel against its jnp twin (interpret mode on the CPU), and its CUDA lowering.
 
-One jitted function per configuration returns, for the kernels and for the twin, the forward output, the VJP
+One jitted function per configuration returns, for the kernel and for the twin, the forward output, the VJP
 with respect to every float input and the VJP of the distances' cotangent (the force-matching order), so
-``_results`` compiles once per configuration. Inputs are drawn fresh for every session (the seed is in the
+``_results`` compiles once per configuration. The derivatives are the twin's (``radial_pallas``), so those orders
+check that the op hands them over unchanged. Inputs are drawn fresh for every session (the seed is in the
 failure message).
 """
 
@@ -119,11 +120,11 @@ def test_entry_point_dispatch_and_errors():
 
 
 @pytest.mark.parametrize("last", [128, 256, None])
-def test_kernels_lower_for_cuda_at_paper_sizes(last):
-  """Forward and backward kernels at the paper's sizes (B = 256, A = 128, K = 32; the gates' hidden layer, rho's
-  128 heads, the edge-degree embedding's 256 channels), every precision, lowered to Triton for an abstract H100;
-  the forces' program holds no per-slot basis [N, K, B] or hidden [N, K, A] array outside them (of the widths
-  other than the output's, which the program holds as the output and its cotangent)."""
+def test_kernel_lowers_for_cuda_at_paper_sizes(last):
+  """The forward kernel at the paper's sizes (B = 256, A = 128, K = 32; the gates' hidden layer, rho's 128 heads,
+  the edge-degree embedding's 256 channels), every precision, lowered to Triton for an abstract H100: the program
+  holds no per-slot basis [N, K, B] or hidden [N, K, A] array outside the kernel (of the widths other than the
+  output's). The forces' program is the twin's derivative in XLA, with no kernel in it."""
   n, k, b, a = 256, 32, 256, 128
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   norms = ((f32(a), f32(a)), (f32(a), f32(a)))
@@ -131,21 +132,14 @@ def test_kernels_lower_for_cuda_at_paper_sizes(last):
   args = (f32(n, k), f32(n, a), f32(10, a), jax.ShapeDtypeStruct((n, k), jnp.int32), f32(b, a), norms, linears)
   widths = {b, a} - {last or a}
   for precision in ("highest", "tensorfloat32", "bfloat16"):
-
-    def forces(distance, *rest, precision=precision):
-      fn = lambda d: pallas_radial_profile(d, *rest, basis=(5.0, b, 2.0), precision=precision, interpret=False)
-      return jax.grad(lambda d: jnp.sum(jnp.sin(fn(d))))(distance)
-
-    text = cuda_lowering(forces, *args).as_text()
-    kernels = [line for line in text.splitlines() if TRITON_CALL in line]
-    assert any("_forward_kernel" in l for l in kernels) and any("_backward_kernel" in l for l in kernels)
+    profile = functools.partial(pallas_radial_profile, basis=(5.0, b, 2.0), precision=precision, interpret=False)
+    text = cuda_lowering(profile, *args).as_text()
+    assert any("_forward_kernel" in line for line in text.splitlines() if TRITON_CALL in line), precision
     assert not _per_slot_lines(text, n, k, widths), (precision, last)
-
-  # The check bites: the twin's forces form the basis and hidden arrays.
-  def twin(distance, *rest):
-    fn = lambda d: jnp_radial_profile(d, *rest, basis=(5.0, b, 2.0), precision="tensorfloat32")
-    return jax.grad(lambda d: jnp.sum(jnp.sin(fn(d))))(distance)
-
+    forces = lambda distance, *rest: jax.grad(lambda d: jnp.sum(jnp.sin(profile(d, *rest))))(distance)
+    assert TRITON_CALL not in cuda_lowering(forces, *args).as_text(), precision
+  # The check bites: the twin forms the basis and hidden arrays.
+  twin = functools.partial(jnp_radial_profile, basis=(5.0, b, 2.0), precision="tensorfloat32")
   assert _per_slot_lines(cuda_lowering(twin, *args).as_text(), n, k, widths)
 
 

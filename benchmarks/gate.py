@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import emit, median_ms, stamp
+from benchmarks.report import emit, max_relative, median_ms, stamp
 from pallas_kernels.gate_jnp import jnp_direction_gate
 from pallas_kernels.gate_pallas import pallas_direction_gate
 
@@ -68,11 +68,6 @@ def case_fn(gate, case: str):
 
   grad = jax.grad(loss, argnums=argnums)
   return jax.jit(lambda args, ct: grad(*args, ct))
-
-
-def max_relative(out, ref) -> float:
-  leaves = zip(jax.tree.leaves(out), jax.tree.leaves(ref))
-  return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in leaves)
 
 
 def main():

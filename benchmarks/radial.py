@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import emit, median_ms, stamp
+from benchmarks.report import emit, max_relative, median_ms, stamp
 from pallas_kernels.radial_jnp import jnp_radial_profile
 from pallas_kernels.radial_pallas import pallas_radial_profile
 
@@ -59,11 +59,6 @@ def inputs(num_atoms: int, profile: str, seed: int = 0):
   norms = tuple((1.0 + f32(A, scale=0.1), f32(A, scale=0.1)) for _ in range(2))
   linears = tuple((f32(i, o, scale=i**-0.5), f32(o, scale=0.1)) for i, o in zip(widths[:-1], widths[1:]))
   return distance, f32(num_atoms, A), f32(ELEMENTS, A), numbers, f32(B, A, scale=B**-0.5), norms, linears
-
-
-def max_relative(out, ref) -> float:
-  leaves = zip(jax.tree.leaves(out), jax.tree.leaves(ref))
-  return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in leaves)
 
 
 def main():

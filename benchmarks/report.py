@@ -1,5 +1,5 @@
 """One JSON line per benchmark row: stamped with the card, date and jax version, printed and appended to a file;
-and the median time of a jitted call."""
+the median time of a jitted call; and the largest relative difference of two results."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def stamp(row: dict) -> dict:
@@ -36,3 +37,9 @@ def median_ms(fn, args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times) * 1e3
+
+
+def max_relative(out, ref) -> float:
+  """The largest of max|out - ref| / max|ref| over the leaves of two pytrees of arrays."""
+  leaves = zip(jax.tree.leaves(out), jax.tree.leaves(ref))
+  return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in leaves)

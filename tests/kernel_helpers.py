@@ -1,5 +1,6 @@
 """Shared by the kernel tests: the CUDA lowering of a function on the CPU host (an abstract H100: Pallas kernels
-are lowered to Triton, not compiled), and abstract inputs of the attention op (nothing allocated)."""
+are lowered to Triton, not compiled), abstract inputs of the attention op (nothing allocated), and the relative
+errors of a kernel's results against its twin's."""
 
 import warnings
 
@@ -36,3 +37,11 @@ def attention_inputs(n, k, h, d, c, r, *, m=None, shifts=False) -> dict:
     rows=f32(m, r, c),
     shifts=f32(n, k, 3) if shifts else None,
   )
+
+
+def relative_errors(got, want):
+  """(shape, max|got - want| / max|want|) per leaf of two pytrees of arrays; a leaf whose twin value is all zero
+  (a cotangent that vanishes identically, such as a bias's second-order one) is compared absolutely."""
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    scale = float(jnp.max(jnp.abs(b)))
+    yield a.shape, float(jnp.max(jnp.abs(a - b))) / (scale or 1.0)

@@ -59,7 +59,7 @@ def kernel_implementation(attention_impl: str, precision: str, num_atoms: int) -
   """The implementation of the per-edge ops with fused Pallas kernels (the direction gate, the radial profiles):
   "pallas" where the attention op runs its Pallas kernel (``ModelConfig.attention_impl`` "auto" on a GPU, or
   "pallas") and the products are TF32 or bfloat16, else "jnp". In true float32 Triton's products run below
-  cuBLAS's, so "highest" keeps the XLA form (docs/kernel.md §7)."""
+  cuBLAS's, so "highest" keeps the XLA form (docs/kernel.md §7, §8)."""
   fused = attention_impl in ("auto", "pallas") and resolve_implementation(attention_impl, num_atoms) == "pallas"
   return "pallas" if fused and precision != "highest" else "jnp"
 

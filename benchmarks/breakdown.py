@@ -2,7 +2,8 @@
 
 Parts (each jitted alone on the benchmark structure of ``benchmarks/model.py``, the paper backbone):
 
-* ``geometry``: edge vectors, distances, envelope and the Gaussian basis of the [N, K] slots (once per call).
+* ``geometry``: edge vectors, distances and envelope of the [N, K] slots (once per call; the Gaussian basis is
+  formed inside each radial profile, ``pallas_kernels.radial_profile``).
 * ``edge_degree``: the edge-degree embedding (per-edge radial MLPs per degree, spherical harmonics).
 * ``gates``: every block's per-edge gate and rho ([N, K, hidden] MLPs, degree contractions), all blocks.
 * ``attention_op``: every block's node-centric attention aggregate (``pallas_kernels.node_attention``).
@@ -72,7 +73,7 @@ def parts(model: E2Former, graph):
 
   def geometry_part(positions):
     g = edge_geometry(graph.replace(positions=positions), cfg)
-    return g.rbf, g.envelope, g.vectors
+    return g.distance, g.envelope, g.vectors
 
   def edge_degree_part(positions):
     return model.edge_degree(graph, edge_geometry(graph.replace(positions=positions), cfg))

@@ -1,4 +1,4 @@
-"""Edge geometry shared by all layers: per-slot vectors and distances, cutoff envelope, radial basis."""
+"""Edge geometry shared by all layers: per-slot vectors and distances, cutoff envelope, radial basis parameters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import jax.numpy as jnp
 
 from e2former_jax.config import ModelConfig
 from e2former_jax.graph import AtomGraph
-from pallas_kernels.radial_jnp import gaussian_basis
 
 
 @functools.partial(
@@ -36,12 +35,6 @@ class EdgeGeometry:
   envelope: jax.Array
   basis: tuple[float, int, float]
 
-  @property
-  def rbf(self) -> jax.Array:
-    """[N, K, num_basis] Gaussian basis of |r_ij|, computed where it is read: inside a chunk of atoms
-    (``chunking.py``) only the chunk's basis exists, in the forward pass and in the backward pass."""
-    return gaussian_basis(self.distance, *self.basis)
-
 
 def polynomial_envelope(distance: jax.Array, cutoff: float) -> jax.Array:
   """phi(d) = max(1 - 6 t^5 + 15 t^4 - 10 t^3, 0), t = d / cutoff (the ``e2formerv2`` branch)."""
@@ -65,7 +58,7 @@ def cutoff_envelope(distance: jax.Array, cutoff: float, kind: str) -> jax.Array:
 
 
 def edge_geometry(graph: AtomGraph, cfg: ModelConfig) -> EdgeGeometry:
-  """Per-slot vectors, distances, validity, envelope and radial basis of a padded graph."""
+  """Per-slot vectors, distances, validity, envelope and radial basis parameters of a padded graph."""
   vectors = graph.positions[:, None, :] - graph.positions[graph.neighbors] - graph.neighbor_shift
   squared = jnp.sum(vectors**2, axis=-1)
   valid = graph.neighbor_mask & (squared <= cfg.cutoff**2) & (squared > 0)

@@ -16,7 +16,6 @@ from e2former_jax import so3
 from e2former_jax.norms import LayerNorm
 from pallas_kernels.api import radial_profile, resolve_implementation
 from pallas_kernels.gate_jnp import matmul
-from pallas_kernels.radial_jnp import gaussian_basis
 
 # e3nn's normalize2mom constants (docs/model.md §5).
 SILU_2MOM = 1.6791767923989418
@@ -109,11 +108,6 @@ class EdgeFeatures:
       source_numbers,
       implementation,
     )
-
-  @property
-  def rbf(self) -> jax.Array:
-    """[N, K, B] radial basis of the slots."""
-    return gaussian_basis(self.distance, *self.basis)
 
   @property
   def size(self) -> int:

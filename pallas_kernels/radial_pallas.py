@@ -86,27 +86,26 @@ class _Program:
     self.num_r = dist_ref.shape[0]
     self.r, self.r_ok = _arange(pl.program_id(0) * tiles.block_r, tiles.block_r, self.num_r)
     self.distance = pltriton.load(dist_ref.at[self.r], mask=self.r_ok, other=1.0).astype(jnp.float32)
-    self.refs = (target_ref, source_ref, numbers_ref, centers_ref)
+    self.target_ref, self.source_ref = target_ref, source_ref
+    self.numbers_ref, self.centers_ref = numbers_ref, centers_ref
     cutoff, num_basis, width = tiles.basis
     self.num_b, self.two_sigma2 = num_basis, 2.0 * basis_sigma(cutoff, num_basis, width) ** 2
 
   def basis_chunk(self, c):
     """Chunk c of the radial basis: its functions b (and mask) and rbf [block_r, block_b] (zero past B)."""
     b, b_ok = _arange(c * self.tiles.block_b, self.tiles.block_b, self.num_b)
-    mu = pltriton.load(self.refs[3].at[b], mask=b_ok, other=0.0).astype(jnp.float32)
+    mu = pltriton.load(self.centers_ref.at[b], mask=b_ok, other=0.0).astype(jnp.float32)
     diff = self.distance[:, None] - mu[None, :]
     return b, b_ok, jnp.where(b_ok[None, :], jnp.exp(-(diff * diff) / self.two_sigma2), 0.0)
 
   def first_layer(self, w_rbf_ref, width: int):
     """x_0 [block_r, width] = rbf W_rbf + target_rows[n] + source_table[z] (padded columns zero)."""
-    target_ref, source_ref, numbers_ref, _ = self.refs
-    num_a = w_rbf_ref.shape[1]
-    a, a_ok = _arange(0, width, num_a)
-    z = pltriton.load(numbers_ref.at[self.r], mask=self.r_ok, other=0)
+    a, a_ok = _arange(0, width, w_rbf_ref.shape[1])
+    z = pltriton.load(self.numbers_ref.at[self.r], mask=self.r_ok, other=0)
     n = self.r // self.num_k
     mask = self.r_ok[:, None] & a_ok[None, :]
-    x = pltriton.load(target_ref.at[n[:, None], a[None, :]], mask=mask, other=0.0).astype(jnp.float32)
-    x = x + pltriton.load(source_ref.at[z[:, None], a[None, :]], mask=mask, other=0.0).astype(jnp.float32)
+    x = pltriton.load(self.target_ref.at[n[:, None], a[None, :]], mask=mask, other=0.0).astype(jnp.float32)
+    x = x + pltriton.load(self.source_ref.at[z[:, None], a[None, :]], mask=mask, other=0.0).astype(jnp.float32)
 
     def step(c, x):
       b, b_ok, rbf = self.basis_chunk(c)

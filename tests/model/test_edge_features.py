@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from e2former_jax.layers import EdgeFeatures, RadialProfile
+from pallas_kernels.radial_jnp import gaussian_basis
 
 N, K, B, T, S = 7, 5, 6, 4, 3
 BASIS = (5.0, B, 2.0)
@@ -32,7 +33,8 @@ def parts(seed=0, implementation="jnp"):
 
 def concatenated(e: EdgeFeatures) -> jax.Array:
   target = jnp.broadcast_to(e.target_table[e.target_numbers][:, None], (N, K, T))
-  return jnp.concatenate([e.rbf, target, e.source_table[e.source_numbers]], axis=-1)
+  rbf = gaussian_basis(e.distance, *e.basis)
+  return jnp.concatenate([rbf, target, e.source_table[e.source_numbers]], axis=-1)
 
 
 @pytest.mark.parametrize("implementation", ["jnp", "pallas"])

@@ -15,7 +15,8 @@ products, plus 2 F (L+1)^2 + (L+1) F = 5,376 in the contractions and the product
 reads its [N, K, (L+1) F] arrays (3,072 bytes per slot each) in device memory.
 
 Usage: PYTHONPATH=$PWD python benchmarks/gate.py --atoms 4096 --precision tensorfloat32 highest --sweep \
-           --json $OUT/gate.jsonl  (``--tiles 4/16/8/1 ...``: other tilings, block_t/block_f/warps/stages)
+           --json $OUT/gate.jsonl  (``--tiles 4/32/8/1 ...``: other tilings, block_t/block_f/warps/stages of the
+           forward kernel, the backward's default; ``4/64/8/2/16/1`` also sets the backward's block_f/stages)
 """
 
 from __future__ import annotations
@@ -37,14 +38,19 @@ S = (L + 1) ** 2
 FLOP_PER_SLOT = 2 * A * (L + 1) * F + 2 * (L + 1) * F * H + 2 * F * S + (L + 1) * F
 CASES = ("forward", "forces", "training")
 TILES = [
-  dict(block_t=t, block_f=f, num_warps=w, num_stages=s)
-  for t, f, w, s in itertools.product((2, 4), (32, 64), (4, 8), (1, 3))
+  dict(block_t=t, block_f=f, num_warps=w, num_stages=s, backward_block_f=f, backward_num_stages=s)
+  for t, f, w, s in itertools.product((2, 4), (32, 64), (4, 8), (1, 2))
 ]
+TILE_OPTIONS = ("block_t", "block_f", "num_warps", "num_stages", "backward_block_f", "backward_num_stages")
 
 
 def parse_tiles(text: str) -> dict:
-  """The kernel options block_t, block_f, num_warps and num_stages written as "4/32/8/1"."""
-  return dict(zip(("block_t", "block_f", "num_warps", "num_stages"), map(int, text.split("/")), strict=True))
+  """The kernel options written as "4/64/8/2" (block_t, block_f, num_warps, num_stages) or "4/64/8/2/32/1" (and
+  backward_block_f, backward_num_stages)."""
+  values = list(map(int, text.split("/")))
+  if len(values) not in (4, 6):
+    raise ValueError(f"tiles are T/F/W/S or T/F/W/S/BF/BS, got {text!r}")
+  return dict(zip(TILE_OPTIONS, values))
 
 
 def inputs(num_atoms: int, seed: int = 0):
@@ -77,7 +83,11 @@ def main():
   parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
   parser.add_argument("--sweep", action="store_true", help=f"also time the {len(TILES)} tilings (not training)")
   parser.add_argument(
-    "--tiles", nargs="+", default=[], metavar="T/F/W/S", help="also time these tilings: block_t/block_f/warps/stages"
+    "--tiles",
+    nargs="+",
+    default=[],
+    metavar="T/F/W/S[/BF/BS]",
+    help="also time these tilings: block_t/block_f/warps/stages[/backward block_f/backward stages]",
   )
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--json")

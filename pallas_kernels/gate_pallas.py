@@ -7,7 +7,9 @@ One program takes ``block_t`` target atoms with all their K slots, a [block_t K,
 walks the columns (l, f) in chunks of ``block_f``: the chunk of the last layer (a [block_t K, A] x [A, block_f]
 product), the chunk of the contractions (elementwise, the target's rows P_n,(l,m) broadcast over its slots) and
 their product times the chunk of the output layer ([block_t K, block_f] x [block_f, H]), accumulated in float32.
-Only u, Y, P and the weights are read and only g [N, K, H] is written.
+Only u, Y, P and the weights are read and only g [N, K, H] is written. The forward reads both weight matrices
+transposed (made in XLA, 2 x 98k floats for the paper's model): each product then finds its weight chunk with the
+contracted axis contiguous, the layout in which Triton's TF32 products on Hopper run fastest (docs/kernel.md §7).
 
 Gradients (``jax.custom_vjp``). The backward kernel takes the same tiles and, per chunk, the product's cotangent
 ct W_gate^T: it accumulates du = (ct W_gate^T * t) W_mix^T and dY, and writes dP of the chunk's columns (a
@@ -48,16 +50,20 @@ class GateTiles:
   """Static tiling of the gate kernels (hashable: a ``nondiff_argnums`` argument).
 
   Attributes:
-    block_t: target atoms per program (block_t * padded K rows per tile).
-    block_f: columns (l, f) per step of the walk over a degree's F channels.
+    block_t: target atoms per program (block_t * padded K rows per tile), both kernels.
+    block_f: columns (l, f) per step of the forward's walk over a degree's F channels.
+    backward_block_f: the same for the backward kernel.
     precision: matmul precision of the two products ("highest", "tensorfloat32", "bfloat16").
-    launch: Triton launch parameters and interpret mode.
+    launch: the forward kernel's Triton launch parameters and interpret mode.
+    backward_launch: the backward kernel's.
   """
 
   block_t: int
   block_f: int
+  backward_block_f: int
   precision: str
   launch: _Launch
+  backward_launch: _Launch
 
 
 def _dot(x, w, precision: str, transpose_w: bool = False):
@@ -115,46 +121,57 @@ class _ChunkWalk:
   """What both kernels hold for their tile (the rows of u, the slots' harmonics) and the factors of one chunk of
   columns (l, f), which both compute the same way."""
 
-  def __init__(self, tiles: GateTiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref):
+  def __init__(
+    self, tiles: GateTiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, *, block_f: int, k_major: bool
+  ):
     num_n, num_k, self.num_a = u_ref.shape
     num_s, self.num_f = proj_ref.shape[1:]
-    self.num_h = w_gate_ref.shape[1]
+    self.k_major = k_major
+    self.num_h = w_gate_ref.shape[0 if k_major else 1]
     self.width_a, self.width_h = _width(self.num_a), _width(self.num_h)
-    self.tiles, self.refs = tiles, (proj_ref, w_mix_ref, b_mix_ref, w_gate_ref)
+    self.tiles, self.block_f, self.refs = tiles, block_f, (proj_ref, w_mix_ref, b_mix_ref, w_gate_ref)
     self.tile = _Tile(num_n, num_k, tiles.block_t)
     self.u = self.tile.load_rows(u_ref, self.width_a, self.num_a)
     self.harmonics = [self.tile.load_harmonic(sh_ref, lm) for lm in range(num_s)]
     self.degrees = range(math.isqrt(num_s))
-    self.num_chunks = pl.cdiv(self.num_f, tiles.block_f)
+    self.num_chunks = pl.cdiv(self.num_f, block_f)
 
   def factors(self, l: int, c):
-    """Chunk c of degree l: its channels f and their mask, the chunk's W_mix columns [Ap, block_f] and W_gate rows
-    [block_f, Hp], m = u W_mix + b_mix [T Kp, block_f], the target's P rows [T, block_f] per m, and
-    t [T, Kp, block_f]."""
+    """Chunk c of degree l: its channels f and their mask, the chunk's W_mix columns and W_gate rows ([Ap, block_f]
+    and [block_f, Hp]; transposed with ``k_major``), m = u W_mix + b_mix [T Kp, block_f], the target's P rows
+    [T, block_f] per m, and t [T, Kp, block_f]."""
     proj_ref, w_mix_ref, b_mix_ref, w_gate_ref = self.refs
-    f, f_ok = _arange(c * self.tiles.block_f, self.tiles.block_f, self.num_f)
+    f, f_ok = _arange(c * self.block_f, self.block_f, self.num_f)
     col = l * self.num_f + f
     a, a_ok = _arange(0, self.width_a, self.num_a)
     h, h_ok = _arange(0, self.width_h, self.num_h)
-    w_mix = pltriton.load(w_mix_ref.at[a[:, None], col[None, :]], mask=a_ok[:, None] & f_ok[None, :], other=0.0)
+    if self.k_major:  # W_mix^T [(L+1) F, A] and W_gate^T [H, (L+1) F]: chunks [block_f, Ap] and [Hp, block_f]
+      w_mix = pltriton.load(w_mix_ref.at[col[:, None], a[None, :]], mask=f_ok[:, None] & a_ok[None, :], other=0.0)
+      w_gate = pltriton.load(w_gate_ref.at[h[:, None], col[None, :]], mask=h_ok[:, None] & f_ok[None, :], other=0.0)
+    else:  # W_mix [A, (L+1) F] and W_gate [(L+1) F, H]: chunks [Ap, block_f] and [block_f, Hp]
+      w_mix = pltriton.load(w_mix_ref.at[a[:, None], col[None, :]], mask=a_ok[:, None] & f_ok[None, :], other=0.0)
+      w_gate = pltriton.load(w_gate_ref.at[col[:, None], h[None, :]], mask=f_ok[:, None] & h_ok[None, :], other=0.0)
     b_mix = pltriton.load(b_mix_ref.at[col], mask=f_ok, other=0.0)
-    w_gate = pltriton.load(w_gate_ref.at[col[:, None], h[None, :]], mask=f_ok[:, None] & h_ok[None, :], other=0.0)
     w_mix, w_gate = w_mix.astype(jnp.float32), w_gate.astype(jnp.float32)
-    mixed = _dot(self.u, w_mix, self.tiles.precision) + b_mix.astype(jnp.float32)[None, :]
+    mixed = _dot(self.u, w_mix, self.tiles.precision, self.k_major) + b_mix.astype(jnp.float32)[None, :]
     projected = [self.tile.load_projected(proj_ref, lm, f, f_ok) for lm in range(l * l, (l + 1) ** 2)]
     t = sum(self.harmonics[l * l + m][:, :, None] * p[:, None, :] for m, p in enumerate(projected))
     return f, f_ok, w_mix, w_gate, mixed, projected, t
 
 
-def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, b_gate_ref, g_ref, *, tiles):
-  """g [N, K, H] for the program's ``block_t`` targets (refs as ``jnp_direction_gate``'s arguments)."""
-  walk = _ChunkWalk(tiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref)
+def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate_t_ref, b_gate_ref, g_ref, *, tiles):
+  """g [N, K, H] for the program's ``block_t`` targets (refs as ``jnp_direction_gate``'s arguments, the two weight
+  matrices transposed: both products then read their weight chunks with the contracted axis contiguous, which
+  Triton's TF32 products on Hopper run up to 1.5x faster, docs/kernel.md §7)."""
+  walk = _ChunkWalk(
+    tiles, u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate_t_ref, block_f=tiles.block_f, k_major=True
+  )
   acc = jnp.zeros((walk.u.shape[0], walk.width_h), jnp.float32)
   for l in walk.degrees:
 
     def chunk(c, acc, l=l):
       _, _, _, w_gate, mixed, _, t = walk.factors(l, c)
-      return acc + _dot(t.reshape(mixed.shape) * mixed, w_gate, tiles.precision)
+      return acc + _dot(t.reshape(mixed.shape) * mixed, w_gate, tiles.precision, transpose_w=True)
 
     acc = lax.fori_loop(0, walk.num_chunks, chunk, acc)
   h, h_ok = _arange(0, walk.width_h, walk.num_h)
@@ -165,7 +182,9 @@ def _gate_backward_kernel(
   u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, ct_ref, du_ref, dsh_ref, dproj_ref, *, tiles
 ):
   """du [N, K, A], dY [N, K, S] and dP [N, S, F] from the cotangent ct [N, K, H] of g."""
-  walk = _ChunkWalk(tiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref)
+  walk = _ChunkWalk(
+    tiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, block_f=tiles.backward_block_f, k_major=False
+  )
   tile = walk.tile
   ct = tile.load_rows(ct_ref, walk.width_h, walk.num_h)
   du = jnp.zeros_like(walk.u)
@@ -204,13 +223,14 @@ def _forward(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, b_gate):
   num_n, num_k = u.shape[:2]
   out = jax.ShapeDtypeStruct((num_n, num_k, w_gate.shape[1]), u.dtype)
   kernel = functools.partial(_gate_forward_kernel, tiles=tiles)
-  return tiles.launch.call(kernel, out, _grid(tiles, num_n))(u, sh, proj, w_mix, b_mix, w_gate, b_gate)
+  return tiles.launch.call(kernel, out, _grid(tiles, num_n))(u, sh, proj, w_mix.T, b_mix, w_gate.T, b_gate)
 
 
 def _input_cotangents_kernel(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, ct):
   outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (u, sh, proj)]
   kernel = functools.partial(_gate_backward_kernel, tiles=tiles)
-  return tuple(tiles.launch.call(kernel, outs, _grid(tiles, u.shape[0]))(u, sh, proj, w_mix, b_mix, w_gate, ct))
+  call = tiles.backward_launch.call(kernel, outs, _grid(tiles, u.shape[0]))
+  return tuple(call(u, sh, proj, w_mix, b_mix, w_gate, ct))
 
 
 def _twin_cotangents(precision: str, u, sh, proj, w_mix, b_mix, w_gate, b_gate, ct):
@@ -276,9 +296,11 @@ def pallas_direction_gate(
   precision: str = "highest",
   interpret: bool | None = None,
   block_t: int = 4,
-  block_f: int = 32,
+  block_f: int = 64,
   num_warps: int = 8,
-  num_stages: int = 1,
+  num_stages: int = 2,
+  backward_block_f: int = 32,
+  backward_num_stages: int = 1,
 ):
   """Fused direction gate; same math, arguments and result as ``gate_jnp.jnp_direction_gate``.
 
@@ -286,9 +308,12 @@ def pallas_direction_gate(
     u, sh, proj, w_mix, b_mix, w_gate, b_gate: as ``jnp_direction_gate`` (float32).
     precision: matmul precision of the two products; the contractions and accumulations are float32.
     interpret: run the kernels in Pallas interpret mode; None = when the default backend is not a GPU.
-    block_t: target atoms per program (a power of two).
-    block_f: columns per step of the walk over each degree's channels (a power of two, >= 16).
-    num_warps, num_stages: Triton launch parameters.
+    block_t: target atoms per program of both kernels (a power of two).
+    block_f: columns per step of the forward's walk over each degree's channels (a power of two, >= 16).
+    num_warps: Triton's warps per program, both kernels.
+    num_stages: Triton's pipelining stages of the forward kernel.
+    backward_block_f, backward_num_stages: block_f and num_stages of the backward kernel.
+    The defaults are the fastest tilings measured (benchmarks/gate.py, H100, TF32, 4,096 atoms, 2026-12-07).
 
   Returns:
     g [N, K, H]. Differentiable in reverse mode to any order (``jax.custom_vjp``); forward mode raises a
@@ -306,10 +331,20 @@ def pallas_direction_gate(
     )
   if b_gate.shape != w_gate.shape[1:]:
     raise ValueError(f"b_gate must be [H] = {w_gate.shape[1:]}, got {b_gate.shape}")
-  if block_t < 1 or block_t & (block_t - 1) or block_f < MIN_DOT or block_f & (block_f - 1):
-    raise ValueError(f"block_t must be a power of two and block_f a power of two >= 16, got {block_t}, {block_f}")
+  if block_t < 1 or block_t & (block_t - 1) or any(f < MIN_DOT or f & (f - 1) for f in (block_f, backward_block_f)):
+    raise ValueError(
+      f"block_t must be a power of two and block_f, backward_block_f powers of two >= 16, got {block_t}, "
+      f"{block_f}, {backward_block_f}"
+    )
   _reject_forward_mode(u, sh, proj, w_mix, b_mix, w_gate, b_gate)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  tiles = GateTiles(block_t, block_f, precision, _Launch(bool(interpret), num_warps, num_stages))
+  tiles = GateTiles(
+    block_t,
+    block_f,
+    backward_block_f,
+    precision,
+    _Launch(bool(interpret), num_warps, num_stages),
+    _Launch(bool(interpret), num_warps, backward_num_stages),
+  )
   return _direction_gate(tiles, u, sh, proj, w_mix, b_mix, w_gate, b_gate)

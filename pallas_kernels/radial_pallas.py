@@ -61,10 +61,10 @@ class RadialTiles:
 
 
 def _load_matrix(ref, num_rows_padded: int, num_cols_padded: int):
-  """A whole [I, O] weight, padded with zeros to [Ip, Op], as float32."""
-  i, i_ok = _arange(0, num_rows_padded, ref.shape[0])
-  o, o_ok = _arange(0, num_cols_padded, ref.shape[1])
-  w = pltriton.load(ref.at[i[:, None], o[None, :]], mask=i_ok[:, None] & o_ok[None, :], other=0.0)
+  """A whole [O, I] weight (a Linear's transposed), padded with zeros to [Op, Ip], as float32."""
+  o, o_ok = _arange(0, num_rows_padded, ref.shape[0])
+  i, i_ok = _arange(0, num_cols_padded, ref.shape[1])
+  w = pltriton.load(ref.at[o[:, None], i[None, :]], mask=o_ok[:, None] & i_ok[None, :], other=0.0)
   return w.astype(jnp.float32)
 
 
@@ -98,9 +98,9 @@ class _Program:
     diff = self.distance[:, None] - mu[None, :]
     return b, b_ok, jnp.where(b_ok[None, :], jnp.exp(-(diff * diff) / self.two_sigma2), 0.0)
 
-  def first_layer(self, w_rbf_ref, width: int):
-    """x_0 [block_r, width] = rbf W_rbf + target_rows[n] + source_table[z] (padded columns zero)."""
-    a, a_ok = _arange(0, width, w_rbf_ref.shape[1])
+  def first_layer(self, w_rbf_t_ref, width: int):
+    """x_0 [block_r, width] = rbf W_rbf + target_rows[n] + source_table[z] (padded columns zero), from W_rbf^T."""
+    a, a_ok = _arange(0, width, w_rbf_t_ref.shape[0])
     z = pltriton.load(self.numbers_ref.at[self.r], mask=self.r_ok, other=0)
     n = self.r // self.num_k
     mask = self.r_ok[:, None] & a_ok[None, :]
@@ -109,8 +109,8 @@ class _Program:
 
     def step(c, x):
       b, b_ok, rbf = self.basis_chunk(c)
-      w = pltriton.load(w_rbf_ref.at[b[:, None], a[None, :]], mask=b_ok[:, None] & a_ok[None, :], other=0.0)
-      return x + _dot(rbf, w.astype(jnp.float32), self.tiles.precision)
+      w = pltriton.load(w_rbf_t_ref.at[a[:, None], b[None, :]], mask=a_ok[:, None] & b_ok[None, :], other=0.0)
+      return x + _dot(rbf, w.astype(jnp.float32), self.tiles.precision, transpose_w=True)
 
     return lax.fori_loop(0, pl.cdiv(self.num_b, self.tiles.block_b), step, x)
 
@@ -131,19 +131,22 @@ def _split_refs(refs, num_norms: int, num_linears: int):
   return norms, linears, refs[start + 2 * num_linears :]
 
 
-def _widths(w_rbf_ref, linear_refs) -> list[int]:
-  """Real widths of x_0, x_1, ... (the input of each norm, then the last Linear's output)."""
-  return [w_rbf_ref.shape[1]] + [w.shape[1] for w, _ in linear_refs]
+def _widths(w_rbf_t_ref, linear_refs) -> list[int]:
+  """Real widths of x_0, x_1, ... (the input of each norm, then the last Linear's output), from the transposed
+  weights."""
+  return [w_rbf_t_ref.shape[0]] + [w.shape[0] for w, _ in linear_refs]
 
 
 def _forward_kernel(
-  dist_ref, target_ref, source_ref, numbers_ref, centers_ref, w_rbf_ref, *refs, tiles, num_k, num_norms, num_linears
+  dist_ref, target_ref, source_ref, numbers_ref, centers_ref, w_rbf_t_ref, *refs, tiles, num_k, num_norms, num_linears
 ):
-  """out [N K, O] of the program's ``block_r`` slots (refs as ``jnp_radial_profile``'s arguments, flattened)."""
+  """out [N K, O] of the program's ``block_r`` slots (refs as ``jnp_radial_profile``'s arguments, flattened, with
+  every weight matrix transposed: the products then read their weights with the contracted axis contiguous, which
+  Triton's TF32 products on Hopper run faster, docs/kernel.md §7)."""
   norm_refs, linear_refs, (out_ref,) = _split_refs(refs, num_norms, num_linears)
-  widths = _widths(w_rbf_ref, linear_refs)
+  widths = _widths(w_rbf_t_ref, linear_refs)
   program = _Program(tiles, num_k, dist_ref, target_ref, source_ref, numbers_ref, centers_ref)
-  x = program.first_layer(w_rbf_ref, _width(widths[0]))
+  x = program.first_layer(w_rbf_t_ref, _width(widths[0]))
   for i, (scale_ref, bias_ref) in enumerate(norm_refs):
     padded = x.shape[1]
     xhat = _normalised(x, widths[i])
@@ -152,7 +155,8 @@ def _forward_kernel(
     if i < num_linears:
       w_ref, b_ref = linear_refs[i]
       out_padded = _width(widths[i + 1])
-      x = _dot(x, _load_matrix(w_ref, padded, out_padded), tiles.precision) + _load_vector(b_ref, out_padded)[None, :]
+      w = _load_matrix(w_ref, out_padded, padded)
+      x = _dot(x, w, tiles.precision, transpose_w=True) + _load_vector(b_ref, out_padded)[None, :]
   o, o_ok = _arange(0, x.shape[1], out_ref.shape[1])
   pltriton.store(
     out_ref.at[program.r[:, None], o[None, :]], x.astype(out_ref.dtype), mask=program.r_ok[:, None] & o_ok[None, :]
@@ -160,9 +164,9 @@ def _forward_kernel(
 
 
 def _flat_args(distance, target_rows, source_table, source_numbers, centers, w_rbf, norms, linears):
-  """The kernel's operands: the slot arrays flattened to [N K], then the weights in order."""
-  flat = (distance.reshape(-1), target_rows, source_table, source_numbers.reshape(-1), centers, w_rbf)
-  return flat + tuple(x for pair in (*norms, *linears) for x in pair)
+  """The kernel's operands: the slot arrays flattened to [N K], then the weights in order, matrices transposed."""
+  flat = (distance.reshape(-1), target_rows, source_table, source_numbers.reshape(-1), centers, w_rbf.T)
+  return flat + tuple(x for pair in norms for x in pair) + tuple(x for w, b in linears for x in (w.T, b))
 
 
 def _forward(tiles: RadialTiles, *args):
@@ -216,9 +220,9 @@ def pallas_radial_profile(
   basis: tuple[float, int, float],
   precision: str = "highest",
   interpret: bool | None = None,
-  block_r: int = 0,
+  block_r: int = 128,
   block_b: int = 32,
-  num_warps: int = 0,
+  num_warps: int = 8,
   num_stages: int = 1,
 ):
   """Fused radial profile; same math, arguments and result as ``radial_jnp.jnp_radial_profile``.
@@ -228,9 +232,11 @@ def pallas_radial_profile(
       ``jnp_radial_profile`` (float32).
     precision: matmul precision of the products; the basis, norms, activations and accumulations are float32.
     interpret: run the kernels in Pallas interpret mode; None = when the default backend is not a GPU.
-    block_r: slots per program (a power of two); 0 = 32, or 128 where a layer is wider than 128.
+    block_r: slots per program (a power of two).
     block_b: radial basis functions per step of the first layer (a power of two, >= 16).
-    num_warps, num_stages: Triton launch parameters (num_warps 0 = 4, or 8 where a layer is wider than 128).
+    num_warps, num_stages: Triton launch parameters.
+    The defaults are the fastest tiling measured for the model's three kinds of profile (benchmarks/radial.py,
+    H100, TF32, 4,096 atoms, 2026-12-07).
 
   Returns:
     [N, K, O]. Differentiable in reverse mode to any order, by the twin (``jax.custom_vjp``); forward mode raises a
@@ -250,11 +256,6 @@ def pallas_radial_profile(
       f"source_numbers must be [N, K] = {distance.shape} and w_rbf [B, A] with B = {basis[1]} basis functions; got "
       f"{source_numbers.shape}, {w_rbf.shape}"
     )
-  widest = max(_width(w.shape[1]) for w in (w_rbf, *(w for w, _ in linears)))
-  # The fastest of five tilings (benchmarks/radial.py, H200, TF32, 4,096 atoms, 2026-12-07): 32 slots and 4 warps
-  # with 128-wide layers, 128 slots and 8 warps with the edge-degree embedding's 256-wide output.
-  default_r, default_warps = (32, 4) if widest <= 128 else (128, 8)
-  block_r, num_warps = block_r or default_r, num_warps or default_warps
   if block_r & (block_r - 1) or block_b < 16 or block_b & (block_b - 1):
     raise ValueError(f"block_r must be a power of two and block_b a power of two >= 16, got {block_r}, {block_b}")
   args = (distance, target_rows, source_table, source_numbers, basis_centers(basis[0], basis[1]), w_rbf, norms, linears)

@@ -61,7 +61,12 @@ def _results(name: str) -> dict:
   rng = np.random.default_rng(SEED + len(name))
   args, ct, ct2 = _inputs(rng, n, k, a, lmax, f, h)
   kernel = functools.partial(
-    pallas_direction_gate, precision=precision, interpret=True, block_t=block_t, block_f=block_f
+    pallas_direction_gate,
+    precision=precision,
+    interpret=True,
+    block_t=block_t,
+    block_f=block_f,
+    backward_block_f=block_f,
   )
   twin = functools.partial(jnp_direction_gate, precision=precision)
 
@@ -98,8 +103,9 @@ def test_entry_point_dispatch_and_errors():
     direction_gate(*args, precision="highest", implementation="jnp", block_t=2)
   with pytest.raises(ValueError, match="w_mix must be"):
     pallas_direction_gate(*args[:3], args[3][:, :-1], *args[4:], interpret=True)
-  with pytest.raises(ValueError, match="block_f a power of two >= 16"):
-    pallas_direction_gate(*args, interpret=True, block_f=8)
+  for option in ("block_f", "backward_block_f"):
+    with pytest.raises(ValueError, match="backward_block_f powers of two >= 16"):
+      pallas_direction_gate(*args, interpret=True, **{option: 8})
   with pytest.raises(TypeError, match="reverse mode only"):
     jax.jvp(lambda u: pallas_direction_gate(u, *args[1:], interpret=True), (args[0],), (args[0],))
 

@@ -169,11 +169,13 @@ def device_time_per_op(trace_dir: str, module_prefix: str) -> dict[str, float]:
 
 
 def kind_of_work(instruction: str, source: str) -> str:
-  """The kind of work of an instruction, from its name and its "scope | source line": the direction gate's or the
-  attention's Pallas kernels, the attention's softmax in XLA, the EAAS products, the other matrix products, the
-  slices and concatenations around the per-degree products, the norms, or other work."""
+  """The kind of work of an instruction, from its name and its "scope | source line": the direction gate's, the
+  radial profiles' or the attention's Pallas kernels, the attention's softmax in XLA, the EAAS products, the other
+  matrix products, the slices and concatenations around the per-degree products, the norms, or other work."""
   if "gate_pallas.py" in source:
     return "direction gate kernels"
+  if "radial_pallas.py" in source:
+    return "radial profile kernels"
   if instruction.startswith("pallas_call"):
     return "attention forward kernel" if "_fused_forward" in source else "attention backward kernels"
   if "pallas_node_attention" in source:

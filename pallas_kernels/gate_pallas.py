@@ -9,7 +9,7 @@ product), the chunk of the contractions (elementwise, the target's rows P_n,(l,m
 their product times the chunk of the output layer ([block_t K, block_f] x [block_f, H]), accumulated in float32.
 Only u, Y, P and the weights are read and only g [N, K, H] is written. The forward reads both weight matrices
 transposed (made in XLA, 2 x 98k floats for the paper's model): each product then finds its weight chunk with the
-contracted axis contiguous, the layout in which Triton's TF32 products on Hopper run fastest (docs/kernel.md §7).
+contracted axis contiguous, the layout in which Triton's TF32 products on Hopper run fastest (docs/kernel.md §9).
 
 Gradients (``jax.custom_vjp``). The backward kernel takes the same tiles and, per chunk, the product's cotangent
 ct W_gate^T: it accumulates du = (ct W_gate^T * t) W_mix^T and dY, and writes dP of the chunk's columns (a
@@ -162,7 +162,7 @@ class _ChunkWalk:
 def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate_t_ref, b_gate_ref, g_ref, *, tiles):
   """g [N, K, H] for the program's ``block_t`` targets (refs as ``jnp_direction_gate``'s arguments, the two weight
   matrices transposed: both products then read their weight chunks with the contracted axis contiguous, which
-  Triton's TF32 products on Hopper run up to 1.5x faster, docs/kernel.md §7)."""
+  Triton's TF32 products on Hopper run up to 1.5x faster, docs/kernel.md §9)."""
   walk = _ChunkWalk(
     tiles, u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate_t_ref, block_f=tiles.block_f, k_major=True
   )

@@ -142,7 +142,7 @@ def _forward_kernel(
 ):
   """out [N K, O] of the program's ``block_r`` slots (refs as ``jnp_radial_profile``'s arguments, flattened, with
   every weight matrix transposed: the products then read their weights with the contracted axis contiguous, which
-  Triton's TF32 products on Hopper run faster, docs/kernel.md §7)."""
+  Triton's TF32 products on Hopper run faster, docs/kernel.md §9)."""
   norm_refs, linear_refs, (out_ref,) = _split_refs(refs, num_norms, num_linears)
   widths = _widths(w_rbf_t_ref, linear_refs)
   program = _Program(tiles, num_k, dist_ref, target_ref, source_ref, numbers_ref, centers_ref)

@@ -1,6 +1,7 @@
 """Shared by the kernel tests: the CUDA lowering of a function on the CPU host (an abstract H100: Pallas kernels
-are lowered to Triton, not compiled), abstract inputs of the attention op (nothing allocated), and the relative
-errors of a kernel's results against its twin's."""
+are lowered to Triton, not compiled), the equations of a traced program and the matrix products inside its
+kernels, abstract inputs of the attention op (nothing allocated), and the relative errors of a kernel's results
+against its twin's."""
 
 import warnings
 
@@ -19,6 +20,31 @@ def cuda_lowering(fn, *args):
   with warnings.catch_warnings(), use_abstract_mesh(H100):
     warnings.simplefilter("ignore", DeprecationWarning)  # every Triton lowering warns about the backend
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def equations(jaxpr):
+  """Every equation of a traced program and of the programs nested in it (scan and map bodies, custom rules,
+  Pallas kernels)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from equations(inner)
+
+
+def kernel_products(fn, *args) -> list[tuple]:
+  """The contracting dimensions ((lhs,), (rhs,)) of every matrix product inside the Pallas kernels that ``fn``
+  calls on ``args`` (traced, not run)."""
+  calls = [e for e in equations(jax.make_jaxpr(fn)(*args).jaxpr) if e.primitive.name == "pallas_call"]
+  assert calls, "no Pallas kernel in the traced program"
+  return [
+    e.params["dimension_numbers"][0]
+    for call in calls
+    for e in equations(call.params["jaxpr"])
+    if e.primitive.name == "dot_general"
+  ]
 
 
 def attention_inputs(n, k, h, d, c, r, *, m=None, shifts=False) -> dict:

@@ -166,14 +166,3 @@ def force_matching_gradients(cfg, structures, num_graphs=NUM_GRAPHS):
 
   grads, out = evaluate_and_grad(params, graph)
   return out["energy"], out["forces"], jax.tree.leaves(grads)
-
-
-def equations(jaxpr):
-  """Every equation of a traced program and of the programs nested in it (scan and map bodies, custom rules)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          yield from equations(inner)

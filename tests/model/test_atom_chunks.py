@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, equations, force_matching_gradients, molecules, relative
+from kernel_helpers import equations
+from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, force_matching_gradients, molecules, relative
 
 from e2former_jax import chunking
 from e2former_jax.chunking import chunks_fit_sources, distinct_sources, over_atom_chunks, source_capacity

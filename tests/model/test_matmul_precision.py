@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, equations, molecules
+from kernel_helpers import equations
+from model_helpers import NUM_ATOMS, NUM_GRAPHS, TINY, molecules
 
 from e2former_jax.config import get_config
 from e2former_jax.graph import graph_from_atoms

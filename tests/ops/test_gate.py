@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_helpers import cuda_lowering, relative_errors
+from kernel_helpers import cuda_lowering, kernel_products, relative_errors
 
 from pallas_kernels.api import TRITON_CALL, direction_gate
 from pallas_kernels.gate_jnp import jnp_direction_gate
@@ -136,3 +136,13 @@ def test_kernels_lower_for_cuda_at_paper_sizes():
 def _per_edge_lines(text: str, n: int, k: int) -> list[str]:
   """Lines of a lowered module, other than the kernels' calls, that form an [N, K, 768] float32 array."""
   return [line for line in text.splitlines() if f"tensor<{n}x{k}x768xf32>" in line and TRITON_CALL not in line]
+
+
+def test_forward_products_contract_their_weights_along_the_contiguous_axis():
+  """Both products of the forward kernel read their weight chunk transposed (W_mix^T, W_gate^T passed in) and
+  contract it along its second, contiguous axis: the layout in which Triton's TF32 products run fastest
+  (docs/kernel.md §9)."""
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = (f32(64, 32, 128), f32(64, 32, 9), f32(64, 9, 256), f32(128, 768), f32(768), f32(768, 128), f32(128))
+  gate = functools.partial(pallas_direction_gate, precision="tensorfloat32", interpret=False)
+  assert kernel_products(gate, *args) == [((1,), (1,))] * 6  # two per degree's walk over its columns, L = 2

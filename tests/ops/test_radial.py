@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_helpers import cuda_lowering, relative_errors
+from kernel_helpers import cuda_lowering, kernel_products, relative_errors
 
 from pallas_kernels.api import TRITON_CALL, radial_profile
 from pallas_kernels.radial_jnp import jnp_radial_profile
@@ -146,3 +146,16 @@ def _per_slot_lines(text: str, n: int, k: int, widths) -> list[str]:
   for a width w in ``widths``."""
   shapes = [f"tensor<{n}x{k}x{w}xf32>" for w in widths] + [f"tensor<{n * k}x{w}xf32>" for w in widths]
   return [line for line in text.splitlines() if any(s in line for s in shapes) and TRITON_CALL not in line]
+
+
+def test_products_contract_their_weights_along_the_contiguous_axis():
+  """Every product of the kernel (the basis chunks times W_rbf, each Linear) reads its weights transposed and
+  contracts them along their second, contiguous axis: the layout in which Triton's TF32 products run fastest
+  (docs/kernel.md §9). Edge-degree sizes: B = 256, two hidden layers of 128, 256 outputs."""
+  n, k, b, a = 64, 32, 256, 128
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  norms = ((f32(a), f32(a)), (f32(a), f32(a)))
+  linears = ((f32(a, a), f32(a)), (f32(a, 256), f32(256)))
+  args = (f32(n, k), f32(n, a), f32(10, a), jax.ShapeDtypeStruct((n, k), jnp.int32), f32(b, a), norms, linears)
+  profile = functools.partial(pallas_radial_profile, basis=(5.0, b, 2.0), precision="tensorfloat32", interpret=False)
+  assert kernel_products(profile, *args) == [((1,), (1,))] * 3

@@ -11,7 +11,8 @@ Only u, Y, P and the weights are read and only g [N, K, H] is written. The forwa
 transposed (made in XLA, 2 x 98k floats for the paper's model): each product then finds its weight chunk with the
 contracted axis contiguous, the layout in which Triton's TF32 products on Hopper run fastest (docs/kernel.md §9).
 
-Gradients (``jax.custom_vjp``). The backward kernel takes the same tiles and, per chunk, the product's cotangent
+Gradients (``jax.custom_vjp``). The backward kernel takes the same targets per program (its own column chunk and
+stages: ``backward_block_f``, ``backward_num_stages``) and, per chunk, the product's cotangent
 ct W_gate^T: it accumulates du = (ct W_gate^T * t) W_mix^T and dY, and writes dP of the chunk's columns (a
 program owns its targets, so every dP entry is written once; no atomics). The weights' cotangents are formed in
 XLA from the same factors; where they are not needed (forces, molecular dynamics) XLA drops them. The backward

@@ -7,17 +7,20 @@ Profiles (``radial_jnp.jnp_radial_profile``; B = 256 basis functions, A = 128 hi
   "degree"  B -> A -> A -> 256 (one of the edge-degree embedding's three MLPs, C = 256 channels)
 Random float32 inputs with the scales of an initialised model, the same for both implementations.
 
-The forward pass only: differentiated calls of the op run the twin (``radial_pallas``; the backward kernel of
-62227fd, which this script timed with "forces" and "training" cases, was slower than XLA). Each tiling is checked
-against the twin on the same inputs (largest difference relative to the largest entry) and timed: median of
-``--repeats`` calls after two warm-ups, each ending in ``block_until_ready``.
+Cases: "forward", the op's value (the calls that are not differentiated: energies with direct forces, MD with
+direct forces); "forces", its value and the distances' cotangent for a random cotangent of the result (what a
+conservative-force call asks of each profile: the tangent kernel, then one XLA reduction, against the twin's
+forward and backward in XLA). Each tiling is checked against the twin on the same inputs (largest difference
+relative to the largest entry, over all outputs) and timed: median of ``--repeats`` calls after two warm-ups,
+each ending in ``block_until_ready``. ``--tiles`` sets the forward kernel's tiling in the "forward" case and the
+tangent kernel's in the "forces" case.
 
 Cost model per slot: 2 (B A + sum of the Linears' I O) FLOP in the products ("hidden" 98,304; "rho" 131,072;
 "degree" 163,840), the basis B exponentials; fewest bytes 4 (1 + 1 + O) (distance, element, output) per slot plus
 the target rows. The twin writes and reads the basis [N, K, B] and several [N, K, A] arrays in device memory.
 
 Usage: PYTHONPATH=$PWD python benchmarks/radial.py --atoms 4096 --precision tensorfloat32 --json $OUT/radial.jsonl
-(``--tiles 64/32/4/1 ...``: other tilings, block_r/block_b/warps/stages)
+(``--cases forward forces``; ``--tiles 64/32/4/1 ...``: other tilings, block_r/block_b/warps/stages)
 """
 
 from __future__ import annotations
@@ -39,9 +42,26 @@ BASIS = (CUTOFF, B, 1.0)
 PROFILES = {"hidden": (A, A), "rho": (A, A, 128), "degree": (A, A, 256)}  # widths after the first layer's
 
 
-def parse_tiles(text: str) -> dict:
-  """The kernel options block_r, block_b, num_warps and num_stages written as "64/32/4/1"."""
-  return dict(zip(("block_r", "block_b", "num_warps", "num_stages"), map(int, text.split("/")), strict=True))
+def parse_tiles(text: str, case: str) -> dict:
+  """The kernel options written as "64/32/4/1" (block_r/block_b/warps/stages): the forward kernel's, or for the
+  "forces" case the tangent kernel's."""
+  names = ("block_r", "block_b", "num_warps", "num_stages")
+  if case == "forces":
+    names = ("tangent_block_r", "block_b", "tangent_num_warps", "tangent_num_stages")
+  return dict(zip(names, map(int, text.split("/")), strict=True))
+
+
+def case_function(profile, case: str):
+  """The timed function of (op arguments, cotangent of the result): the op's value, or its value and the
+  distances' cotangent."""
+  if case == "forward":
+    return lambda args, ct: profile(*args)
+
+  def forces(args, ct):
+    out, pullback = jax.vjp(lambda d: profile(d, *args[1:]), args[0])
+    return out, pullback(ct)[0]
+
+  return forces
 
 
 def flop_per_slot(profile: str) -> int:
@@ -66,6 +86,7 @@ def main():
   parser.add_argument("--atoms", type=int, nargs="+", default=[4096])
   parser.add_argument("--precision", nargs="+", default=["tensorfloat32"])
   parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
+  parser.add_argument("--cases", nargs="+", default=["forward"], choices=["forward", "forces"])
   parser.add_argument(
     "--tiles", nargs="+", default=[], metavar="R/B/W/S", help="also time these tilings: block_r/block_b/warps/stages"
   )
@@ -73,30 +94,33 @@ def main():
   parser.add_argument("--json")
   args = parser.parse_args()
   rows = []
-  for num_atoms, precision, profile in itertools.product(args.atoms, args.precision, args.profiles):
+  for num_atoms, precision, profile, case in itertools.product(args.atoms, args.precision, args.profiles, args.cases):
     profile_args = inputs(num_atoms, profile)
-    twin = jax.jit(functools.partial(jnp_radial_profile, basis=BASIS, precision=precision))
-    ref = twin(*profile_args)
-    twin_ms = median_ms(twin, profile_args, args.repeats)
-    for tiles in [dict()] + [parse_tiles(t) for t in args.tiles]:
-      fn = jax.jit(functools.partial(pallas_radial_profile, basis=BASIS, precision=precision, **tiles))
+    ct = jax.random.normal(jax.random.key(1), (num_atoms, K, PROFILES[profile][-1]), jnp.float32)
+    twin = jax.jit(case_function(functools.partial(jnp_radial_profile, basis=BASIS, precision=precision), case))
+    ref = twin(profile_args, ct)
+    twin_ms = median_ms(twin, (profile_args, ct), args.repeats)
+    for tiles in [dict()] + [parse_tiles(t, case) for t in args.tiles]:
+      kernel = functools.partial(pallas_radial_profile, basis=BASIS, precision=precision, **tiles)
+      fn = jax.jit(case_function(kernel, case))
       try:
-        error = max_relative(fn(*profile_args), ref)
-        kernel_ms = median_ms(fn, profile_args, args.repeats)
+        error = max(max_relative(x, y) for x, y in zip(jax.tree.leaves(fn(profile_args, ct)), jax.tree.leaves(ref)))
+        kernel_ms = median_ms(fn, (profile_args, ct), args.repeats)
       except jax.errors.JaxRuntimeError as err:  # a tiling that does not launch (shared memory)
-        print(f"{precision} {profile} {tiles}: {str(err).splitlines()[0][:160]}")
+        print(f"{precision} {profile} {case} {tiles}: {str(err).splitlines()[0][:160]}")
         continue
+      flop = flop_per_slot(profile) * (2 if case == "forces" else 1) * num_atoms * K
       row = stamp(
         dict(
           atoms=num_atoms,
           precision=precision,
           profile=profile,
-          case="forward",
+          case=case,
           tiles=tiles or "default",
           kernel_ms=round(kernel_ms, 4),
           twin_ms=round(twin_ms, 4),
           speedup=round(twin_ms / kernel_ms, 2),
-          kernel_tflops=round(flop_per_slot(profile) * num_atoms * K / kernel_ms / 1e9, 1),
+          kernel_tflops=round(flop / kernel_ms / 1e9, 1),
           max_relative_difference=error,
         )
       )

@@ -8,11 +8,15 @@ consecutive slots (rows of the flat [N K] slot axis): it loads each slot's dista
 source element's row, forms the radial basis in chunks of ``block_b`` functions and multiplies each chunk by its
 rows of W_rbf as it goes, then applies the norms, SiLUs and Linears in registers and writes [block_r, O].
 
-Gradients (``jax.custom_vjp``): the kernel is the forward pass of calls that are not differentiated (energies
-with direct forces, molecular dynamics with direct forces). Under differentiation the op runs the jnp twin and
-its derivative in XLA, to any order: a backward kernel (d distance from the recomputed chain, 62227fd) ran the
-forces' forward and backward 0.64-0.88x as fast as XLA, and the forward kernel itself runs its products at 20-35
-TFLOP/s of TF32 (docs/kernel.md §8), so XLA's products win once the residuals are needed.
+Gradients (``jax.custom_vjp``). Under differentiation a second kernel runs in the forward pass: the same walk
+carrying, beside every layer's x, its derivative with respect to the slot's distance (forward mode in registers:
+the basis functions' derivatives times W_rbf, then each norm's, SiLU's and Linear's tangent map), and it writes the
+result and t = d out / d distance [N, K, O]. The backward pass is then d distance = sum_o ct_o t_o, one XLA
+reduction; forces need nothing else, since the type rows and every weight depend on the parameters alone. Their
+cotangents are the jnp twin's, in XLA, and are dropped from programs that do not read them (energies and forces,
+molecular dynamics). The kernel pair's own derivative (force matching: reverse over reverse) is the twin's: the
+VJP of (twin, its distance tangent). The tangent kernel does twice the forward's products, against the twin's
+forward and backward in XLA that cross device memory with the basis and every hidden layer (docs/kernel.md §8).
 
 Tiles. Every width is padded to a power of two (at least 16, Triton's smallest product) in registers only
 (masked loads and stores; the padded columns stay exactly zero through every layer, so the norms' sums run over
@@ -51,6 +55,8 @@ class RadialTiles:
     basis: (cutoff, num_basis, width) of the radial basis.
     precision: matmul precision of the products ("highest", "tensorfloat32", "bfloat16").
     launch: Triton launch parameters and interpret mode.
+    tangent_block_r: slots per program of the kernel that also writes the distance tangent.
+    tangent_launch: that kernel's launch parameters.
   """
 
   block_r: int
@@ -58,6 +64,8 @@ class RadialTiles:
   basis: tuple[float, int, float]
   precision: str
   launch: _Launch
+  tangent_block_r: int
+  tangent_launch: _Launch
 
 
 def _load_matrix(ref, num_rows_padded: int, num_cols_padded: int):
@@ -81,25 +89,29 @@ def _sigmoid(y):
 class _Program:
   """The slots of one program: their distances, and the radial basis and first layer formed from them."""
 
-  def __init__(self, tiles: RadialTiles, num_k: int, dist_ref, target_ref, source_ref, numbers_ref, centers_ref):
+  def __init__(
+    self, tiles: RadialTiles, block_r: int, num_k: int, dist_ref, target_ref, source_ref, numbers_ref, centers_ref
+  ):
     self.tiles, self.num_k = tiles, num_k
     self.num_r = dist_ref.shape[0]
-    self.r, self.r_ok = _arange(pl.program_id(0) * tiles.block_r, tiles.block_r, self.num_r)
+    self.r, self.r_ok = _arange(pl.program_id(0) * block_r, block_r, self.num_r)
     self.distance = pltriton.load(dist_ref.at[self.r], mask=self.r_ok, other=1.0).astype(jnp.float32)
     self.target_ref, self.source_ref = target_ref, source_ref
     self.numbers_ref, self.centers_ref = numbers_ref, centers_ref
     cutoff, num_basis, width = tiles.basis
-    self.num_b, self.two_sigma2 = num_basis, 2.0 * basis_sigma(cutoff, num_basis, width) ** 2
+    self.num_b, self.sigma2 = num_basis, basis_sigma(cutoff, num_basis, width) ** 2
 
   def basis_chunk(self, c):
-    """Chunk c of the radial basis: its functions b (and mask) and rbf [block_r, block_b] (zero past B)."""
+    """Chunk c of the radial basis: its functions b (and mask), rbf [block_r, block_b] (zero past B) and the
+    distance minus each centre."""
     b, b_ok = _arange(c * self.tiles.block_b, self.tiles.block_b, self.num_b)
     mu = pltriton.load(self.centers_ref.at[b], mask=b_ok, other=0.0).astype(jnp.float32)
     diff = self.distance[:, None] - mu[None, :]
-    return b, b_ok, jnp.where(b_ok[None, :], jnp.exp(-(diff * diff) / self.two_sigma2), 0.0)
+    return b, b_ok, jnp.where(b_ok[None, :], jnp.exp(-(diff * diff) / (2.0 * self.sigma2)), 0.0), diff
 
-  def first_layer(self, w_rbf_t_ref, width: int):
-    """x_0 [block_r, width] = rbf W_rbf + target_rows[n] + source_table[z] (padded columns zero), from W_rbf^T."""
+  def first_layer(self, w_rbf_t_ref, width: int, tangent: bool):
+    """x_0 [block_r, width] = rbf W_rbf + target_rows[n] + source_table[z] (padded columns zero), from W_rbf^T;
+    with ``tangent``, (x_0, dx_0 / d distance = rbf' W_rbf), rbf'_b = -(d - mu_b) / sigma^2 rbf_b."""
     a, a_ok = _arange(0, width, w_rbf_t_ref.shape[0])
     z = pltriton.load(self.numbers_ref.at[self.r], mask=self.r_ok, other=0)
     n = self.r // self.num_k
@@ -107,20 +119,34 @@ class _Program:
     x = pltriton.load(self.target_ref.at[n[:, None], a[None, :]], mask=mask, other=0.0).astype(jnp.float32)
     x = x + pltriton.load(self.source_ref.at[z[:, None], a[None, :]], mask=mask, other=0.0).astype(jnp.float32)
 
-    def step(c, x):
-      b, b_ok, rbf = self.basis_chunk(c)
+    def step(c, carry):
+      b, b_ok, rbf, diff = self.basis_chunk(c)
       w = pltriton.load(w_rbf_t_ref.at[a[:, None], b[None, :]], mask=a_ok[:, None] & b_ok[None, :], other=0.0)
-      return x + _dot(rbf, w.astype(jnp.float32), self.tiles.precision, transpose_w=True)
+      w = w.astype(jnp.float32)
+      x = carry[0] + _dot(rbf, w, self.tiles.precision, transpose_w=True)
+      if not tangent:
+        return (x,)
+      return x, carry[1] + _dot(-(diff / self.sigma2) * rbf, w, self.tiles.precision, transpose_w=True)
 
-    return lax.fori_loop(0, pl.cdiv(self.num_b, self.tiles.block_b), step, x)
+    carry = (x, jnp.zeros_like(x)) if tangent else (x,)
+    return lax.fori_loop(0, pl.cdiv(self.num_b, self.tiles.block_b), step, carry)
 
 
 def _normalised(x, num: int):
-  """(x - mean) / sqrt(var + eps) over the first ``num`` columns of x [R, Wp] (zero in the others)."""
+  """(x - mean) / sqrt(var + eps) over the first ``num`` columns of x [R, Wp] (zero in the others), and the
+  reciprocal deviation [R, 1]."""
   ok = _arange(0, x.shape[1], num)[1][None, :]
   centred = jnp.where(ok, x - jnp.sum(x, axis=1, keepdims=True) / num, 0.0)
   rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / num + LAYER_NORM_EPSILON)
-  return centred * rstd
+  return centred * rstd, rstd
+
+
+def _normalised_tangent(xhat, rstd, dx, num: int):
+  """The tangent of ``_normalised`` for the tangent dx of x: rstd (dc - xhat mean(xhat dc)), dc = dx - mean(dx)
+  over the first ``num`` columns (zero in the others)."""
+  ok = _arange(0, dx.shape[1], num)[1][None, :]
+  d_centred = jnp.where(ok, dx - jnp.sum(dx, axis=1, keepdims=True) / num, 0.0)
+  return rstd * (d_centred - xhat * (jnp.sum(xhat * d_centred, axis=1, keepdims=True) / num))
 
 
 def _split_refs(refs, num_norms: int, num_linears: int):
@@ -138,29 +164,49 @@ def _widths(w_rbf_t_ref, linear_refs) -> list[int]:
 
 
 def _forward_kernel(
-  dist_ref, target_ref, source_ref, numbers_ref, centers_ref, w_rbf_t_ref, *refs, tiles, num_k, num_norms, num_linears
+  dist_ref,
+  target_ref,
+  source_ref,
+  numbers_ref,
+  centers_ref,
+  w_rbf_t_ref,
+  *refs,
+  tiles,
+  num_k,
+  num_norms,
+  num_linears,
+  tangent,
 ):
-  """out [N K, O] of the program's ``block_r`` slots (refs as ``jnp_radial_profile``'s arguments, flattened, with
-  every weight matrix transposed: the products then read their weights with the contracted axis contiguous, which
-  Triton's TF32 products on Hopper run faster, docs/kernel.md §9)."""
-  norm_refs, linear_refs, (out_ref,) = _split_refs(refs, num_norms, num_linears)
+  """out [N K, O] of the program's slots (refs as ``jnp_radial_profile``'s arguments, flattened, with every weight
+  matrix transposed: the products then read their weights with the contracted axis contiguous, which Triton's
+  TF32 products on Hopper run faster, docs/kernel.md §9); with ``tangent`` also d out / d distance [N K, O]."""
+  norm_refs, linear_refs, out_refs = _split_refs(refs, num_norms, num_linears)
   widths = _widths(w_rbf_t_ref, linear_refs)
-  program = _Program(tiles, num_k, dist_ref, target_ref, source_ref, numbers_ref, centers_ref)
-  x = program.first_layer(w_rbf_t_ref, _width(widths[0]))
+  block_r = tiles.tangent_block_r if tangent else tiles.block_r
+  program = _Program(tiles, block_r, num_k, dist_ref, target_ref, source_ref, numbers_ref, centers_ref)
+  xs = program.first_layer(w_rbf_t_ref, _width(widths[0]), tangent)
   for i, (scale_ref, bias_ref) in enumerate(norm_refs):
-    padded = x.shape[1]
-    xhat = _normalised(x, widths[i])
-    y = xhat * _load_vector(scale_ref, padded)[None, :] + _load_vector(bias_ref, padded)[None, :]
-    x = y * _sigmoid(y)
+    padded = xs[0].shape[1]
+    xhat, rstd = _normalised(xs[0], widths[i])
+    scale = _load_vector(scale_ref, padded)[None, :]
+    y = xhat * scale + _load_vector(bias_ref, padded)[None, :]
+    gate = _sigmoid(y)
+    xs = (y * gate,) + (
+      ()
+      if not tangent
+      else (_normalised_tangent(xhat, rstd, xs[1], widths[i]) * scale * gate * (1.0 + y * (1.0 - gate)),)
+    )
     if i < num_linears:
       w_ref, b_ref = linear_refs[i]
       out_padded = _width(widths[i + 1])
       w = _load_matrix(w_ref, out_padded, padded)
-      x = _dot(x, w, tiles.precision, transpose_w=True) + _load_vector(b_ref, out_padded)[None, :]
-  o, o_ok = _arange(0, x.shape[1], out_ref.shape[1])
-  pltriton.store(
-    out_ref.at[program.r[:, None], o[None, :]], x.astype(out_ref.dtype), mask=program.r_ok[:, None] & o_ok[None, :]
-  )
+      product = lambda x: _dot(x, w, tiles.precision, transpose_w=True)
+      xs = (product(xs[0]) + _load_vector(b_ref, out_padded)[None, :],) + tuple(product(x) for x in xs[1:])
+  o, o_ok = _arange(0, xs[0].shape[1], out_refs[0].shape[1])
+  for x, out_ref in zip(xs, out_refs, strict=True):
+    pltriton.store(
+      out_ref.at[program.r[:, None], o[None, :]], x.astype(out_ref.dtype), mask=program.r_ok[:, None] & o_ok[None, :]
+    )
 
 
 def _flat_args(distance, target_rows, source_table, source_numbers, centers, w_rbf, norms, linears):
@@ -169,21 +215,23 @@ def _flat_args(distance, target_rows, source_table, source_numbers, centers, w_r
   return flat + tuple(x for pair in norms for x in pair) + tuple(x for w, b in linears for x in (w.T, b))
 
 
-def _forward(tiles: RadialTiles, *args):
-  """The kernel's result [N, K, O] for the op's arguments (with the basis centres after the element numbers)."""
+def _forward(tiles: RadialTiles, *args, tangent: bool = False):
+  """The kernel's result [N, K, O] for the op's arguments (with the basis centres after the element numbers); with
+  ``tangent``, (result, d result / d distance)."""
   distance, w_rbf, norms, linears = args[0], args[5], args[6], args[7]
   width = linears[-1][0].shape[1] if linears else w_rbf.shape[1]
   kernel = functools.partial(
-    _forward_kernel, tiles=tiles, num_k=distance.shape[1], num_norms=len(norms), num_linears=len(linears)
+    _forward_kernel,
+    tiles=tiles,
+    num_k=distance.shape[1],
+    num_norms=len(norms),
+    num_linears=len(linears),
+    tangent=tangent,
   )
   out = jax.ShapeDtypeStruct((distance.size, width), distance.dtype)
-  call = tiles.launch.call(kernel, out, (pl.cdiv(distance.size, tiles.block_r),))
-  return call(*_flat_args(*args)).reshape(distance.shape + (width,))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _radial_profile(tiles: RadialTiles, args):
-  return _forward(tiles, *args)
+  block_r, launch = (tiles.tangent_block_r, tiles.tangent_launch) if tangent else (tiles.block_r, tiles.launch)
+  call = launch.call(kernel, [out] * (1 + tangent), (pl.cdiv(distance.size, block_r),))
+  return tuple(x.reshape(distance.shape + (width,)) for x in call(*_flat_args(*args)))
 
 
 def _twin(tiles: RadialTiles, distance, target_rows, source_table, numbers, w_rbf, norms, linears):
@@ -192,17 +240,57 @@ def _twin(tiles: RadialTiles, distance, target_rows, source_table, numbers, w_rb
   )
 
 
+def _twin_and_tangent(tiles: RadialTiles, distance, target_rows, source_table, numbers, w_rbf, norms, linears):
+  """The twin's (out, d out / d distance), differentiable to any order in reverse mode."""
+  profile = lambda d: _twin(tiles, d, target_rows, source_table, numbers, w_rbf, norms, linears)
+  return jax.jvp(profile, (distance,), (jnp.ones_like(distance),))
+
+
+def _pullback(fn, args, cts):
+  """The cotangents of the op's arguments ``args`` for the cotangents cts of fn's output (fn takes the twin's
+  arguments): the float arguments', None for the element numbers and the basis centres."""
+  distance, target_rows, source_table, numbers, _, w_rbf, norms, linears = args
+  floats = (distance, target_rows, source_table, w_rbf, norms, linears)
+  _, pullback = jax.vjp(lambda d, t, s, w, nm, ln: fn(d, t, s, numbers, w, nm, ln), *floats)
+  d_distance, d_target, d_source, d_w_rbf, d_norms, d_linears = pullback(cts)
+  return (d_distance, d_target, d_source, None, None, d_w_rbf, d_norms, d_linears)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _profile_and_tangent(tiles: RadialTiles, args):
+  """(out, d out / d distance) [N, K, O] each, by the tangent kernel."""
+  return _forward(tiles, *args, tangent=True)
+
+
+def _profile_and_tangent_fwd(tiles, args):
+  _reject_forward_mode(args)
+  # Calling the custom_vjp function (not the kernel) keeps an outer reverse pass on these rules.
+  return _profile_and_tangent(tiles, args), args
+
+
+def _profile_and_tangent_bwd(tiles, args, cts):
+  return (_pullback(functools.partial(_twin_and_tangent, tiles), args, cts),)
+
+
+_profile_and_tangent.defvjp(_profile_and_tangent_fwd, _profile_and_tangent_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _radial_profile(tiles: RadialTiles, args):
+  return _forward(tiles, *args)[0]
+
+
 def _radial_profile_fwd(tiles, args):
   _reject_forward_mode(args)
-  distance, target_rows, source_table, numbers, _, w_rbf, norms, linears = args
-  # Differentiated calls run the twin in XLA; its pullback (a pytree of the residual arrays) is the residual.
-  twin = lambda *floats: _twin(tiles, *floats[:3], numbers, *floats[3:])
-  return jax.vjp(twin, distance, target_rows, source_table, w_rbf, norms, linears)
+  out, tangent = _profile_and_tangent(tiles, args)
+  return out, (args, tangent)
 
 
-def _radial_profile_bwd(tiles, pullback, ct):
-  d_distance, d_target, d_source, d_w_rbf, d_norms, d_linears = pullback(ct)
-  return ((d_distance, d_target, d_source, None, None, d_w_rbf, d_norms, d_linears),)
+def _radial_profile_bwd(tiles, residuals, ct):
+  args, tangent = residuals
+  # The parameters' cotangents in XLA, by the twin: dropped from programs that do not read them (forces).
+  cts = _pullback(functools.partial(_twin, tiles), args, ct)
+  return ((jnp.sum(ct * tangent, axis=-1),) + cts[1:],)
 
 
 _radial_profile.defvjp(_radial_profile_fwd, _radial_profile_bwd)
@@ -224,6 +312,9 @@ def pallas_radial_profile(
   block_b: int = 32,
   num_warps: int = 8,
   num_stages: int = 1,
+  tangent_block_r: int = 128,
+  tangent_num_warps: int = 8,
+  tangent_num_stages: int = 1,
 ):
   """Fused radial profile; same math, arguments and result as ``radial_jnp.jnp_radial_profile``.
 
@@ -235,12 +326,14 @@ def pallas_radial_profile(
     block_r: slots per program (a power of two).
     block_b: radial basis functions per step of the first layer (a power of two, >= 16).
     num_warps, num_stages: Triton launch parameters.
+    tangent_block_r, tangent_num_warps, tangent_num_stages: block_r and the launch parameters of the kernel that
+      also writes the distance tangent (differentiated calls).
     The defaults are the fastest tiling measured for the model's three kinds of profile (benchmarks/radial.py,
     H100, TF32, 4,096 atoms, 2026-12-07).
 
   Returns:
-    [N, K, O]. Differentiable in reverse mode to any order, by the twin (``jax.custom_vjp``); forward mode raises a
-    TypeError.
+    [N, K, O]. Differentiable in reverse mode to any order (``jax.custom_vjp``: the distances' cotangent from the
+    tangent kernel, every other cotangent and all higher orders from the twin); forward mode raises a TypeError.
   """
   norms = tuple(tuple(pair) for pair in norms)
   linears = tuple(tuple(pair) for pair in linears)
@@ -256,11 +349,22 @@ def pallas_radial_profile(
       f"source_numbers must be [N, K] = {distance.shape} and w_rbf [B, A] with B = {basis[1]} basis functions; got "
       f"{source_numbers.shape}, {w_rbf.shape}"
     )
-  if block_r & (block_r - 1) or block_b < 16 or block_b & (block_b - 1):
-    raise ValueError(f"block_r must be a power of two and block_b a power of two >= 16, got {block_r}, {block_b}")
+  if block_r & (block_r - 1) or tangent_block_r & (tangent_block_r - 1) or block_b < 16 or block_b & (block_b - 1):
+    raise ValueError(
+      f"block_r and tangent_block_r must be powers of two and block_b a power of two >= 16, got {block_r}, "
+      f"{tangent_block_r}, {block_b}"
+    )
   args = (distance, target_rows, source_table, source_numbers, basis_centers(basis[0], basis[1]), w_rbf, norms, linears)
   _reject_forward_mode(args)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  tiles = RadialTiles(block_r, block_b, tuple(basis), precision, _Launch(bool(interpret), num_warps, num_stages))
+  tiles = RadialTiles(
+    block_r,
+    block_b,
+    tuple(basis),
+    precision,
+    _Launch(bool(interpret), num_warps, num_stages),
+    tangent_block_r,
+    _Launch(bool(interpret), tangent_num_warps, tangent_num_stages),
+  )
   return _radial_profile(tiles, args)

@@ -2,9 +2,9 @@
 
 One jitted function per configuration returns, for the kernel and for the twin, the forward output, the VJP
 with respect to every float input and the VJP of the distances' cotangent (the force-matching order), so
-``_results`` compiles once per configuration. The derivatives are the twin's (``radial_pallas``), so those orders
-check that the op hands them over unchanged. Inputs are drawn fresh for every session (the seed is in the
-failure message).
+``_results`` compiles once per configuration. The distances' cotangent comes from the tangent kernel, the other
+cotangents and the second order from the twin (``radial_pallas``). Inputs are drawn fresh for every session (the
+seed is in the failure message).
 """
 
 from __future__ import annotations
@@ -65,7 +65,13 @@ def _results(name: str) -> dict:
   args, ct, ct2 = _inputs(rng, n, k, b, widths, last, elements)
   basis = (5.0, b, 2.0)
   kernel = functools.partial(
-    pallas_radial_profile, basis=basis, precision=precision, interpret=True, block_r=block_r, block_b=block_b
+    pallas_radial_profile,
+    basis=basis,
+    precision=precision,
+    interpret=True,
+    block_r=block_r,
+    block_b=block_b,
+    tangent_block_r=block_r,
   )
   twin = functools.partial(jnp_radial_profile, basis=basis, precision=precision)
   numbers = args[3]
@@ -122,7 +128,8 @@ def test_kernel_lowers_for_cuda_at_paper_sizes(last):
   """The forward kernel at the paper's sizes (B = 256, A = 128, K = 32; the gates' hidden layer, rho's 128 heads,
   the edge-degree embedding's 256 channels), every precision, lowered to Triton for an abstract H100: the program
   holds no per-slot basis [N, K, B] or hidden [N, K, A] array outside the kernel (of the widths other than the
-  output's). The forces' program is the twin's derivative in XLA, with no kernel in it."""
+  output's). Nor does the forces' program (the distances' gradient), which runs the tangent kernel instead of the
+  forward one."""
   n, k, b, a = 256, 32, 256, 128
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   norms = ((f32(a), f32(a)), (f32(a), f32(a)))
@@ -131,11 +138,13 @@ def test_kernel_lowers_for_cuda_at_paper_sizes(last):
   widths = {b, a} - {last or a}
   for precision in ("highest", "tensorfloat32", "bfloat16"):
     profile = functools.partial(pallas_radial_profile, basis=(5.0, b, 2.0), precision=precision, interpret=False)
-    text = cuda_lowering(profile, *args).as_text()
-    assert any("_forward_kernel" in line for line in text.splitlines() if TRITON_CALL in line), precision
-    assert not _per_slot_lines(text, n, k, widths), (precision, last)
     forces = lambda distance, *rest: jax.grad(lambda d: jnp.sum(jnp.sin(profile(d, *rest))))(distance)
-    assert TRITON_CALL not in cuda_lowering(forces, *args).as_text(), precision
+    for fn, num_results in ((profile, 1), (forces, 2)):  # the result, then the result and its distance tangent
+      text = cuda_lowering(fn, *args).as_text()
+      calls = [line for line in text.splitlines() if TRITON_CALL in line]
+      assert len(calls) == 1 and "_forward_kernel" in calls[0], (precision, num_results)
+      assert calls[0].split("->")[-1].count("tensor<") == num_results, (precision, calls[0][-200:])
+      assert not _per_slot_lines(text, n, k, widths), (precision, last, num_results)
   # The check bites: the twin forms the basis and hidden arrays.
   twin = functools.partial(jnp_radial_profile, basis=(5.0, b, 2.0), precision="tensorfloat32")
   assert _per_slot_lines(cuda_lowering(twin, *args).as_text(), n, k, widths)

@@ -45,7 +45,8 @@ from jax._src.interpreters import ad as _ad  # JVPTracer, to name forward mode i
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.jnp_node import EPSILON, attention_weights
+from pallas_kernels.attention_softmax import softmax_weights
+from pallas_kernels.jnp_node import EPSILON
 
 FORWARD_MODE_MESSAGE = (
   "node_attention (attention_impl='pallas') supports reverse mode only (jax.grad, jax.vjp, and reverse over "
@@ -517,7 +518,7 @@ def _composed(
   num_n, num_h, dim = q.shape
   num_m, num_r, num_c = rows.shape
   dot = gather_dot(launch, logit_graph, jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2))
-  alpha = attention_weights(gate * dot * dim**-0.5, envelope, valid, softmax_max, max_floor=max_floor)
+  alpha = softmax_weights(gate * dot * dim**-0.5, envelope, valid, softmax_max, max_floor)
   beta = alpha * edge_scale
   flat_rows = rows.reshape(num_m, -1, num_h)
   agg = gather_sum(launch, value_graph, beta, flat_rows).reshape(num_n, num_r, num_c)

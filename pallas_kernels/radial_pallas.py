@@ -312,7 +312,7 @@ def pallas_radial_profile(
   block_b: int = 32,
   num_warps: int = 8,
   num_stages: int = 1,
-  tangent_block_r: int = 128,
+  tangent_block_r: int | None = None,
   tangent_num_warps: int = 8,
   tangent_num_stages: int = 1,
 ):
@@ -327,9 +327,10 @@ def pallas_radial_profile(
     block_b: radial basis functions per step of the first layer (a power of two, >= 16).
     num_warps, num_stages: Triton launch parameters.
     tangent_block_r, tangent_num_warps, tangent_num_stages: block_r and the launch parameters of the kernel that
-      also writes the distance tangent (differentiated calls).
-    The defaults are the fastest tiling measured for the model's three kinds of profile (benchmarks/radial.py,
-    H100, TF32, 4,096 atoms, 2026-12-07).
+      also writes the distance tangent (differentiated calls); tangent_block_r None: 128 slots where no layer is
+      wider than 128, else 32 (it holds two [block_r, width] arrays per layer in registers).
+    The defaults are the fastest tilings measured for the model's three kinds of profile (benchmarks/radial.py,
+    H100, TF32, 4,096 atoms, 2026-12-07; the tangent kernel's with ``--cases forces``).
 
   Returns:
     [N, K, O]. Differentiable in reverse mode to any order (``jax.custom_vjp``: the distances' cotangent from the
@@ -349,6 +350,9 @@ def pallas_radial_profile(
       f"source_numbers must be [N, K] = {distance.shape} and w_rbf [B, A] with B = {basis[1]} basis functions; got "
       f"{source_numbers.shape}, {w_rbf.shape}"
     )
+  if tangent_block_r is None:
+    widest = max([w_rbf.shape[1]] + [w.shape[1] for w, _ in linears])
+    tangent_block_r = 128 if widest <= 128 else 32
   if block_r & (block_r - 1) or tangent_block_r & (tangent_block_r - 1) or block_b < 16 or block_b & (block_b - 1):
     raise ValueError(
       f"block_r and tangent_block_r must be powers of two and block_b a power of two >= 16, got {block_r}, "

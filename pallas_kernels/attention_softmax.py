@@ -25,19 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.jnp_node import EPSILON
-
-
-def _shift(logits, valid, softmax_max: str, max_floor):
-  """(m0 [N, 1, H] the max over the slots, m1 = max(m0, max_floor), m = m1 or 0 where m1 is -inf)."""
-  m0 = jnp.max(jnp.where(valid, logits, -jnp.inf) if softmax_max == "valid" else logits, axis=1, keepdims=True)
-  m1 = m0 if max_floor is None else jnp.maximum(m0, max_floor[:, None, :])
-  return m0, m1, jnp.where(m1 > -jnp.inf, m1, 0.0)
-
-
-def _exponentials(logits, valid, shift):
-  """e [N, K, H] = exp(logit - m) on valid slots, exactly 0 elsewhere (the exponent is masked first)."""
-  return jnp.where(valid, jnp.exp(jnp.where(valid, logits - shift, 0.0)), 0.0)
+from pallas_kernels.jnp_node import EPSILON, masked_exponentials, softmax_shift
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -52,19 +40,15 @@ def softmax_weights(logits, envelope, valid, softmax_max: str, max_floor):
     softmax_max: "valid" or "all_slots" (static).
     max_floor: [N, H] or None.
   """
-  return _forward(logits, envelope, valid, softmax_max, max_floor)[0]
-
-
-def _forward(logits, envelope, valid, softmax_max, max_floor):
-  valid = valid[..., None]
-  m0, m1, shift = _shift(logits, valid, softmax_max, max_floor)
-  w = _exponentials(logits, valid, shift) * envelope[..., None]
-  denominator = jnp.sum(w, axis=1, keepdims=True) + EPSILON
-  return w / denominator, (logits, envelope, valid, max_floor, m0, m1, denominator)
+  return _softmax_weights_fwd(logits, envelope, valid, softmax_max, max_floor)[0]
 
 
 def _softmax_weights_fwd(logits, envelope, valid, softmax_max, max_floor):
-  return _forward(logits, envelope, valid, softmax_max, max_floor)
+  valid = valid[..., None]
+  m0, m1, shift = softmax_shift(logits, valid, softmax_max, max_floor)
+  w = masked_exponentials(logits, valid, shift) * envelope[..., None]
+  denominator = jnp.sum(w, axis=1, keepdims=True) + EPSILON
+  return w / denominator, (logits, envelope, valid, max_floor, m0, m1, shift, denominator)
 
 
 def _balanced(x, result, other):
@@ -74,8 +58,8 @@ def _balanced(x, result, other):
 
 
 def _softmax_weights_bwd(softmax_max, residuals, g):
-  logits, envelope, valid, max_floor, m0, m1, denominator = residuals
-  e = _exponentials(logits, valid, jnp.where(m1 > -jnp.inf, m1, 0.0))
+  logits, envelope, valid, max_floor, m0, m1, shift, denominator = residuals
+  e = masked_exponentials(logits, valid, shift)
   alpha = e * envelope[..., None] / denominator
   c = jnp.sum(g * alpha, axis=1, keepdims=True)
   d_logits = alpha * (g - c)

@@ -65,17 +65,29 @@ def attention_weights(
     return jnp.where(valid, act(jnp.where(valid, logits, 0.0)) * envelope[..., None], 0.0)
   if activation != "softmax":
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+  _, _, shift = softmax_shift(logits, valid, softmax_max, max_floor)
+  w = masked_exponentials(logits, valid, shift) * envelope[..., None]
+  return w / (jnp.sum(w, axis=1, keepdims=True) + EPSILON)
+
+
+def softmax_shift(logits: jax.Array, valid: jax.Array, softmax_max: str, max_floor: jax.Array | None):
+  """The softmax's shift, with the two values it is made from, each [N, 1, H]: m0 the max of the logits [N, K, H]
+  over the valid slots (valid [N, K, 1] bool) or over all slots ("all_slots"), m1 = max(m0, max_floor [N, H]),
+  and the shift m = m1, or 0 where m1 is -inf (no valid slot and no floor)."""
   if softmax_max == "valid":
-    shift = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=1, keepdims=True)
+    m0 = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=1, keepdims=True)
   elif softmax_max == "all_slots":
-    shift = jnp.max(logits, axis=1, keepdims=True)
+    m0 = jnp.max(logits, axis=1, keepdims=True)
   else:
     raise ValueError(f"softmax_max must be 'valid' or 'all_slots', got {softmax_max!r}")
-  if max_floor is not None:
-    shift = jnp.maximum(shift, max_floor[:, None, :])
-  shift = jnp.where(shift > -jnp.inf, shift, 0.0)
-  w = jnp.where(valid, jnp.exp(jnp.where(valid, logits - shift, 0.0)) * envelope[..., None], 0.0)
-  return w / (jnp.sum(w, axis=1, keepdims=True) + EPSILON)
+  m1 = m0 if max_floor is None else jnp.maximum(m0, max_floor[:, None, :])
+  return m0, m1, jnp.where(m1 > -jnp.inf, m1, 0.0)
+
+
+def masked_exponentials(logits: jax.Array, valid: jax.Array, shift: jax.Array) -> jax.Array:
+  """e [N, K, H] = exp(logit - m) on valid slots (valid [N, K, 1]), exactly 0 elsewhere: the exponent is masked
+  before ``exp``, so no slot's derivative is inf or NaN."""
+  return jnp.where(valid, jnp.exp(jnp.where(valid, logits - shift, 0.0)), 0.0)
 
 
 def per_channel(weights: jax.Array, channels: int) -> jax.Array:

@@ -110,8 +110,9 @@ class _Program:
     return b, b_ok, jnp.where(b_ok[None, :], jnp.exp(-(diff * diff) / (2.0 * self.sigma2)), 0.0), diff
 
   def first_layer(self, w_rbf_t_ref, width: int, tangent: bool):
-    """x_0 [block_r, width] = rbf W_rbf + target_rows[n] + source_table[z] (padded columns zero), from W_rbf^T;
-    with ``tangent``, (x_0, dx_0 / d distance = rbf' W_rbf), rbf'_b = -(d - mu_b) / sigma^2 rbf_b."""
+    """(x_0, dx_0 / d distance) [block_r, width] each: x_0 = rbf W_rbf + target_rows[n] + source_table[z] (padded
+    columns zero), from W_rbf^T; dx_0 = rbf' W_rbf with rbf'_b = -(d - mu_b) / sigma^2 rbf_b, or None without
+    ``tangent``."""
     a, a_ok = _arange(0, width, w_rbf_t_ref.shape[0])
     z = pltriton.load(self.numbers_ref.at[self.r], mask=self.r_ok, other=0)
     n = self.r // self.num_k
@@ -123,20 +124,23 @@ class _Program:
       b, b_ok, rbf, diff = self.basis_chunk(c)
       w = pltriton.load(w_rbf_t_ref.at[a[:, None], b[None, :]], mask=a_ok[:, None] & b_ok[None, :], other=0.0)
       w = w.astype(jnp.float32)
-      x = carry[0] + _dot(rbf, w, self.tiles.precision, transpose_w=True)
-      if not tangent:
-        return (x,)
-      return x, carry[1] + _dot(-(diff / self.sigma2) * rbf, w, self.tiles.precision, transpose_w=True)
+      product = lambda x: _dot(x, w, self.tiles.precision, transpose_w=True)
+      x, dx = carry
+      return x + product(rbf), (dx + product(-(diff / self.sigma2) * rbf) if tangent else None)
 
-    carry = (x, jnp.zeros_like(x)) if tangent else (x,)
-    return lax.fori_loop(0, pl.cdiv(self.num_b, self.tiles.block_b), step, carry)
+    return lax.fori_loop(0, pl.cdiv(self.num_b, self.tiles.block_b), step, (x, jnp.zeros_like(x) if tangent else None))
+
+
+def _centred(x, num: int):
+  """x - mean(x) over the first ``num`` columns of x [R, Wp], zero in the others."""
+  ok = _arange(0, x.shape[1], num)[1][None, :]
+  return jnp.where(ok, x - jnp.sum(x, axis=1, keepdims=True) / num, 0.0)
 
 
 def _normalised(x, num: int):
   """(x - mean) / sqrt(var + eps) over the first ``num`` columns of x [R, Wp] (zero in the others), and the
   reciprocal deviation [R, 1]."""
-  ok = _arange(0, x.shape[1], num)[1][None, :]
-  centred = jnp.where(ok, x - jnp.sum(x, axis=1, keepdims=True) / num, 0.0)
+  centred = _centred(x, num)
   rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / num + LAYER_NORM_EPSILON)
   return centred * rstd, rstd
 
@@ -144,8 +148,7 @@ def _normalised(x, num: int):
 def _normalised_tangent(xhat, rstd, dx, num: int):
   """The tangent of ``_normalised`` for the tangent dx of x: rstd (dc - xhat mean(xhat dc)), dc = dx - mean(dx)
   over the first ``num`` columns (zero in the others)."""
-  ok = _arange(0, dx.shape[1], num)[1][None, :]
-  d_centred = jnp.where(ok, dx - jnp.sum(dx, axis=1, keepdims=True) / num, 0.0)
+  d_centred = _centred(dx, num)
   return rstd * (d_centred - xhat * (jnp.sum(xhat * d_centred, axis=1, keepdims=True) / num))
 
 
@@ -184,28 +187,28 @@ def _forward_kernel(
   widths = _widths(w_rbf_t_ref, linear_refs)
   block_r = tiles.tangent_block_r if tangent else tiles.block_r
   program = _Program(tiles, block_r, num_k, dist_ref, target_ref, source_ref, numbers_ref, centers_ref)
-  xs = program.first_layer(w_rbf_t_ref, _width(widths[0]), tangent)
+  x, dx = program.first_layer(w_rbf_t_ref, _width(widths[0]), tangent)
   for i, (scale_ref, bias_ref) in enumerate(norm_refs):
-    padded = xs[0].shape[1]
-    xhat, rstd = _normalised(xs[0], widths[i])
+    padded = x.shape[1]
+    xhat, rstd = _normalised(x, widths[i])
     scale = _load_vector(scale_ref, padded)[None, :]
     y = xhat * scale + _load_vector(bias_ref, padded)[None, :]
     gate = _sigmoid(y)
-    xs = (y * gate,) + (
-      ()
-      if not tangent
-      else (_normalised_tangent(xhat, rstd, xs[1], widths[i]) * scale * gate * (1.0 + y * (1.0 - gate)),)
-    )
+    x = y * gate
+    if tangent:  # SiLU'(y) = gate (1 + y (1 - gate))
+      dx = _normalised_tangent(xhat, rstd, dx, widths[i]) * scale * gate * (1.0 + y * (1.0 - gate))
     if i < num_linears:
       w_ref, b_ref = linear_refs[i]
       out_padded = _width(widths[i + 1])
       w = _load_matrix(w_ref, out_padded, padded)
-      product = lambda x: _dot(x, w, tiles.precision, transpose_w=True)
-      xs = (product(xs[0]) + _load_vector(b_ref, out_padded)[None, :],) + tuple(product(x) for x in xs[1:])
-  o, o_ok = _arange(0, xs[0].shape[1], out_refs[0].shape[1])
-  for x, out_ref in zip(xs, out_refs, strict=True):
+      x = _dot(x, w, tiles.precision, transpose_w=True) + _load_vector(b_ref, out_padded)[None, :]
+      dx = _dot(dx, w, tiles.precision, transpose_w=True) if tangent else None
+  o, o_ok = _arange(0, x.shape[1], out_refs[0].shape[1])
+  for result, out_ref in zip((x, dx) if tangent else (x,), out_refs, strict=True):
     pltriton.store(
-      out_ref.at[program.r[:, None], o[None, :]], x.astype(out_ref.dtype), mask=program.r_ok[:, None] & o_ok[None, :]
+      out_ref.at[program.r[:, None], o[None, :]],
+      result.astype(out_ref.dtype),
+      mask=program.r_ok[:, None] & o_ok[None, :],
     )
 
 

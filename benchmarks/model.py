@@ -3,7 +3,8 @@
 Protocol of docs/performance.md §6 (the authors' measurement), reproduced: one random structure at
 0.1 atoms/A^3 with Z in {1, 6, 7, 8} (here a jittered cubic grid, so no two atoms overlap; atoms come out
 spatially ordered), cutoff 5 A, K = 32, the paper backbone with the ``QKdotS_alpha`` gate, float32 with
-``matmul_precision="highest"``. Modes:
+``matmul_precision="highest"`` (``--gate`` and ``--precision`` change the last two: ``--gate QKdot_alpha
+--precision tensorfloat32`` is ``paper_spice`` with the authors' TF32 setting). Modes:
 
 * ``infer``: energy + conservative forces (one backward pass).
 * ``train_direct`` / ``train_conservative``: the authors' protocol, forward + backward of the loss
@@ -99,8 +100,10 @@ def model_function(model: E2Former, train: bool):
   return (gradient if train else forces), params
 
 
-def build(impl: str, forces: str, preset: str = "paper_spice"):
-  cfg = benchmark_config(forces, impl=impl, preset=preset)
+def build(
+  impl: str, forces: str, preset: str = "paper_spice", gate: str = "QKdotS_alpha", precision: str = "highest"
+):
+  cfg = benchmark_config(forces, impl=impl, preset=preset, gate=gate, precision=precision)
   return cfg, E2Former(cfg, rngs=nnx.Rngs(0))
 
 
@@ -172,12 +175,14 @@ def main():
   parser.add_argument("--impl", choices=["pallas", "jnp_node", "jnp_dense", "jnp_edge"], default="pallas")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--preset", default="paper_spice", help="model preset (paper_spice; small for a smoke test)")
+  parser.add_argument("--gate", default="QKdotS_alpha", help="attention gate (paper_spice's own is QKdot_alpha)")
+  parser.add_argument("--precision", default="highest", help="matmul_precision: highest, tensorfloat32 or bfloat16")
   parser.add_argument("--check", action="store_true", help="infer: compare with the other attention path")
   parser.add_argument("--lock", help="time while holding an exclusive lock on this file")
   parser.add_argument("--json", help="append the result as one JSON line to this file")
   args = parser.parse_args()
   forces = "direct" if args.mode.endswith("direct") else "conservative"
-  cfg, model = build(args.impl, forces, args.preset)
+  cfg, model = build(args.impl, forces, args.preset, args.gate, args.precision)
   structure = random_structure(args.atoms)
   compile_start = time.perf_counter()
   call, graph = compiled_call(args.mode, model, structure)
@@ -190,6 +195,8 @@ def main():
     mode=args.mode,
     atoms=args.atoms,
     impl=args.impl,
+    gate=args.gate,
+    precision=args.precision,
     ms=ms,
     steps_per_s=1e3 / ms,
     peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
@@ -207,7 +214,7 @@ def main():
     result.update(grad_norm0=float(optax.tree.norm(first)))
   if args.check and args.mode == "infer":
     other = "jnp_node" if args.impl == "pallas" else "pallas"
-    _, other_model = build(other, forces, args.preset)
+    _, other_model = build(other, forces, args.preset, args.gate, args.precision)
     other_call, _ = compiled_call("infer", other_model, structure)
     energy, forces_ = first
     other_energy, other_forces = other_call()

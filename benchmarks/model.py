@@ -100,9 +100,7 @@ def model_function(model: E2Former, train: bool):
   return (gradient if train else forces), params
 
 
-def build(
-  impl: str, forces: str, preset: str = "paper_spice", gate: str = "QKdotS_alpha", precision: str = "highest"
-):
+def build(impl: str, forces: str, preset: str = "paper_spice", gate: str = "QKdotS_alpha", precision: str = "highest"):
   cfg = benchmark_config(forces, impl=impl, preset=preset, gate=gate, precision=precision)
   return cfg, E2Former(cfg, rngs=nnx.Rngs(0))
 

@@ -170,6 +170,16 @@ class RadialProfile(nnx.Module):
       return x.profile(self, last=True)
     return self.linears[-1](self.hidden(x))
 
+  def weighted_sum(self, x: jax.Array | EdgeFeatures, weights: jax.Array) -> jax.Array:
+    """sum_k weights[..., k, m] self(x)[..., k, :] -> [..., M, out], for input slots k [..., K, in] and weights
+    [..., K, M]. The last layer is linear, so it runs after the sum: (sum_k w h_k) W + (sum_k w) b with h the
+    last hidden layer; the products of the last layer then take one row per (atom, m) instead of one per slot.
+    The sum over slots is elementwise in the input dtype (true float32)."""
+    last = self.linears[-1]
+    h = jnp.sum(weights[..., None] * self.hidden(x)[..., None, :], axis=-3)
+    out = matmul(h, last.kernel[...], last.precision)
+    return out if last.bias is None else out + jnp.sum(weights, axis=-2)[..., None] * last.bias[...]
+
 
 class SO3Linear(nnx.Module):
   """Degree-wise linear map y_{(l,m),o} = sum_c W_l[c, o] x_{(l,m),c} + delta_{l0} b_o.

@@ -61,11 +61,9 @@ class EdgeDegreeEmbedding(nnx.Module):
       )
       sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
       # sum over the K slots of [2l+1] x [C] outer products, elementwise in true float32 (as matrix products,
-      # a batch of [2l+1, K] x [K, C] products per atom, which a GPU runs far below its rate)
-      out = [
-        jnp.sum(sh[..., l * l : (l + 1) ** 2, None] * radial(features)[..., None, :], axis=-3)
-        for l, radial in enumerate(layer.radial)
-      ]
+      # a batch of [2l+1, K] x [K, C] products per atom, which a GPU runs far below its rate), with each
+      # profile's last Linear after the sum (per atom, not per slot)
+      out = [radial.weighted_sum(features, sh[..., l * l : (l + 1) ** 2]) for l, radial in enumerate(layer.radial)]
       return jnp.concatenate(out, axis=-2)
 
     x = over_atom_chunks_of(self, per_target, cfg.edge_chunk, graph.numbers, graph.neighbors, geometry)

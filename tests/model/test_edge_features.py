@@ -65,3 +65,31 @@ def test_a_profile_of_another_width_is_refused():
   mlp = RadialProfile((B + 2 * T + 1, 8, 3), precision="highest", dtype=jnp.float32, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="input width 15 cannot read edge features of width 14"):
     mlp(parts())
+
+
+@pytest.mark.parametrize("by_parts", [True, False])
+def test_weighted_sum_moves_the_last_layer_after_the_sum_over_slots(by_parts):
+  """``weighted_sum(x, w)`` = sum_k w[..., k, m] profile(x)[..., k, :] with the last Linear applied after the sum
+  (its bias times sum_k w): value and the gradients with respect to the distances, the weights and every parameter,
+  on edge features and on a plain array, weights zero on some slots (padding) and negative on others. The same
+  float32 terms summed in another order: 1e-5 relative."""
+  mlp = RadialProfile((B + 2 * T, 8, 8, 3), precision="highest", dtype=jnp.float32, rngs=nnx.Rngs(2))
+  mlp.linears[-1].bias[...] = jnp.asarray([0.3, -1.1, 0.7])  # zero-initialised: a bias the test can see
+  graphdef, params = nnx.split(mlp)
+  e = parts(seed=1)
+  weights = jnp.asarray(np.random.default_rng(2).normal(size=(N, K, 5)), jnp.float32).at[:, -2:].set(0.0)
+
+  def loss(params, distance, weights, moved):
+    features = EdgeFeatures(distance, BASIS, e.target_table, e.source_table, e.target_numbers, e.source_numbers, "jnp")
+    x = features if by_parts else concatenated(features)
+    module = nnx.merge(graphdef, params)
+    out = module.weighted_sum(x, weights) if moved else jnp.einsum("nkm,nko->nmo", weights, module(x))
+    return jnp.sum(jnp.sin(out))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  moved, summed = (grad(params, e.distance, weights, m) for m in (True, False))
+  assert float(loss(params, e.distance, weights, True)) == pytest.approx(
+    float(loss(params, e.distance, weights, False)), rel=1e-5
+  )
+  for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(summed), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))

@@ -30,6 +30,13 @@ TOLERANCE = {"forward": 1e-5, "vjp": 1e-5, "vjp_of_vjp": 5e-5}
 # returns its cotangents in bfloat16 (rounded to 2^-9 relative) where the kernel keeps them in float32: the
 # derivatives differ by a few bfloat16 roundings (2.4e-3 seen), hence 1e-2 for them.
 BFLOAT16_DERIVATIVE_TOLERANCE = 1e-2
+# The forward rounds to bfloat16 the operand of its second product, (t * m) [N, K, (L+1) F], and m comes from the
+# first product, summed in another order by the kernel and the twin: where the two float32 values of an entry
+# straddle a bfloat16 rounding boundary they round to neighbours, one bfloat16 step (at most 2^-7 of the entry)
+# apart. Each such entry moves one of the (L+1) F = 72 terms of an entry of g by at most 2^-7 of itself, a term
+# being at most a few times max|g| / sqrt(72): about 1e-3 of max|g| per flip. Most draws have none (errors of 1e-7
+# in twelve seeds); seed 811772085 had one, 4.5e-5.
+BFLOAT16_FORWARD_TOLERANCE = 2e-3
 
 # name: (N targets, K slots, A hidden, L, F channels per degree, H heads, block_t, block_f, matmul precision)
 CONFIGS = {
@@ -84,8 +91,11 @@ def _results(name: str) -> dict:
 def test_kernel_matches_twin(name, order):
   results = _results(name)
   for shape, error in relative_errors(results["kernel"][order], results["twin"][order]):
-    tolerance = BFLOAT16_DERIVATIVE_TOLERANCE if CONFIGS[name][-1] == "bfloat16" and order != "forward" else None
-    assert error <= (tolerance or TOLERANCE[order]), f"{name} {order} {shape}: {error:.2e} (seed {SEED})"
+    if CONFIGS[name][-1] == "bfloat16":
+      tolerance = BFLOAT16_FORWARD_TOLERANCE if order == "forward" else BFLOAT16_DERIVATIVE_TOLERANCE
+    else:
+      tolerance = TOLERANCE[order]
+    assert error <= tolerance, f"{name} {order} {shape}: {error:.2e} (seed {SEED})"
 
 
 def test_entry_point_dispatch_and_errors():

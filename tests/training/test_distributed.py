@@ -206,7 +206,7 @@ def result(tmp_path_factory):
   outdir = tmp_path_factory.mktemp("distributed")
   env = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={NUM_DEVICES}",
     JAX_PLATFORMS="cpu",
     PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
   )

@@ -60,9 +60,9 @@ class EdgeDegreeEmbedding(nnx.Module):
         geometry, layer.target_type, layer.source_type, target_numbers, graph.numbers, neighbors, cfg
       )
       sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, "component") * geometry.envelope[..., None]
-      # sum over the K slots of [2l+1] x [C] outer products, elementwise in true float32 (as matrix products,
-      # a batch of [2l+1, K] x [K, C] products per atom, which a GPU runs far below its rate), with each
-      # profile's last Linear after the sum (per atom, not per slot)
+      # per degree, the sum over the K slots of [2l+1] x [h_r] outer products with each profile's last Linear
+      # after it, per atom (RadialProfile.weighted_sum; elementwise in true float32: as matrix products, a batch
+      # of [2l+1, K] x [K, h_r] products per atom, which a GPU runs far below its rate)
       out = [radial.weighted_sum(features, sh[..., l * l : (l + 1) ** 2]) for l, radial in enumerate(layer.radial)]
       return jnp.concatenate(out, axis=-2)
 

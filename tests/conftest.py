@@ -7,19 +7,21 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # Shared helpers (model_helpers, md_helpers) import by name from every test folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The tools turn on JAX's persistent compilation cache; the suite compiles each program once anyway.
 os.environ.setdefault("E2FORMER_JAX_CACHE_DIR", "off")
-# The suite's time is mostly XLA compiling for the CPU (78% of the tests' time, measured 2026-12-07), so its CPU
-# backend runs LLVM at optimisation level 0: a one-block force-matching program compiles in 17-20 s instead of
-# 27-30 s, and the tests' arrays are small. XLA reads these flags up to the first word without "--" (it ignores
-# the rest), so every flag here starts with "--"; subprocesses of the tests inherit them.
-os.environ.setdefault(
-  "XLA_FLAGS",
-  "--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-)
+# The suite's time is mostly XLA compiling for the CPU (78% of the tests' time, measured 2026-12-07), so XLA
+# compiles with most optimisations off (JAX's ``jax_disable_most_optimizations``: LLVM at level 0, no expensive
+# passes): a one-block force-matching program compiles in 17-20 s instead of 27-30 s, and the tests' arrays are
+# small. A file whose time is running its programs rather than compiling them turns them back on
+# (``optimized_programs``). XLA reads XLA_FLAGS up to the first word without "--" (it ignores the rest), so every
+# flag there starts with "--". Subprocesses of the tests inherit both settings.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # The slowest files (seconds in a two-worker run as CI runs it, 2026-12-07), slowest first. With pytest-xdist's
 # ``--dist loadfile`` a worker takes the next whole file when it is nearly done with its current one, in
@@ -53,6 +55,18 @@ def pytest_collection_modifyitems(config, items):
   if "PYTEST_XDIST_WORKER" in os.environ:
     rank = {path: i for i, path in enumerate(SLOWEST_FILES)}
     items.sort(key=lambda item: rank.get(_file_of(item.nodeid), len(rank)))
+
+
+@pytest.fixture(scope="module")
+def optimized_programs():
+  """XLA's optimisations on for the programs of one test file (its long runs take longer than compiling them
+  optimised: tests/md/test_md.py, 142 against 184 s on this suite's 2-core host, 2026-12-07)."""
+  import jax
+
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_runtest_teardown(item, nextitem):

@@ -26,9 +26,12 @@ TINY = dict(
   type_embed_dim=8,
   num_basis=16,
   radial_hidden=16,
-  num_layers=2,
+  num_layers=1,
   max_neighbors=12,
 )
+# One block: a second compiles as long again and checks nothing the first does not (each block is the same
+# function of features of every degree). Models of two blocks, a first-order and a zero-order one, are the
+# authors' reduced checkpoints (tests/authors), compared with the authors' outputs on every attention path.
 NUM_ATOMS, NUM_GRAPHS = 48, 4
 
 

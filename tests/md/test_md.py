@@ -28,7 +28,7 @@ CHUNK = 50
 
 
 @pytest.fixture(scope="module", autouse=True)
-def x64():
+def x64(optimized_programs):
   jax.config.update("jax_enable_x64", True)
   yield
   jax.config.update("jax_enable_x64", False)

@@ -44,7 +44,6 @@ def test_over_atom_chunks_equals_one_call_and_keeps_gradients_finite():
       np.testing.assert_allclose(grad, whole_grad, rtol=1e-6)
 
 
-ONE_BLOCK = {**TINY, "num_layers": 1}  # one block: its maps and gate
 QKDOT = dict(gate="QKdot_alpha", softmax_max="valid")
 BOTH_CHUNKS = dict(edge_chunk=7, node_chunk=5)  # neither divides the 48 atom slots
 
@@ -63,10 +62,8 @@ CHUNKED_CASES = {
   # The node-level maps unchunked: their chunks do not depend on the attention path, and they add a third of this
   # case's compile time (CI time).
   "first_order_pallas": ({**QKDOT, "attention_impl": "pallas"}, dict(edge_chunk=7)),
-  # the per-edge ("standard") message: only its readout is chunked per atom
-  "edge_aligned": ({**QKDOT, "attention_impl": "jnp_edge"}, BOTH_CHUNKS),
-  # remat alone (each block recomputed in the backward pass instead of stored)
-  "remat": ({**QKDOT, "attention_impl": "jnp_node"}, dict(remat=True)),
+  # the per-edge ("standard") message, only its readout chunked per atom, and remat on this path too
+  "edge_aligned_remat": ({**QKDOT, "attention_impl": "jnp_edge"}, {**BOTH_CHUNKS, "remat": True}),
 }
 
 
@@ -90,7 +87,7 @@ def _unchunked(options: tuple) -> tuple:
   items, the attention path left out) without chunks, through the node-centric jnp op: the reference of every
   chunked case of these options (one compilation shared by the cases)."""
   options = dict(options)
-  cfg = get_config("small", **ONE_BLOCK, **options, attention_impl="jnp_node")
+  cfg = get_config("small", **TINY, **options, attention_impl="jnp_node")
   return force_matching_gradients(cfg, _chunk_test_structures(options), NUM_GRAPHS + 1)
 
 
@@ -104,7 +101,7 @@ def test_chunks_change_no_result(case, monkeypatch):
   if case in GATHERED_CASES:
     monkeypatch.setattr(chunking, "source_capacity", lambda n, k, m: min(m, 30))
   options, chunks = CHUNKED_CASES[case]
-  cfg = get_config("small", **ONE_BLOCK, **options, **chunks)
+  cfg = get_config("small", **TINY, **options, **chunks)
   e1, f1, g1 = force_matching_gradients(cfg, _chunk_test_structures(options), NUM_GRAPHS + 1)
   e0, f0, g0 = _unchunked(tuple(sorted((k, v) for k, v in options.items() if k != "attention_impl")))
   assert relative(e1, e0) <= 1e-5 and relative(f1, f0) <= 1e-5
@@ -291,7 +288,7 @@ def test_edge_chunks_leave_no_slot_array_of_all_atoms(impl):
   for chunk in (0, 7):
     cfg = get_config(
       "small",
-      **{**TINY, "num_layers": 1, "num_heads": heads},
+      **{**TINY, "num_heads": heads},
       gate="QKdot_alpha",
       attention_impl=impl,
       edge_chunk=chunk,

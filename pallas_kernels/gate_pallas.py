@@ -9,8 +9,7 @@ product), the chunk of the contractions (elementwise, the target's rows P_n,(l,m
 their product times the chunk of the output layer ([block_t K, block_f] x [block_f, H]), accumulated in float32.
 Only u, Y, P and the weights are read and only g [N, K, H] is written. The forward reads both weight matrices
 transposed (made in XLA, 2 x 98k floats for the paper's model): each product then finds its weight chunk with the
-contracted axis contiguous, the layout in which Triton's TF32 products on Hopper run fastest (docs/kernel.md §9);
-the backward reads W_mix both ways and W_gate as stored, for the same reason.
+contracted axis contiguous, the layout in which Triton's TF32 products on Hopper run fastest (docs/kernel.md §9).
 
 Gradients (``jax.custom_vjp``). The backward kernel takes the same targets per program (its own column chunk and
 stages: ``backward_block_f``, ``backward_num_stages``) and, per chunk, the product's cotangent
@@ -121,30 +120,17 @@ class _Tile:
 
 class _ChunkWalk:
   """What both kernels hold for their tile (the rows of u, the slots' harmonics) and the factors of one chunk of
-  columns (l, f), which both compute the same way. Both pass W_mix^T; the forward passes W_gate^T
-  (``gate_transposed``), the backward W_gate as stored and W_mix too (``w_mix_ref``, for its product into du)."""
+  columns (l, f), which both compute the same way."""
 
   def __init__(
-    self,
-    tiles: GateTiles,
-    u_ref,
-    sh_ref,
-    proj_ref,
-    w_mix_t_ref,
-    b_mix_ref,
-    w_gate_ref,
-    *,
-    block_f: int,
-    gate_transposed: bool,
-    w_mix_ref=None,
+    self, tiles: GateTiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, *, block_f: int, k_major: bool
   ):
     num_n, num_k, self.num_a = u_ref.shape
     num_s, self.num_f = proj_ref.shape[1:]
-    self.gate_transposed = gate_transposed
-    self.num_h = w_gate_ref.shape[0 if gate_transposed else 1]
+    self.k_major = k_major
+    self.num_h = w_gate_ref.shape[0 if k_major else 1]
     self.width_a, self.width_h = _width(self.num_a), _width(self.num_h)
-    self.tiles, self.block_f, self.refs = tiles, block_f, (proj_ref, w_mix_t_ref, b_mix_ref, w_gate_ref)
-    self.w_mix_ref = w_mix_ref
+    self.tiles, self.block_f, self.refs = tiles, block_f, (proj_ref, w_mix_ref, b_mix_ref, w_gate_ref)
     self.tile = _Tile(num_n, num_k, tiles.block_t)
     self.u = self.tile.load_rows(u_ref, self.width_a, self.num_a)
     self.harmonics = [self.tile.load_harmonic(sh_ref, lm) for lm in range(num_s)]
@@ -152,31 +138,26 @@ class _ChunkWalk:
     self.num_chunks = pl.cdiv(self.num_f, block_f)
 
   def factors(self, l: int, c):
-    """Chunk c of degree l: its channels f and their mask, the chunk's W_mix columns as stored ([Ap, block_f],
-    when the walk was given ``w_mix_ref``, else None), the chunk's W_gate rows ([Hp, block_f] transposed with
-    ``gate_transposed``, else [block_f, Hp]), m = u W_mix + b_mix [T Kp, block_f] (from the chunk of W_mix^T, so the
-    product contracts the contiguous axis), the target's P rows [T, block_f] per m, and t [T, Kp, block_f]."""
-    proj_ref, w_mix_t_ref, b_mix_ref, w_gate_ref = self.refs
+    """Chunk c of degree l: its channels f and their mask, the chunk's W_mix columns and W_gate rows ([Ap, block_f]
+    and [block_f, Hp]; transposed with ``k_major``), m = u W_mix + b_mix [T Kp, block_f], the target's P rows
+    [T, block_f] per m, and t [T, Kp, block_f]."""
+    proj_ref, w_mix_ref, b_mix_ref, w_gate_ref = self.refs
     f, f_ok = _arange(c * self.block_f, self.block_f, self.num_f)
     col = l * self.num_f + f
     a, a_ok = _arange(0, self.width_a, self.num_a)
     h, h_ok = _arange(0, self.width_h, self.num_h)
-    w_mix_t = pltriton.load(w_mix_t_ref.at[col[:, None], a[None, :]], mask=f_ok[:, None] & a_ok[None, :], other=0.0)
-    if self.gate_transposed:  # W_gate^T [H, (L+1) F]: chunk [Hp, block_f]
+    if self.k_major:  # W_mix^T [(L+1) F, A] and W_gate^T [H, (L+1) F]: chunks [block_f, Ap] and [Hp, block_f]
+      w_mix = pltriton.load(w_mix_ref.at[col[:, None], a[None, :]], mask=f_ok[:, None] & a_ok[None, :], other=0.0)
       w_gate = pltriton.load(w_gate_ref.at[h[:, None], col[None, :]], mask=h_ok[:, None] & f_ok[None, :], other=0.0)
-    else:  # W_gate [(L+1) F, H]: chunk [block_f, Hp]
+    else:  # W_mix [A, (L+1) F] and W_gate [(L+1) F, H]: chunks [Ap, block_f] and [block_f, Hp]
+      w_mix = pltriton.load(w_mix_ref.at[a[:, None], col[None, :]], mask=a_ok[:, None] & f_ok[None, :], other=0.0)
       w_gate = pltriton.load(w_gate_ref.at[col[:, None], h[None, :]], mask=f_ok[:, None] & h_ok[None, :], other=0.0)
-    w_mix = None
-    if self.w_mix_ref is not None:  # W_mix [A, (L+1) F]: chunk [Ap, block_f]
-      w_mix = pltriton.load(
-        self.w_mix_ref.at[a[:, None], col[None, :]], mask=a_ok[:, None] & f_ok[None, :], other=0.0
-      ).astype(jnp.float32)
     b_mix = pltriton.load(b_mix_ref.at[col], mask=f_ok, other=0.0)
-    mixed = _dot(self.u, w_mix_t.astype(jnp.float32), self.tiles.precision, transpose_w=True)
-    mixed = mixed + b_mix.astype(jnp.float32)[None, :]
+    w_mix, w_gate = w_mix.astype(jnp.float32), w_gate.astype(jnp.float32)
+    mixed = _dot(self.u, w_mix, self.tiles.precision, self.k_major) + b_mix.astype(jnp.float32)[None, :]
     projected = [self.tile.load_projected(proj_ref, lm, f, f_ok) for lm in range(l * l, (l + 1) ** 2)]
     t = sum(self.harmonics[l * l + m][:, :, None] * p[:, None, :] for m, p in enumerate(projected))
-    return f, f_ok, w_mix, w_gate.astype(jnp.float32), mixed, projected, t
+    return f, f_ok, w_mix, w_gate, mixed, projected, t
 
 
 def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate_t_ref, b_gate_ref, g_ref, *, tiles):
@@ -184,7 +165,7 @@ def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate
   matrices transposed: both products then read their weight chunks with the contracted axis contiguous, which
   Triton's TF32 products on Hopper run up to 1.5x faster, docs/kernel.md §9)."""
   walk = _ChunkWalk(
-    tiles, u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate_t_ref, block_f=tiles.block_f, gate_transposed=True
+    tiles, u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate_t_ref, block_f=tiles.block_f, k_major=True
   )
   acc = jnp.zeros((walk.u.shape[0], walk.width_h), jnp.float32)
   for l in walk.degrees:
@@ -199,22 +180,11 @@ def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate
 
 
 def _gate_backward_kernel(
-  u_ref, sh_ref, proj_ref, w_mix_ref, w_mix_t_ref, b_mix_ref, w_gate_ref, ct_ref, du_ref, dsh_ref, dproj_ref, *, tiles
+  u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, ct_ref, du_ref, dsh_ref, dproj_ref, *, tiles
 ):
-  """du [N, K, A], dY [N, K, S] and dP [N, S, F] from the cotangent ct [N, K, H] of g. W_mix comes as stored and
-  transposed, W_gate as stored: each of the three products (m recomputed, ct W_gate^T and the one into du) then
-  contracts the contiguous axis of its weight chunk (docs/kernel.md §9)."""
+  """du [N, K, A], dY [N, K, S] and dP [N, S, F] from the cotangent ct [N, K, H] of g."""
   walk = _ChunkWalk(
-    tiles,
-    u_ref,
-    sh_ref,
-    proj_ref,
-    w_mix_t_ref,
-    b_mix_ref,
-    w_gate_ref,
-    block_f=tiles.backward_block_f,
-    gate_transposed=False,
-    w_mix_ref=w_mix_ref,
+    tiles, u_ref, sh_ref, proj_ref, w_mix_ref, b_mix_ref, w_gate_ref, block_f=tiles.backward_block_f, k_major=False
   )
   tile = walk.tile
   ct = tile.load_rows(ct_ref, walk.width_h, walk.num_h)
@@ -261,7 +231,7 @@ def _input_cotangents_kernel(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate
   outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (u, sh, proj)]
   kernel = functools.partial(_gate_backward_kernel, tiles=tiles)
   call = tiles.backward_launch.call(kernel, outs, _grid(tiles, u.shape[0]))
-  return tuple(call(u, sh, proj, w_mix, w_mix.T, b_mix, w_gate, ct))
+  return tuple(call(u, sh, proj, w_mix, b_mix, w_gate, ct))
 
 
 def _twin_cotangents(precision: str, u, sh, proj, w_mix, b_mix, w_gate, b_gate, ct):

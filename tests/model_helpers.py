@@ -152,20 +152,20 @@ def transformed(atoms, rotation=None, translation=None, permutation=None):
   return atoms
 
 
-def force_matching_gradients(cfg, structures, num_graphs=NUM_GRAPHS):
+def force_matching_gradients(cfg, structures, num_graphs=NUM_GRAPHS, parameter_gradients=True):
   """(energies, forces, parameter-gradient leaves) of the model of config ``cfg`` (seed 0) on ``structures``, the
-  gradients of the force-matching loss sum(E) + mean |F|^2, in one jitted call."""
+  gradients of the force-matching loss sum(E) + mean |F|^2 (reverse over reverse), in one jitted call; with
+  ``parameter_gradients=False`` only energies and forces (one reverse pass) and an empty list."""
   model = E2Former(cfg, rngs=nnx.Rngs(0))
   graph, _ = graph_from_atoms(structures, cfg.cutoff, cfg.max_neighbors, NUM_ATOMS, num_graphs)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  @jax.jit
-  def evaluate_and_grad(params, graph):
-    def loss(params):
-      out = predict(nnx.merge(graphdef, params, rest), graph)
-      return jax.numpy.sum(out["energy"]) + jax.numpy.mean(jax.numpy.sum(out["forces"] ** 2, -1)), out
+  def loss(params, graph):
+    out = predict(nnx.merge(graphdef, params, rest), graph)
+    return jax.numpy.sum(out["energy"]) + jax.numpy.mean(jax.numpy.sum(out["forces"] ** 2, -1)), out
 
-    return jax.grad(loss, has_aux=True)(params)
-
-  grads, out = evaluate_and_grad(params, graph)
+  if not parameter_gradients:
+    out = jax.jit(lambda params, graph: loss(params, graph)[1])(params, graph)
+    return out["energy"], out["forces"], []
+  grads, out = jax.jit(jax.grad(loss, has_aux=True))(params, graph)
   return out["energy"], out["forces"], jax.tree.leaves(grads)

@@ -12,7 +12,7 @@ from e2former_jax import E2FormerCalculator
 def _slab():
   slab = ase.build.fcc111("Al", size=(2, 2, 3), vacuum=None, periodic=True, a=4.05)
   slab.rattle(0.05, seed=4)
-  # vacuum: 2 blocks x cutoff 5 A of receptive field each way, plus margin
+  # vacuum: more than the receptive field each way, (blocks + 1) x cutoff (10 A for the tests' one block)
   slab.cell[2] = [0.0, 0.0, slab.positions[:, 2].max() - slab.positions[:, 2].min() + 25.0]
   slab.pbc = (True, True, False)
   return slab

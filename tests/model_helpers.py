@@ -30,8 +30,9 @@ TINY = dict(
   max_neighbors=12,
 )
 # One block: a second compiles as long again and checks nothing the first does not (each block is the same
-# function of features of every degree). Models of two blocks, a first-order and a zero-order one, are the
-# authors' reduced checkpoints (tests/authors), compared with the authors' outputs on every attention path.
+# function of features of every degree). Models of two blocks are the authors' five reduced checkpoints
+# (tests/authors: two first-order blocks each, one with long-range zero-order blocks after them), compared with
+# the authors' outputs in float32 and float64, the long-range one on every attention path.
 NUM_ATOMS, NUM_GRAPHS = 48, 4
 
 

@@ -215,20 +215,23 @@ def side_by_side(maps: tuple[SO3Linear, ...], x: jax.Array) -> list[jax.Array]:
 
   Degree l's 2l+1 rows of every atom are rows of one plain product [... * (2l+1), C_in] x [C_in, sum C_out]:
   no per-row copy of the kernels and no batch dimension between the atoms and the channels, which a GPU's
-  batched product would need moved (transposes of the input and of the wide output).
+  batched product would need moved (transposes of the input and of the wide output). Each map's output is
+  assembled from its columns of the per-degree products (its l = 0 row plus its bias) in one concatenation,
+  with no [..., (L+1)^2, sum C_out] array in between; in the backward pass each degree's cotangent is likewise
+  one concatenation of the maps' columns.
 
   The maps must share lmax, input width and precision."""
   first = maps[0]
   w = jnp.concatenate([m.kernel[...] for m in maps], axis=-1)  # [L+1, C_in, sum C_out]
   lmax = w.shape[0] - 1
-  y = jnp.concatenate(
-    [matmul(x[..., l * l : (l + 1) ** 2, :], w[l], first.precision) for l in range(lmax + 1)], axis=-2
-  )
+  per_degree = [matmul(x[..., l * l : (l + 1) ** 2, :], w[l], first.precision) for l in range(lmax + 1)]
   out, start = [], 0
   for m in maps:
     width = m.kernel.shape[-1]
-    part = y[..., start : start + width]
-    out.append(part if m.bias is None else part.at[..., 0, :].add(m.bias[...]))
+    pieces = [y[..., start : start + width] for y in per_degree]
+    if m.bias is not None:
+      pieces[0] = pieces[0] + m.bias[...]
+    out.append(jnp.concatenate(pieces, axis=-2))
     start += width
   return out
 

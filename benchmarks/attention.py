@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels import pallas as kernels  # noqa: E402 - the op and the backward's building blocks
 from pallas_kernels.jnp_node import attention_logits, attention_weights, jnp_node_attention, per_channel  # noqa: E402
+from pallas_kernels.triton_launch import Launch  # noqa: E402
 
 H, D, C, K, V_ROWS, PRODUCT_ROWS = 128, 8, 256, 32, 9, 20
 R = PRODUCT_ROWS + V_ROWS
@@ -307,7 +308,7 @@ def sweep(n: int, seed: int, bandwidth: float, neighbors: str):
 
 def backward_pieces(n: int, seed: int, neighbors: str):
   """The by-source list and the five kernel calls of a first-order backward at the paper's sizes, on random
-  weights: name -> (function of a ``_Launch``, its arguments, flat row width F of its gathered rows)."""
+  weights: name -> (function of a ``Launch``, its arguments, flat row width F of its gathered rows)."""
   inputs, _ = make_inputs(n, seed, neighbors)
   rng = np.random.default_rng(seed + 2)
   build = jax.jit(kernels._graph, static_argnums=2)
@@ -332,7 +333,7 @@ def backward_launch(**tiling):
   """Launch parameters of the backward's kernels (interpret mode off a GPU), tiles as given or the op's default
   (``pallas.BACKWARD_STAGES`` pipelining stages)."""
   tiling.setdefault("num_stages", kernels.BACKWARD_STAGES)
-  return kernels._Launch(interpret=jax.default_backend() != "gpu", **tiling)
+  return Launch(interpret=jax.default_backend() != "gpu", **tiling)
 
 
 def breakdown(n: int, seed: int, neighbors: str):

@@ -36,14 +36,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gate_jnp import jnp_direction_gate, lax_precision
-from pallas_kernels.pallas import _arange, _Launch, _pow2, _reject_forward_mode
+from pallas_kernels.triton_launch import Launch, arange, pow2, reject_forward_mode
 
 MIN_DOT = 16  # Triton's matrix products need every dimension >= 16
 
 
 def _width(n: int) -> int:
   """A register width for n columns: the next power of two, at least ``MIN_DOT``."""
-  return max(MIN_DOT, _pow2(n))
+  return max(MIN_DOT, pow2(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,8 @@ class GateTiles:
   block_f: int
   backward_block_f: int
   precision: str
-  launch: _Launch
-  backward_launch: _Launch
+  launch: Launch
+  backward_launch: Launch
 
 
 def _dot(x, w, precision: str, transpose_w: bool = False):
@@ -81,14 +81,14 @@ class _Tile:
   """Indices, masks and loads shared by the forward and backward kernels of one program."""
 
   def __init__(self, num_n: int, num_k: int, block_t: int):
-    self.n, self.n_ok = _arange(pl.program_id(0) * block_t, block_t, num_n)
-    self.k, k_ok = _arange(0, _pow2(num_k), num_k)
+    self.n, self.n_ok = arange(pl.program_id(0) * block_t, block_t, num_n)
+    self.k, k_ok = arange(0, pow2(num_k), num_k)
     self.rows_ok = self.n_ok[:, None] & k_ok[None, :]  # [T, Kp]
-    self.shape = (block_t, _pow2(num_k))
+    self.shape = (block_t, pow2(num_k))
 
   def load_rows(self, ref, width: int, limit: int):
     """ref [N, K, limit] -> [T * Kp, width] (zero outside the tile)."""
-    c, c_ok = _arange(0, width, limit)
+    c, c_ok = arange(0, width, limit)
     x = pltriton.load(
       ref.at[self.n[:, None, None], self.k[None, :, None], c[None, None, :]],
       mask=self.rows_ok[:, :, None] & c_ok[None, None, :],
@@ -98,7 +98,7 @@ class _Tile:
 
   def store_rows(self, ref, x, limit: int):
     """Stores x [T * Kp, width] into ref [N, K, limit]."""
-    c, c_ok = _arange(0, x.shape[-1], limit)
+    c, c_ok = arange(0, x.shape[-1], limit)
     pltriton.store(
       ref.at[self.n[:, None, None], self.k[None, :, None], c[None, None, :]],
       x.reshape(*self.shape, x.shape[-1]).astype(ref.dtype),
@@ -142,10 +142,10 @@ class _ChunkWalk:
     and [block_f, Hp]; transposed with ``k_major``), m = u W_mix + b_mix [T Kp, block_f], the target's P rows
     [T, block_f] per m, and t [T, Kp, block_f]."""
     proj_ref, w_mix_ref, b_mix_ref, w_gate_ref = self.refs
-    f, f_ok = _arange(c * self.block_f, self.block_f, self.num_f)
+    f, f_ok = arange(c * self.block_f, self.block_f, self.num_f)
     col = l * self.num_f + f
-    a, a_ok = _arange(0, self.width_a, self.num_a)
-    h, h_ok = _arange(0, self.width_h, self.num_h)
+    a, a_ok = arange(0, self.width_a, self.num_a)
+    h, h_ok = arange(0, self.width_h, self.num_h)
     if self.k_major:  # W_mix^T [(L+1) F, A] and W_gate^T [H, (L+1) F]: chunks [block_f, Ap] and [Hp, block_f]
       w_mix = pltriton.load(w_mix_ref.at[col[:, None], a[None, :]], mask=f_ok[:, None] & a_ok[None, :], other=0.0)
       w_gate = pltriton.load(w_gate_ref.at[h[:, None], col[None, :]], mask=h_ok[:, None] & f_ok[None, :], other=0.0)
@@ -175,7 +175,7 @@ def _gate_forward_kernel(u_ref, sh_ref, proj_ref, w_mix_t_ref, b_mix_ref, w_gate
       return acc + _dot(t.reshape(mixed.shape) * mixed, w_gate, tiles.precision, transpose_w=True)
 
     acc = lax.fori_loop(0, walk.num_chunks, chunk, acc)
-  h, h_ok = _arange(0, walk.width_h, walk.num_h)
+  h, h_ok = arange(0, walk.width_h, walk.num_h)
   walk.tile.store_rows(g_ref, acc + pltriton.load(b_gate_ref.at[h], mask=h_ok, other=0.0)[None, :], walk.num_h)
 
 
@@ -248,7 +248,7 @@ def _input_cotangents(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, ct):
 
 
 def _input_cotangents_fwd(tiles, *args):
-  _reject_forward_mode(*args)
+  reject_forward_mode(*args)
   return _input_cotangents(tiles, *args), args
 
 
@@ -270,7 +270,7 @@ def _direction_gate(tiles: GateTiles, u, sh, proj, w_mix, b_mix, w_gate, b_gate)
 
 
 def _direction_gate_fwd(tiles, *args):
-  _reject_forward_mode(*args)
+  reject_forward_mode(*args)
   # Calling the custom_vjp function (not the kernel) keeps an outer reverse pass on these rules.
   return _direction_gate(tiles, *args), args
 
@@ -337,7 +337,7 @@ def pallas_direction_gate(
       f"block_t must be a power of two and block_f, backward_block_f powers of two >= 16, got {block_t}, "
       f"{block_f}, {backward_block_f}"
     )
-  _reject_forward_mode(u, sh, proj, w_mix, b_mix, w_gate, b_gate)
+  reject_forward_mode(u, sh, proj, w_mix, b_mix, w_gate, b_gate)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   tiles = GateTiles(
@@ -345,7 +345,7 @@ def pallas_direction_gate(
     block_f,
     backward_block_f,
     precision,
-    _Launch(bool(interpret), num_warps, num_stages),
-    _Launch(bool(interpret), num_warps, backward_num_stages),
+    Launch(bool(interpret), num_warps, num_stages),
+    Launch(bool(interpret), num_warps, backward_num_stages),
   )
   return _direction_gate(tiles, u, sh, proj, w_mix, b_mix, w_gate, b_gate)

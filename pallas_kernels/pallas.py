@@ -35,75 +35,19 @@ Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not supported: us
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src.interpreters import ad as _ad  # JVPTracer, to name forward mode in the error (jax pinned)
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.attention_softmax import softmax_weights
 from pallas_kernels.jnp_node import EPSILON
+from pallas_kernels.triton_launch import Launch, accumulator_type, arange, pow2, reject_forward_mode
 
-FORWARD_MODE_MESSAGE = (
-  "node_attention (attention_impl='pallas') supports reverse mode only (jax.grad, jax.vjp, and reverse over "
-  "reverse for force training); forward-mode transforms (jax.jvp, jax.jacfwd, jax.hessian) need "
-  "attention_impl='jnp_node'."
-)
-_REGISTER_BUDGET = 4096  # elements of the largest [block, F, heads] tile of the backward kernels
 INT32_MAX = 2**31 - 1  # kernel index values (atoms, slots, flat slot ids) are int32; offsets are not (§5)
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _accumulator_type(dtype):
-  """Kernels accumulate in float32, or in the output's type where that is wider (float64 models)."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _reject_forward_mode(*arrays) -> None:
-  """Raises a clear error when called under a forward-mode (JVP) trace."""
-  if any(isinstance(x, _ad.JVPTracer) for x in jax.tree.leaves(arrays)):
-    raise TypeError(FORWARD_MODE_MESSAGE)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Launch:
-  """Static launch parameters of one kernel family (hashable: a ``nondiff_argnums`` argument).
-
-  ``block_n`` and ``block_h`` (targets or sources, and heads, per program) apply to the backward's gather
-  kernels; 0 takes them from the register budget (``_tiles``)."""
-
-  interpret: bool
-  num_warps: int = 4
-  num_stages: int = 1
-  block_n: int = 0
-  block_h: int = 0
-
-  def tiles(self, num_f: int, num_h: int) -> tuple[int, int]:
-    """(block_n, block_h) of a gather kernel over [*, num_f, num_h] rows."""
-    block_n, block_h = _tiles(num_f, num_h)
-    return self.block_n or block_n, min(self.block_h or block_h, _pow2(num_h))
-
-  def call(self, kernel, out_shape, grid):
-    return pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=grid,
-      interpret=self.interpret,
-      compiler_params=pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages),
-    )
-
-
-def _arange(start, size: int, limit: int):
-  """Indices start..start+size-1 and their in-bounds mask (< limit)."""
-  idx = start + jnp.arange(size, dtype=jnp.int32)
-  return idx, idx < limit
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,11 +87,11 @@ def _forward_kernel(
   num_n, num_h, dim = q_ref.shape
   num_slots = nbr_ref.shape[1]
   num_f = rows_ref.shape[1]
-  acc_t = _accumulator_type(agg_ref.dtype)
-  n, n_ok = _arange(pl.program_id(0) * block_n, block_n, num_n)
-  h, h_ok = _arange(pl.program_id(1) * block_h, block_h, num_h)
-  t, t_ok = _arange(0, _pow2(dim), dim)
-  f, f_ok = _arange(0, _pow2(num_f), num_f)
+  acc_t = accumulator_type(agg_ref.dtype)
+  n, n_ok = arange(pl.program_id(0) * block_n, block_n, num_n)
+  h, h_ok = arange(pl.program_id(1) * block_h, block_h, num_h)
+  t, t_ok = arange(0, pow2(dim), dim)
+  f, f_ok = arange(0, pow2(num_f), num_f)
   nh_ok = n_ok[:, None] & h_ok[None, :]
   n2, h2 = n[:, None], h[None, :]
   h3, t3, f3 = h[None, :, None], t[None, None, :], f[None, :, None]
@@ -155,7 +99,7 @@ def _forward_kernel(
   q = q.astype(acc_t) * dim**-0.5
   if shift_rows is not None:
     first, count = shift_rows
-    s, s_ok = _arange(0, _pow2(count), count)
+    s, s_ok = arange(0, pow2(count), count)
 
   def body(slot, carry):
     m, l, acc, *acc_shift = carry
@@ -193,9 +137,9 @@ def _forward_kernel(
   m0 = jnp.full((block_n, block_h), -jnp.inf, acc_t)
   if has_floor:
     m0 = pltriton.load(floor_ref.at[n2, h2], mask=nh_ok, other=-jnp.inf).astype(acc_t)
-  init = [m0, zeros, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t)]
+  init = [m0, zeros, jnp.zeros((block_n, pow2(num_f), block_h), acc_t)]
   if shift_rows is not None:
-    init += [jnp.zeros((block_n, _pow2(count), block_h), acc_t)] * 3
+    init += [jnp.zeros((block_n, pow2(count), block_h), acc_t)] * 3
   _, l, acc, *acc_shift = lax.fori_loop(0, num_slots, body, tuple(init))
   inv = (1.0 / (l + EPSILON))[:, None, :]
   out_ok = nh_ok[:, None, :]
@@ -214,7 +158,7 @@ def _forward_kernel(
 
 
 def _fused_forward(
-  launch: _Launch,
+  launch: Launch,
   block_n: int,
   block_h: int,
   softmax_max: str,
@@ -235,7 +179,7 @@ def _fused_forward(
   num_m, num_r, num_c = rows.shape
   groups = num_c // num_h
   flat_rows = rows.reshape(num_m, num_r * groups, num_h)
-  block_h = min(block_h, _pow2(num_h))
+  block_h = min(block_h, pow2(num_h))
   dtype = jnp.result_type(q, k, gate, edge_scale, envelope, rows)
   out_shape = [jax.ShapeDtypeStruct((num_n, num_r * groups, num_h), dtype)]
   args = [q, k, gate, edge_scale, envelope, valid.astype(jnp.int32), neighbors.astype(jnp.int32), flat_rows]
@@ -273,24 +217,14 @@ def _fused_forward(
 BACKWARD_STAGES = 2
 
 
-def _tiles(num_f: int, num_h: int) -> tuple[int, int]:
-  """(block_n, block_h) keeping a [block_n, padded F, block_h] tile within the register budget."""
-  f_pad = _pow2(num_f)
-  block_h = min(_pow2(num_h), 128)
-  while f_pad * block_h > _REGISTER_BUDGET and block_h > 16:
-    block_h //= 2
-  block_n = max(1, min(8, _REGISTER_BUDGET // (f_pad * block_h)))
-  return block_n, block_h
-
-
 def _gather_dot_kernel(a_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int, block_h: int):
   """out[n, k, h] = sum_f a[n, f, h] * b[nbr[n, k], f, h] on active slots, 0 elsewhere."""
   num_n, num_f, num_h = a_ref.shape
-  n, n_ok = _arange(pl.program_id(0) * block_n, block_n, num_n)
-  h, h_ok = _arange(pl.program_id(1) * block_h, block_h, num_h)
-  f, f_ok = _arange(0, _pow2(num_f), num_f)
+  n, n_ok = arange(pl.program_id(0) * block_n, block_n, num_n)
+  h, h_ok = arange(pl.program_id(1) * block_h, block_h, num_h)
+  f, f_ok = arange(0, pow2(num_f), num_f)
   tile_ok = (n_ok[:, None] & h_ok[None, :])[:, None, :] & f_ok[None, :, None]
-  acc_t = _accumulator_type(out_ref.dtype)
+  acc_t = accumulator_type(out_ref.dtype)
   a = pltriton.load(a_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], mask=tile_ok, other=0.0).astype(
     acc_t
   )
@@ -314,12 +248,12 @@ def _gather_sum_kernel(w_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int
   """out[n, f, h] = sum_k w[n, k, h] * b[nbr[n, k], f, h] over active slots."""
   num_n, num_slots, num_h = w_ref.shape
   num_f = b_ref.shape[1]
-  n, n_ok = _arange(pl.program_id(0) * block_n, block_n, num_n)
-  h, h_ok = _arange(pl.program_id(1) * block_h, block_h, num_h)
-  f, f_ok = _arange(0, _pow2(num_f), num_f)
+  n, n_ok = arange(pl.program_id(0) * block_n, block_n, num_n)
+  h, h_ok = arange(pl.program_id(1) * block_h, block_h, num_h)
+  f, f_ok = arange(0, pow2(num_f), num_f)
   nh_ok = n_ok[:, None] & h_ok[None, :]
   tile_ok = nh_ok[:, None, :] & f_ok[None, :, None]
-  acc_t = _accumulator_type(out_ref.dtype)
+  acc_t = accumulator_type(out_ref.dtype)
 
   def body(slot, acc):
     j = pltriton.load(nbr_ref.at[n, slot], mask=n_ok, other=0)
@@ -330,7 +264,7 @@ def _gather_sum_kernel(w_ref, b_ref, nbr_ref, mask_ref, out_ref, *, block_n: int
     )
     return acc + w.astype(acc_t)[:, None, :] * b.astype(acc_t)
 
-  acc = lax.fori_loop(0, num_slots, body, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t))
+  acc = lax.fori_loop(0, num_slots, body, jnp.zeros((block_n, pow2(num_f), block_h), acc_t))
   pltriton.store(
     out_ref.at[n[:, None, None], f[None, :, None], h[None, None, :]], acc.astype(out_ref.dtype), mask=tile_ok
   )
@@ -344,12 +278,12 @@ def _source_sum_kernel(w_ref, a_ref, order_ref, ptr_ref, out_ref, *, block_n: in
   list order: deterministic, no atomics.
   """
   num_m, num_f, num_h = out_ref.shape
-  src, src_ok = _arange(pl.program_id(0) * block_n, block_n, num_m)
-  h, h_ok = _arange(pl.program_id(1) * block_h, block_h, num_h)
-  f, f_ok = _arange(0, _pow2(num_f), num_f)
+  src, src_ok = arange(pl.program_id(0) * block_n, block_n, num_m)
+  h, h_ok = arange(pl.program_id(1) * block_h, block_h, num_h)
+  f, f_ok = arange(0, pow2(num_f), num_f)
   start = pltriton.load(ptr_ref.at[src], mask=src_ok, other=0)
   count = pltriton.load(ptr_ref.at[src + 1], mask=src_ok, other=0) - start
-  acc_t = _accumulator_type(out_ref.dtype)
+  acc_t = accumulator_type(out_ref.dtype)
 
   def body(i, acc):
     live = i < count
@@ -362,7 +296,7 @@ def _source_sum_kernel(w_ref, a_ref, order_ref, ptr_ref, out_ref, *, block_n: in
     )
     return acc + w.astype(acc_t)[:, None, :] * a.astype(acc_t)
 
-  acc = lax.fori_loop(0, jnp.max(count), body, jnp.zeros((block_n, _pow2(num_f), block_h), acc_t))
+  acc = lax.fori_loop(0, jnp.max(count), body, jnp.zeros((block_n, pow2(num_f), block_h), acc_t))
   pltriton.store(
     out_ref.at[src[:, None, None], f[None, :, None], h[None, None, :]],
     acc.astype(out_ref.dtype),
@@ -440,25 +374,25 @@ def _source_sum_call(launch, graph, w, a):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def gather_dot(launch: _Launch, graph, a: jax.Array, b: jax.Array) -> jax.Array:
+def gather_dot(launch: Launch, graph, a: jax.Array, b: jax.Array) -> jax.Array:
   """[N, K, H] per-head dot of target rows a [N, F, H] with gathered source rows b [M, F, H]."""
   return _gather_dot_call(launch, graph, a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def gather_sum(launch: _Launch, graph, w: jax.Array, b: jax.Array) -> jax.Array:
+def gather_sum(launch: Launch, graph, w: jax.Array, b: jax.Array) -> jax.Array:
   """[N, F, H] sum over active slots of weights w [N, K, H] times gathered source rows b [M, F, H]."""
   return _gather_sum_call(launch, graph, w, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def source_sum(launch: _Launch, graph, w: jax.Array, a: jax.Array) -> jax.Array:
+def source_sum(launch: Launch, graph, w: jax.Array, a: jax.Array) -> jax.Array:
   """[M, F, H] sum over each source's active slots of weights w [N, K, H] times target rows a [N, F, H]."""
   return _source_sum_call(launch, graph, w, a)
 
 
 def _gather_dot_fwd(launch, graph, a, b):
-  _reject_forward_mode(a, b)
+  reject_forward_mode(a, b)
   return gather_dot(launch, graph, a, b), (graph, a, b)
 
 
@@ -468,7 +402,7 @@ def _gather_dot_bwd(launch, res, ct):
 
 
 def _gather_sum_fwd(launch, graph, w, b):
-  _reject_forward_mode(w, b)
+  reject_forward_mode(w, b)
   return gather_sum(launch, graph, w, b), (graph, w, b)
 
 
@@ -478,7 +412,7 @@ def _gather_sum_bwd(launch, res, ct):
 
 
 def _source_sum_fwd(launch, graph, w, a):
-  _reject_forward_mode(w, a)
+  reject_forward_mode(w, a)
   return source_sum(launch, graph, w, a), (graph, w, a)
 
 
@@ -499,7 +433,7 @@ def _graph(neighbors, active, num_sources):
 
 
 def _composed(
-  launch: _Launch,
+  launch: Launch,
   softmax_max: str,
   num_shift_rows: int,
   graphs,
@@ -587,7 +521,7 @@ def _node_attention_fwd(
   shifts,
   max_floor,
 ):
-  _reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts, max_floor)  # jax.hessian reaches this
+  reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts, max_floor)  # jax.hessian reaches this
   # Calling the custom_vjp function (not the kernel) keeps an outer reverse pass on these rules.
   out = _node_attention(
     launch,
@@ -688,13 +622,13 @@ def pallas_node_attention(
     raise ValueError(f"num_shift_rows must be in [1, R={rows.shape[1]}] with shifts, got {num_shift_rows}")
   if max_floor is not None and max_floor.shape != (num_n, num_h):
     raise ValueError(f"max_floor must be [N, H] = {(num_n, num_h)}, got {max_floor.shape}")
-  _reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts, max_floor)
+  reject_forward_mode(q, k, gate, edge_scale, envelope, rows, shifts, max_floor)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  launch = _Launch(bool(interpret), num_warps, num_stages)
+  launch = Launch(bool(interpret), num_warps, num_stages)
   return _node_attention(
     launch,
-    _Launch(bool(interpret), num_stages=BACKWARD_STAGES),
+    Launch(bool(interpret), num_stages=BACKWARD_STAGES),
     block_n,
     block_h,
     softmax_max,

@@ -35,7 +35,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gate_pallas import _dot, _width
-from pallas_kernels.pallas import _arange, _Launch, _reject_forward_mode
 from pallas_kernels.radial_jnp import (
   LAYER_NORM_EPSILON,
   basis_centers,
@@ -43,6 +42,7 @@ from pallas_kernels.radial_jnp import (
   check_layers,
   jnp_radial_profile,
 )
+from pallas_kernels.triton_launch import Launch, arange, reject_forward_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,22 +63,22 @@ class RadialTiles:
   block_b: int
   basis: tuple[float, int, float]
   precision: str
-  launch: _Launch
+  launch: Launch
   tangent_block_r: int
-  tangent_launch: _Launch
+  tangent_launch: Launch
 
 
 def _load_matrix(ref, num_rows_padded: int, num_cols_padded: int):
   """A whole [O, I] weight (a Linear's transposed), padded with zeros to [Op, Ip], as float32."""
-  o, o_ok = _arange(0, num_rows_padded, ref.shape[0])
-  i, i_ok = _arange(0, num_cols_padded, ref.shape[1])
+  o, o_ok = arange(0, num_rows_padded, ref.shape[0])
+  i, i_ok = arange(0, num_cols_padded, ref.shape[1])
   w = pltriton.load(ref.at[o[:, None], i[None, :]], mask=o_ok[:, None] & i_ok[None, :], other=0.0)
   return w.astype(jnp.float32)
 
 
 def _load_vector(ref, num_padded: int):
   """A whole [O] vector, padded with zeros to [Op], as float32."""
-  o, o_ok = _arange(0, num_padded, ref.shape[0])
+  o, o_ok = arange(0, num_padded, ref.shape[0])
   return pltriton.load(ref.at[o], mask=o_ok, other=0.0).astype(jnp.float32)
 
 
@@ -94,7 +94,7 @@ class _Program:
   ):
     self.tiles, self.num_k = tiles, num_k
     self.num_r = dist_ref.shape[0]
-    self.r, self.r_ok = _arange(pl.program_id(0) * block_r, block_r, self.num_r)
+    self.r, self.r_ok = arange(pl.program_id(0) * block_r, block_r, self.num_r)
     self.distance = pltriton.load(dist_ref.at[self.r], mask=self.r_ok, other=1.0).astype(jnp.float32)
     self.target_ref, self.source_ref = target_ref, source_ref
     self.numbers_ref, self.centers_ref = numbers_ref, centers_ref
@@ -104,7 +104,7 @@ class _Program:
   def basis_chunk(self, c):
     """Chunk c of the radial basis: its functions b (and mask), rbf [block_r, block_b] (zero past B) and the
     distance minus each centre."""
-    b, b_ok = _arange(c * self.tiles.block_b, self.tiles.block_b, self.num_b)
+    b, b_ok = arange(c * self.tiles.block_b, self.tiles.block_b, self.num_b)
     mu = pltriton.load(self.centers_ref.at[b], mask=b_ok, other=0.0).astype(jnp.float32)
     diff = self.distance[:, None] - mu[None, :]
     return b, b_ok, jnp.where(b_ok[None, :], jnp.exp(-(diff * diff) / (2.0 * self.sigma2)), 0.0), diff
@@ -113,7 +113,7 @@ class _Program:
     """(x_0, dx_0 / d distance) [block_r, width] each: x_0 = rbf W_rbf + target_rows[n] + source_table[z] (padded
     columns zero), from W_rbf^T; dx_0 = rbf' W_rbf with rbf'_b = -(d - mu_b) / sigma^2 rbf_b, or None without
     ``tangent``."""
-    a, a_ok = _arange(0, width, w_rbf_t_ref.shape[0])
+    a, a_ok = arange(0, width, w_rbf_t_ref.shape[0])
     z = pltriton.load(self.numbers_ref.at[self.r], mask=self.r_ok, other=0)
     n = self.r // self.num_k
     mask = self.r_ok[:, None] & a_ok[None, :]
@@ -133,7 +133,7 @@ class _Program:
 
 def _centred(x, num: int):
   """x - mean(x) over the first ``num`` columns of x [R, Wp], zero in the others."""
-  ok = _arange(0, x.shape[1], num)[1][None, :]
+  ok = arange(0, x.shape[1], num)[1][None, :]
   return jnp.where(ok, x - jnp.sum(x, axis=1, keepdims=True) / num, 0.0)
 
 
@@ -203,7 +203,7 @@ def _forward_kernel(
       w = _load_matrix(w_ref, out_padded, padded)
       x = _dot(x, w, tiles.precision, transpose_w=True) + _load_vector(b_ref, out_padded)[None, :]
       dx = _dot(dx, w, tiles.precision, transpose_w=True) if tangent else None
-  o, o_ok = _arange(0, x.shape[1], out_refs[0].shape[1])
+  o, o_ok = arange(0, x.shape[1], out_refs[0].shape[1])
   for result, out_ref in zip((x, dx) if tangent else (x,), out_refs, strict=True):
     pltriton.store(
       out_ref.at[program.r[:, None], o[None, :]],
@@ -266,7 +266,7 @@ def _profile_and_tangent(tiles: RadialTiles, args):
 
 
 def _profile_and_tangent_fwd(tiles, args):
-  _reject_forward_mode(args)
+  reject_forward_mode(args)
   # Calling the custom_vjp function (not the kernel) keeps an outer reverse pass on these rules.
   return _profile_and_tangent(tiles, args), args
 
@@ -284,7 +284,7 @@ def _radial_profile(tiles: RadialTiles, args):
 
 
 def _radial_profile_fwd(tiles, args):
-  _reject_forward_mode(args)
+  reject_forward_mode(args)
   out, tangent = _profile_and_tangent(tiles, args)
   return out, (args, tangent)
 
@@ -362,7 +362,7 @@ def pallas_radial_profile(
       f"{tangent_block_r}, {block_b}"
     )
   args = (distance, target_rows, source_table, source_numbers, basis_centers(basis[0], basis[1]), w_rbf, norms, linears)
-  _reject_forward_mode(args)
+  reject_forward_mode(args)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   tiles = RadialTiles(
@@ -370,8 +370,8 @@ def pallas_radial_profile(
     block_b,
     tuple(basis),
     precision,
-    _Launch(bool(interpret), num_warps, num_stages),
+    Launch(bool(interpret), num_warps, num_stages),
     tangent_block_r,
-    _Launch(bool(interpret), tangent_num_warps, tangent_num_stages),
+    Launch(bool(interpret), tangent_num_warps, tangent_num_stages),
   )
   return _radial_profile(tiles, args)

@@ -21,6 +21,7 @@ from pallas_kernels.api import TRITON_CALL
 from pallas_kernels.jnp_dense import jnp_dense_attention as dense_node_attention
 from pallas_kernels.jnp_node import jnp_node_attention as node_attention_ref
 from pallas_kernels.pallas import pallas_node_attention as node_attention
+from pallas_kernels.triton_launch import Launch
 
 SEED = int(np.random.SeedSequence().entropy % 2**31)
 
@@ -189,9 +190,9 @@ def test_backward_kernels_give_the_same_sums_with_any_tiles():
     (kernels.source_sum, (w, a)),
   )
   for kernel, args in calls:
-    default = kernel(kernels._Launch(interpret=True), graph, *args)
+    default = kernel(Launch(interpret=True), graph, *args)
     for block_n, block_h in ((2, 4), (5, 2), (1, 16)):
-      tiled = kernel(kernels._Launch(interpret=True, block_n=block_n, block_h=block_h), graph, *args)
+      tiled = kernel(Launch(interpret=True, block_n=block_n, block_h=block_h), graph, *args)
       np.testing.assert_array_equal(tiled, default, err_msg=f"{kernel.__name__} {block_n}x{block_h}")
 
 

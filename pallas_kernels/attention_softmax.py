@@ -80,3 +80,15 @@ def _softmax_weights_bwd(softmax_max, residuals, g):
 
 
 softmax_weights.defvjp(_softmax_weights_fwd, _softmax_weights_bwd)
+
+
+def edge_weights(gate, dot, edge_scale, envelope, valid, softmax_max: str, max_floor, logit_scale: float):
+  """beta [N, K, H] = softmax_weights(gate * dot * logit_scale, ...) * edge_scale: the attention's weights of the
+  value rows, the twin of ``softmax_pallas.pallas_edge_weights``.
+
+  Args:
+    gate, dot, edge_scale: [N, K, H] the logit gate, q . k of each slot and rho / |r_ij| (1/Angstrom).
+    envelope: [N, K]; valid: [N, K] bool; softmax_max: "valid" or "all_slots"; max_floor: [N, H] or None.
+    logit_scale: 1 / sqrt(d), the logits' factor.
+  """
+  return softmax_weights(gate * dot * logit_scale, envelope, valid, softmax_max, max_floor) * edge_scale

@@ -13,7 +13,8 @@ power-of-two block and d to a power of two (8 already is). The padding exists on
 stores are masked, so no padding byte crosses device memory and no input is copied into a padded layout.
 
 Gradients (``jax.custom_vjp``). The backward is the reverse-mode derivative of a composition of three gather
-kernels, each a bilinear form over the set of active slots E, with the softmax in XLA in between:
+kernels, each a bilinear form over the set of active slots E, with the edge weights beta (the softmax times
+edge_scale, ``softmax_pallas``: a kernel and a VJP kernel) in between:
 
   gather_dot(A, B)[n,k,h] = sum_{f} A[n,f,h] B[j,f,h]            (n,k) in E, j = neighbors[n,k]
   gather_sum(w, B)[n,f,h] = sum_{k: (n,k) in E} w[n,k,h] B[j,f,h]
@@ -21,11 +22,11 @@ kernels, each a bilinear form over the set of active slots E, with the softmax i
 
 Each one's derivative in either argument is one of the other two, so each carries a ``custom_vjp`` written with
 the others and reverse mode works to any order (forces, and force matching by reverse over reverse) with these
-three kernels and no others. ``source_sum`` gathers over a by-source list (CSR of capacity N*K, built from the
-neighbour list with a stable sort, on device): deterministic, no atomics. Its flat slot ids are int32, so the
-backward takes at most ``max_backward_atoms(K)`` = (2**31 - 1) // K atoms; element offsets are 64-bit wherever
-an array needs it (docs/kernel.md §5). The per-edge softmax derivatives are [N, K, H] XLA arrays, the same size
-as the gate and edge-scale gradients that the backward must return anyway.
+three kernels and the edge weights' (whose second order is XLA's). ``source_sum`` gathers over a by-source list
+(CSR of capacity N*K, built from the neighbour list with a stable sort, on device): deterministic, no atomics. Its
+flat slot ids are int32, so the backward takes at most ``max_backward_atoms(K)`` = (2**31 - 1) // K atoms; element
+offsets are 64-bit wherever an array needs it (docs/kernel.md §5). The per-edge weights and their cotangents are
+[N, K, H] arrays, the same size as the gate and edge-scale gradients that the backward must return anyway.
 The edge set of the values is the valid slots; that of the logits too, except with softmax_max="all_slots",
 where every slot's logit enters the max: then the source that fills the empty slots (the model's padding atom)
 owns a by-source list as long as the number of empty slots, and its program's loop is that long.
@@ -43,8 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.attention_softmax import softmax_weights
 from pallas_kernels.jnp_node import EPSILON
+from pallas_kernels.softmax_pallas import pallas_edge_weights
 from pallas_kernels.triton_launch import Launch, accumulator_type, arange, pow2, reject_forward_mode
 
 INT32_MAX = 2**31 - 1  # kernel index values (atoms, slots, flat slot ids) are int32; offsets are not (§5)
@@ -447,13 +448,12 @@ def _composed(
   shifts,
   max_floor,
 ):
-  """The attention as kernels + XLA softmax: differentiable to any order in reverse mode."""
+  """The attention as gather kernels around the edge-weight kernels: differentiable to any order in reverse mode."""
   logit_graph, value_graph = graphs
   num_n, num_h, dim = q.shape
   num_m, num_r, num_c = rows.shape
   dot = gather_dot(launch, logit_graph, jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2))
-  alpha = softmax_weights(gate * dot * dim**-0.5, envelope, valid, softmax_max, max_floor)
-  beta = alpha * edge_scale
+  beta = pallas_edge_weights(launch, softmax_max, dim**-0.5, gate, dot, edge_scale, envelope, valid, max_floor)
   flat_rows = rows.reshape(num_m, -1, num_h)
   agg = gather_sum(launch, value_graph, beta, flat_rows).reshape(num_n, num_r, num_c)
   if shifts is None:

@@ -221,7 +221,8 @@ def _kernel_names(text: str) -> set[str]:
 
 @pytest.mark.parametrize("softmax_max,s", [("valid", 0), ("all_slots", 9)])
 def test_every_kernel_lowers_for_cuda(softmax_max, s):
-  """Forward kernel, the three backward kernels and their second-order uses, at the paper's sizes."""
+  """Forward kernel, the three backward gather kernels, the edge weights' two kernels and their second-order uses,
+  at the paper's sizes."""
   args = _abstract_inputs(64, s)
 
   def loss(q, k, gate, scale, env, rows, shifts, valid, neighbors):
@@ -237,7 +238,14 @@ def test_every_kernel_lowers_for_cuda(softmax_max, s):
     return loss(*diff, valid, neighbors), grad(*diff), second
 
   names = _kernel_names(_lower_for_cuda(everything, *args))
-  assert names == {"_forward_kernel", "_gather_dot_kernel", "_gather_sum_kernel", "_source_sum_kernel"}, names
+  assert names == {
+    "_forward_kernel",
+    "_gather_dot_kernel",
+    "_gather_sum_kernel",
+    "_source_sum_kernel",
+    "_edge_weights_kernel",
+    "_edge_weights_vjp_kernel",
+  }, names
 
 
 def _large_buffers(text: str, threshold: int, skip_ops=("custom_call", "reshape")) -> list[str]:

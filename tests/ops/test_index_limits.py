@@ -160,6 +160,8 @@ def test_large_arrays_get_64_bit_offsets(num_atoms):
     "_gather_dot_kernel",
     "_gather_sum_kernel",
     "_source_sum_kernel",
+    "_edge_weights_kernel",
+    "_edge_weights_vjp_kernel",
   }
   wide = narrow = 0
   with context:

@@ -1,7 +1,7 @@
 """Attention core alone at the paper's sizes: the fused Pallas kernel against XLA baselines.
 
 Implementations (float32, the same inputs for all):
-  pallas    ``pallas_kernels.pallas.pallas_node_attention`` (fused forward; backward kernels + XLA softmax)
+  pallas    ``pallas_kernels.pallas.pallas_node_attention`` (fused forward; backward gather and edge-weight kernels)
   jnp_node  ``jnp_node_attention`` under XLA (what ``attention_impl="jnp_node"`` runs)
   jnp_edge  per-edge stand-in: the softmax of ``jnp_node_attention``, then sum_j beta_ij (v_j (x) r_ij) with the
             product of every edge by a dense [9, 3, 20] coupling einsum, the contraction
@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels import pallas as kernels  # noqa: E402 - the op and the backward's building blocks
 from pallas_kernels.jnp_node import attention_logits, attention_weights, jnp_node_attention, per_channel  # noqa: E402
+from pallas_kernels.softmax_pallas import edge_weights_vjp, pallas_edge_weights  # noqa: E402
 from pallas_kernels.triton_launch import Launch  # noqa: E402
 
 H, D, C, K, V_ROWS, PRODUCT_ROWS = 128, 8, 256, 32, 9, 20
@@ -307,8 +308,9 @@ def sweep(n: int, seed: int, bandwidth: float, neighbors: str):
 
 
 def backward_pieces(n: int, seed: int, neighbors: str):
-  """The by-source list and the five kernel calls of a first-order backward at the paper's sizes, on random
-  weights: name -> (function of a ``Launch``, its arguments, flat row width F of its gathered rows)."""
+  """The by-source list and the seven kernel calls of a first-order backward at the paper's sizes, on random
+  weights: name -> (function of a ``Launch``, its arguments, flat row width F of its gathered rows; None for the
+  pieces that gather nothing)."""
   inputs, _ = make_inputs(n, seed, neighbors)
   rng = np.random.default_rng(seed + 2)
   build = jax.jit(kernels._graph, static_argnums=2)
@@ -319,11 +321,15 @@ def backward_pieces(n: int, seed: int, neighbors: str):
   cotangent = jnp.asarray(rng.normal(size=flat_rows.shape), jnp.float32)
   kernel = lambda f: lambda launch: jax.jit(functools.partial(f, launch))  # noqa: E731
   dot, total, source = (kernel(f) for f in (kernels.gather_dot, kernels.gather_sum, kernels.source_sum))
+  softmax = lambda f: lambda launch: jax.jit(functools.partial(f, launch, "valid", D**-0.5))  # noqa: E731
+  edge_args = (inputs["gate"], weights, inputs["edge_scale"], inputs["envelope"], inputs["valid"], None)
   return {
     "by-source list (sort)": (lambda launch: build, (inputs["neighbors"], inputs["valid"], n), None),
     "gather_dot q.k (logits)": (dot, (graph, q_t, k_t), D),
+    "edge weights beta (softmax)": (softmax(pallas_edge_weights), edge_args, None),
     "gather_dot ct.rows (d beta)": (dot, (graph, cotangent, flat_rows), flat_rows.shape[1]),
     "source_sum beta ct (d rows)": (source, (graph, weights, cotangent), flat_rows.shape[1]),
+    "edge weights VJP (d gate, d q.k, d scale, d envelope)": (softmax(edge_weights_vjp), (*edge_args, weights), None),
     "gather_sum w k (d q)": (total, (graph, weights, k_t), D),
     "source_sum w q (d k)": (source, (graph, weights, q_t), D),
   }
@@ -338,7 +344,7 @@ def backward_launch(**tiling):
 
 def breakdown(n: int, seed: int, neighbors: str):
   """Seconds of each piece of the kernel backward with the default launch parameters (the rest of forward +
-  backward is the forward kernel and XLA's softmax)."""
+  backward is the forward kernel and a few XLA products of [N, K, H] arrays)."""
   rows = []
   for name, (fn, args, _) in backward_pieces(n, seed, neighbors).items():
     seconds, _ = timed(fn(backward_launch()), args, max_reps=20, budget_s=1.0)

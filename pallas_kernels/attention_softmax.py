@@ -51,9 +51,9 @@ def _softmax_weights_fwd(logits, envelope, valid, softmax_max, max_floor):
   return w / denominator, (logits, envelope, valid, max_floor, m0, m1, shift, denominator)
 
 
-def _balanced(x, result, other):
+def balanced(x, result, other):
   """JAX's derivative of maximum(x, other) = result with respect to x: 1 where x alone is the result, 1/2 at a
-  tie, 0 elsewhere."""
+  tie, 0 elsewhere (jnp; the edge-weight VJP kernel calls it on its Triton values too)."""
   return jnp.where(x == result, jnp.where(other == result, 0.5, 1.0), 0.0)
 
 
@@ -69,8 +69,8 @@ def _softmax_weights_bwd(softmax_max, residuals, g):
   d_m0 = d_m1
   if max_floor is not None:
     floor = max_floor[:, None, :]
-    d_m0 = d_m1 * _balanced(m0, m1, floor)
-    d_floor = (d_m1 * _balanced(floor, m1, m0))[:, 0, :]
+    d_m0 = d_m1 * balanced(m0, m1, floor)
+    d_floor = (d_m1 * balanced(floor, m1, m0))[:, 0, :]
   reached = logits == m0
   if softmax_max == "valid":
     reached = reached & valid

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.attention_softmax import edge_weights
+from pallas_kernels.attention_softmax import balanced, edge_weights
 from pallas_kernels.jnp_node import EPSILON
 from pallas_kernels.triton_launch import REGISTER_BUDGET, Launch, accumulator_type, arange, pow2, reject_forward_mode
 
@@ -85,51 +85,23 @@ def _tile_softmax(gate_ref, dot_ref, env_ref, valid_ref, floor_ref, *, block_n: 
   )
 
 
-def _edge_weights_kernel(
-  gate_ref, dot_ref, scale_ref, env_ref, valid_ref, *rest, block_n, all_slots, has_floor, logit_scale
-):
+def _edge_weights_kernel(gate_ref, dot_ref, scale_ref, env_ref, valid_ref, *rest, has_floor: bool, **tile):
   """beta = w / denominator * edge_scale for ``block_n`` targets. Refs: gate, dot, scale [N, K, H], env [N, K],
   valid [N, K] int32, optional floor [N, H], then the output beta [N, K, H]."""
   floor_ref, beta_ref = rest if has_floor else (None, *rest)
-  s = _tile_softmax(
-    gate_ref,
-    dot_ref,
-    env_ref,
-    valid_ref,
-    floor_ref,
-    block_n=block_n,
-    all_slots=all_slots,
-    logit_scale=logit_scale,
-  )
+  s = _tile_softmax(gate_ref, dot_ref, env_ref, valid_ref, floor_ref, **tile)
   scale = pltriton.load(scale_ref.at[s["nkh"]], mask=s["tile_ok"], other=0.0).astype(s["w"].dtype)
   beta = s["w"] / s["denominator"][:, None, :] * scale
   pltriton.store(beta_ref.at[s["nkh"]], beta.astype(beta_ref.dtype), mask=s["tile_ok"])
 
 
-def _balanced(x, result, other):
-  """JAX's derivative of maximum(x, other) = result with respect to x: 1 where x alone is the result, 1/2 at a
-  tie, 0 elsewhere (``attention_softmax._balanced``, in Triton values)."""
-  return jnp.where(x == result, jnp.where(other == result, 0.5, 1.0), 0.0)
-
-
-def _edge_weights_vjp_kernel(
-  gate_ref, dot_ref, scale_ref, env_ref, valid_ref, *rest, block_n, all_slots, has_floor, logit_scale
-):
+def _edge_weights_vjp_kernel(gate_ref, dot_ref, scale_ref, env_ref, valid_ref, *rest, has_floor: bool, **tile):
   """The cotangents of gate, dot, edge_scale, envelope (and max_floor) from that of beta, for ``block_n`` targets.
 
   Refs: gate, dot, scale [N, K, H], env [N, K], valid [N, K] int32, optional floor [N, H], ct [N, K, H]; outputs
   d gate, d dot, d scale [N, K, H], d env [N, K] and, with the floor, d floor [N, H]."""
   floor_ref, ct_ref, dgate_ref, ddot_ref, dscale_ref, denv_ref, dfloor_ref = rest if has_floor else (None, *rest, None)
-  s = _tile_softmax(
-    gate_ref,
-    dot_ref,
-    env_ref,
-    valid_ref,
-    floor_ref,
-    block_n=block_n,
-    all_slots=all_slots,
-    logit_scale=logit_scale,
-  )
+  s = _tile_softmax(gate_ref, dot_ref, env_ref, valid_ref, floor_ref, **tile)
   nkh, tile_ok, acc_t = s["nkh"], s["tile_ok"], s["w"].dtype
   ct = pltriton.load(ct_ref.at[nkh], mask=tile_ok, other=0.0).astype(acc_t)
   scale = pltriton.load(scale_ref.at[nkh], mask=tile_ok, other=0.0).astype(acc_t)
@@ -143,8 +115,8 @@ def _edge_weights_vjp_kernel(
   d_m0 = jnp.where(m1 > -jnp.inf, -c * EPSILON / denominator, 0.0)  # the shift's cotangent, d m1
   if has_floor:
     floor = s["floor"]
-    d_floor = d_m0 * _balanced(floor, m1, m0)
-    d_m0 = d_m0 * _balanced(m0, m1, floor)
+    d_floor = d_m0 * balanced(floor, m1, m0)
+    d_m0 = d_m0 * balanced(m0, m1, floor)
     pltriton.store(
       dfloor_ref.at[s["n"][:, None], s["h"][None, :]],
       d_floor.astype(dfloor_ref.dtype),
@@ -153,7 +125,7 @@ def _edge_weights_vjp_kernel(
   reached = (s["logits"] == m0[:, None, :]) & s["live"]
   count = jnp.sum(jnp.where(reached, 1.0, 0.0), axis=1)
   d_logits = d_logits + jnp.where(reached, (d_m0 / jnp.maximum(count, 1.0))[:, None, :], 0.0)
-  t = d_logits * logit_scale
+  t = d_logits * tile["logit_scale"]
   pltriton.store(dgate_ref.at[nkh], (t * s["dot"]).astype(dgate_ref.dtype), mask=tile_ok)
   pltriton.store(ddot_ref.at[nkh], (s["gate"] * t).astype(ddot_ref.dtype), mask=tile_ok)
   pltriton.store(dscale_ref.at[nkh], (ct * alpha).astype(dscale_ref.dtype), mask=tile_ok)

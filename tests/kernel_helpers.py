@@ -10,6 +10,18 @@ import jax.numpy as jnp
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 PAPER = dict(h=128, d=8, c=256, r=29)  # heads, key size, channels, rows per atom of the paper model
+# The Pallas kernels of the attention op to second order: the fused forward, the backward's three gather kernels
+# and its two edge-weight kernels (docs/kernel.md §3-4).
+ATTENTION_KERNELS = frozenset(
+  {
+    "_forward_kernel",
+    "_gather_dot_kernel",
+    "_gather_sum_kernel",
+    "_source_sum_kernel",
+    "_edge_weights_kernel",
+    "_edge_weights_vjp_kernel",
+  }
+)
 H100 = AbstractMesh(
   (1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
 )

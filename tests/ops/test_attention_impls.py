@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_helpers import PAPER, attention_inputs, cuda_lowering
+from kernel_helpers import ATTENTION_KERNELS, PAPER, attention_inputs, cuda_lowering
 
 from pallas_kernels.api import TRITON_CALL
 from pallas_kernels.jnp_dense import jnp_dense_attention as dense_node_attention
@@ -238,14 +238,7 @@ def test_every_kernel_lowers_for_cuda(softmax_max, s):
     return loss(*diff, valid, neighbors), grad(*diff), second
 
   names = _kernel_names(_lower_for_cuda(everything, *args))
-  assert names == {
-    "_forward_kernel",
-    "_gather_dot_kernel",
-    "_gather_sum_kernel",
-    "_source_sum_kernel",
-    "_edge_weights_kernel",
-    "_edge_weights_vjp_kernel",
-  }, names
+  assert names == ATTENTION_KERNELS, names
 
 
 def _large_buffers(text: str, threshold: int, skip_ops=("custom_call", "reshape")) -> list[str]:

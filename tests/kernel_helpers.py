@@ -83,3 +83,13 @@ def relative_errors(got, want):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     scale = float(jnp.max(jnp.abs(b)))
     yield a.shape, float(jnp.max(jnp.abs(a - b))) / (scale or 1.0)
+
+
+def errors_against_largest(got, want):
+  """(shape, max|got - want| / the largest |want| over all leaves) per leaf of two pytrees: for outputs of very
+  different sizes computed together, such as a softmax shift's cotangent beside the logits' (an error relative to
+  each leaf's own largest entry would measure the larger outputs' round-off against the small one)."""
+  want_leaves = jax.tree.leaves(want)
+  scale = max(float(jnp.max(jnp.abs(x))) for x in want_leaves)
+  for a, b in zip(jax.tree.leaves(got), want_leaves, strict=True):
+    yield a.shape, float(jnp.max(jnp.abs(a - b))) / scale

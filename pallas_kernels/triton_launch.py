@@ -5,6 +5,7 @@ mode (every kernel is differentiated in reverse mode only, docs/kernel.md §5)."
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,10 +72,49 @@ class Launch:
     return self.block_n or block_n, min(self.block_h or block_h, pow2(num_h))
 
   def call(self, kernel, out_shape, grid):
-    return pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=grid,
-      interpret=self.interpret,
-      compiler_params=pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages),
-    )
+    """``kernel`` as a jitted ``pallas_call`` over ``grid``, shared by every call of the same kernel, static
+    arguments, shapes and launch: a program that calls one kernel at several places (the backward's gather
+    kernels run once per degree and again in the second order) traces and lowers it once."""
+    key = _kernel_key(kernel)
+    if key is None:
+      return _pallas_call(self, kernel, out_shape, grid)
+    return _shared_call(self, key, _shape_key(out_shape), tuple(grid))
+
+
+def _pallas_call(launch: Launch, kernel, out_shape, grid):
+  return pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid=grid,
+    interpret=launch.interpret,
+    compiler_params=pltriton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages),
+  )
+
+
+def _kernel_key(kernel):
+  """(function, positional and keyword arguments) of a kernel or a ``functools.partial`` of one; None when an
+  argument is not hashable."""
+  if isinstance(kernel, functools.partial):
+    key = (kernel.func, kernel.args, tuple(sorted(kernel.keywords.items())))
+  else:
+    key = (kernel, (), ())
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
+def _shape_key(out_shape):
+  """A hashable form of ``out_shape`` (one ShapeDtypeStruct, or a list or tuple of them) that remembers which."""
+  if isinstance(out_shape, (list, tuple)):
+    return type(out_shape), tuple(out_shape)
+  return None, out_shape
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_call(launch: Launch, kernel_key, shape_key, grid):
+  func, args, keywords = kernel_key
+  container, shapes = shape_key
+  out_shape = shapes if container is None else container(shapes)
+  return jax.jit(_pallas_call(launch, functools.partial(func, *args, **dict(keywords)), out_shape, grid))

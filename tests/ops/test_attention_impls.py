@@ -267,3 +267,28 @@ def test_forward_holds_no_per_edge_buffer():
   assert _large_buffers(kernel_text, threshold) == []
   # The check bites: the jnp twin gathers [N, K, R, C] rows and builds [N, K, C] weights.
   assert _large_buffers(_lower_for_cuda(node_attention_ref, *args), threshold)
+
+
+def test_a_kernel_called_at_several_places_is_traced_once():
+  """``Launch.call`` gives every call of the same kernel, static arguments, shapes and launch one jitted
+  ``pallas_call`` (traced and lowered once per program); another static argument or shape, another launch, or an
+  argument that cannot be hashed gets its own."""
+
+  def add(x_ref, o_ref, *, scale):
+    o_ref[...] = x_ref[...] * (scale[0] if isinstance(scale, list) else scale)
+
+  shape = jax.ShapeDtypeStruct((8,), jnp.float32)
+  launch = Launch(interpret=True)
+  first = launch.call(functools.partial(add, scale=2.0), shape, (1,))
+  assert launch.call(functools.partial(add, scale=2.0), shape, (1,)) is first
+  assert launch.call(functools.partial(add, scale=3.0), shape, (1,)) is not first
+  assert launch.call(functools.partial(add, scale=2.0), jax.ShapeDtypeStruct((4,), jnp.float32), (1,)) is not first
+  assert Launch(interpret=True, num_warps=8).call(functools.partial(add, scale=2.0), shape, (1,)) is not first
+  unhashable = functools.partial(add, scale=[2.0])
+  assert launch.call(unhashable, shape, (1,)) is not launch.call(unhashable, shape, (1,))
+  x = jnp.arange(8.0, dtype=jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda x: first(x) + launch.call(functools.partial(add, scale=2.0), shape, (1,))(x))(x)
+  calls = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "jit"]
+  assert len(calls) == 2 and calls[0].params["jaxpr"] is calls[1].params["jaxpr"]
+  np.testing.assert_array_equal(first(x), 2.0 * x)
+  np.testing.assert_array_equal(launch.call(unhashable, [shape], (1,))(x)[0], 2.0 * x)

@@ -4,7 +4,9 @@ workers: the workers send every test's report back, and the report names the wor
 import collections
 import gc
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,17 @@ import pytest
 # Shared helpers (model_helpers, md_helpers) import by name from every test folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# The tools turn on JAX's persistent compilation cache; the suite compiles each program once anyway.
+# The tools' own cache (``compile_cache``: ~/.cache/e2former_jax) stays off: a test must not read programs an
+# earlier run left there. The session has its own JAX compilation cache instead, a new directory shared by the
+# xdist workers and the tests' subprocesses (train.py resumed after a kill, the notebooks' kernels, the 4-device
+# run), which compile many of the programs another process of the same session compiled already; the tools find
+# it through ``JAX_COMPILATION_CACHE_DIR`` and leave it as it is. Removed when the session ends.
 os.environ.setdefault("E2FORMER_JAX_CACHE_DIR", "off")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="e2former-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+else:
+  _SESSION_CACHE = None
 # The suite's time is mostly XLA compiling for the CPU (78% of the tests' time, measured 2026-12-07), so XLA
 # compiles with most optimisations off (JAX's ``jax_disable_most_optimizations``: LLVM at level 0, no expensive
 # passes): a one-block force-matching program compiles in 17-20 s instead of 27-30 s, and the tests' arrays are
@@ -100,3 +111,9 @@ def pytest_terminal_summary(terminalreporter):
   for worker, seconds in sorted(per_worker.items()):
     terminalreporter.write_line(f"{seconds:8.1f} s  total of worker {worker}")
   terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f} s  total")
+
+
+def pytest_unconfigure(config):
+  """The session's compilation cache goes with the process that made it (the controller under xdist)."""
+  if _SESSION_CACHE is not None:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

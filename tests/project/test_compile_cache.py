@@ -55,7 +55,8 @@ MODEL_PROGRAM = textwrap.dedent(
 
 def _run(env, program=PROGRAM):
   """Runs ``program`` in a new process; JAX's own threshold for storing programs is left to the package."""
-  base = {k: v for k, v in os.environ.items() if k != "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"}
+  unset = ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_COMPILATION_CACHE_DIR")  # the suite's own cache
+  base = {k: v for k, v in os.environ.items() if k not in unset}
   out = subprocess.run([sys.executable, "-c", program], env={**base, **env}, capture_output=True, text=True, check=True)
   return out.stdout
 

@@ -17,16 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The tools' own cache (``compile_cache``: ~/.cache/e2former_jax) stays off: a test must not read programs an
 # earlier run left there. The session has its own JAX compilation cache instead, a new directory shared by the
 # xdist workers and the tests' subprocesses (train.py resumed after a kill, the notebooks' kernels, the 4-device
-# run), which compile many of the programs another process of the same session compiled already; the tools find
-# it through ``JAX_COMPILATION_CACHE_DIR`` and leave it as it is. Removed when the session ends.
+# run), some of whose programs another process of the session compiled already (train.py's step after its kill,
+# the demo model's); the tools find it through ``JAX_COMPILATION_CACHE_DIR`` and leave it as it is. Removed when
+# the session ends.
 os.environ.setdefault("E2FORMER_JAX_CACHE_DIR", "off")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _SESSION_CACHE = tempfile.mkdtemp(prefix="e2former-tests-jax-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
 else:
   _SESSION_CACHE = None
-# The suite's time is mostly XLA compiling for the CPU (78% of the tests' time, measured 2026-12-07), so XLA
-# compiles with most optimisations off (JAX's ``jax_disable_most_optimizations``: LLVM at level 0, no expensive
+# About half of the tests' time is XLA compiling for the CPU and a quarter JAX tracing and lowering (measured
+# 2026-12-08, benchmarks/RESULTS.md), so XLA compiles with most optimisations off (JAX's ``jax_disable_most_optimizations``: LLVM at level 0, no expensive
 # passes): a one-block force-matching program compiles in 17-20 s instead of 27-30 s, and the tests' arrays are
 # small. A file whose time is running its programs rather than compiling them turns them back on
 # (``optimized_programs``). XLA reads XLA_FLAGS up to the first word without "--" (it ignores the rest), so every

@@ -76,9 +76,10 @@ class Launch:
     arguments, shapes and launch: a program that calls one kernel at several places (the backward's gather
     kernels run once per degree and again in the second order) traces and lowers it once."""
     key = _kernel_key(kernel)
+    out_shape = tuple(out_shape) if isinstance(out_shape, list) else out_shape  # hashable; outputs as a tuple
     if key is None:
       return _pallas_call(self, kernel, out_shape, grid)
-    return _shared_call(self, key, _shape_key(out_shape), tuple(grid))
+    return _shared_call(self, key, out_shape, tuple(grid))
 
 
 def _pallas_call(launch: Launch, kernel, out_shape, grid):
@@ -105,16 +106,7 @@ def _kernel_key(kernel):
   return key
 
 
-def _shape_key(out_shape):
-  """A hashable form of ``out_shape`` (one ShapeDtypeStruct, or a list or tuple of them) that remembers which."""
-  if isinstance(out_shape, (list, tuple)):
-    return type(out_shape), tuple(out_shape)
-  return None, out_shape
-
-
 @functools.lru_cache(maxsize=1024)
-def _shared_call(launch: Launch, kernel_key, shape_key, grid):
+def _shared_call(launch: Launch, kernel_key, out_shape, grid):
   func, args, keywords = kernel_key
-  container, shapes = shape_key
-  out_shape = shapes if container is None else container(shapes)
   return jax.jit(_pallas_call(launch, functools.partial(func, *args, **dict(keywords)), out_shape, grid))

@@ -27,11 +27,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 else:
   _SESSION_CACHE = None
 # About half of the tests' time is XLA compiling for the CPU and a quarter JAX tracing and lowering (measured
-# 2026-12-08, benchmarks/RESULTS.md), so XLA compiles with most optimisations off (JAX's ``jax_disable_most_optimizations``: LLVM at level 0, no expensive
-# passes): a one-block force-matching program compiles in 17-20 s instead of 27-30 s, and the tests' arrays are
-# small. A file whose time is running its programs rather than compiling them turns them back on
-# (``optimized_programs``). XLA reads XLA_FLAGS up to the first word without "--" (it ignores the rest), so every
-# flag there starts with "--". Subprocesses of the tests inherit both settings.
+# 2026-12-08, benchmarks/RESULTS.md), so XLA compiles with most optimisations off (JAX's
+# ``jax_disable_most_optimizations``: LLVM at level 0, no expensive passes): a one-block force-matching program
+# compiles in 17-20 s instead of 27-30 s, and the tests' arrays are small. A file whose time is running its
+# programs rather than compiling them turns them back on (``optimized_programs``). XLA reads XLA_FLAGS up to the
+# first word without "--" (it ignores the rest), so every flag there starts with "--". Subprocesses of the tests
+# inherit both settings.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
